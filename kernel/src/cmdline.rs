@@ -1,0 +1,194 @@
+//! The boot command line: whitespace-separated `key=value` tokens.
+//!
+//! Every token must be understood. A token the kernel does not know, a token
+//! without `=`, or a value out of range is an error that names the token; the
+//! kernel then refuses to run rather than guess what was meant.
+
+use log::LevelFilter;
+
+/// A deliberate fault, for tests that check the exception reporter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TestFault {
+    /// Read from an unmapped address: #PF (vector 14).
+    PageFault,
+    /// Execute `ud2`: #UD (vector 6).
+    InvalidOpcode,
+    /// Call `panic!`.
+    Panic,
+}
+
+/// What the command line configures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BootConfig {
+    pub log_level: LevelFilter,
+    pub test_fault: Option<TestFault>,
+}
+
+impl Default for BootConfig {
+    fn default() -> Self {
+        Self {
+            log_level: LevelFilter::Info,
+            test_fault: None,
+        }
+    }
+}
+
+/// Why a token was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CmdlineErrorKind {
+    /// The token has no `=`, or an empty key or value.
+    NotKeyValue,
+    /// The key is not one the kernel knows.
+    UnknownKey,
+    /// The key is known but the value is not one of its values.
+    BadValue { expected: &'static str },
+    /// The command line is not UTF-8.
+    NotUtf8,
+}
+
+/// A refused token, with the token itself for the console message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CmdlineError<'a> {
+    pub token: &'a str,
+    pub kind: CmdlineErrorKind,
+}
+
+impl core::fmt::Display for CmdlineError<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.kind {
+            CmdlineErrorKind::NotKeyValue => {
+                write!(
+                    f,
+                    "bad command-line token '{}': expected key=value",
+                    self.token
+                )
+            }
+            CmdlineErrorKind::UnknownKey => {
+                write!(f, "bad command-line token '{}': unknown key", self.token)
+            }
+            CmdlineErrorKind::BadValue { expected } => {
+                write!(
+                    f,
+                    "bad command-line token '{}': expected {expected}",
+                    self.token
+                )
+            }
+            CmdlineErrorKind::NotUtf8 => write!(f, "command line is not UTF-8"),
+        }
+    }
+}
+
+/// Decodes raw command-line bytes (as found in guest memory, NUL excluded).
+pub fn parse_bytes(raw: &[u8]) -> Result<BootConfig, CmdlineError<'_>> {
+    match core::str::from_utf8(raw) {
+        Ok(s) => parse(s),
+        Err(_) => Err(CmdlineError {
+            token: "",
+            kind: CmdlineErrorKind::NotUtf8,
+        }),
+    }
+}
+
+/// Parses the command line; the first bad token is returned as the error.
+pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
+    let mut config = BootConfig::default();
+    for token in cmdline.split_ascii_whitespace() {
+        let err = |kind| CmdlineError { token, kind };
+        let (key, value) = match token.split_once('=') {
+            Some((k, v)) if !k.is_empty() && !v.is_empty() => (k, v),
+            _ => return Err(err(CmdlineErrorKind::NotKeyValue)),
+        };
+        match key {
+            "loglevel" => {
+                config.log_level = match value {
+                    "off" => LevelFilter::Off,
+                    "error" => LevelFilter::Error,
+                    "warn" => LevelFilter::Warn,
+                    "info" => LevelFilter::Info,
+                    "debug" => LevelFilter::Debug,
+                    "trace" => LevelFilter::Trace,
+                    _ => {
+                        return Err(err(CmdlineErrorKind::BadValue {
+                            expected: "off|error|warn|info|debug|trace",
+                        }))
+                    }
+                }
+            }
+            "test-fault" => {
+                config.test_fault = Some(match value {
+                    "page-fault" => TestFault::PageFault,
+                    "invalid-opcode" => TestFault::InvalidOpcode,
+                    "panic" => TestFault::Panic,
+                    _ => {
+                        return Err(err(CmdlineErrorKind::BadValue {
+                            expected: "page-fault|invalid-opcode|panic",
+                        }))
+                    }
+                })
+            }
+            _ => return Err(err(CmdlineErrorKind::UnknownKey)),
+        }
+    }
+    Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_line_is_defaults() {
+        assert_eq!(parse(""), Ok(BootConfig::default()));
+        assert_eq!(parse("   \t "), Ok(BootConfig::default()));
+    }
+
+    #[test]
+    fn known_keys_parse() {
+        let c = parse(" loglevel=debug  test-fault=page-fault ").unwrap();
+        assert_eq!(c.log_level, LevelFilter::Debug);
+        assert_eq!(c.test_fault, Some(TestFault::PageFault));
+        assert_eq!(
+            parse("test-fault=invalid-opcode").unwrap().test_fault,
+            Some(TestFault::InvalidOpcode)
+        );
+    }
+
+    #[test]
+    fn bad_tokens_are_named() {
+        let e = parse("loglevel=info bogus").unwrap_err();
+        assert_eq!(
+            e,
+            CmdlineError {
+                token: "bogus",
+                kind: CmdlineErrorKind::NotKeyValue
+            }
+        );
+        assert_eq!(
+            e.to_string(),
+            "bad command-line token 'bogus': expected key=value"
+        );
+        assert_eq!(parse("=x").unwrap_err().kind, CmdlineErrorKind::NotKeyValue);
+        assert_eq!(
+            parse("loglevel=").unwrap_err().kind,
+            CmdlineErrorKind::NotKeyValue
+        );
+        let e = parse("speed=11").unwrap_err();
+        assert_eq!(
+            (e.token, e.kind),
+            ("speed=11", CmdlineErrorKind::UnknownKey)
+        );
+        let e = parse("loglevel=loud").unwrap_err();
+        assert_eq!(e.token, "loglevel=loud");
+        assert!(matches!(e.kind, CmdlineErrorKind::BadValue { .. }));
+        assert!(e.to_string().contains("off|error|warn|info|debug|trace"));
+    }
+
+    #[test]
+    fn non_utf8_is_refused() {
+        assert_eq!(
+            parse_bytes(b"loglevel=\xff").unwrap_err().kind,
+            CmdlineErrorKind::NotUtf8
+        );
+        assert!(parse_bytes(b"loglevel=warn").is_ok());
+    }
+}

@@ -1,0 +1,224 @@
+//! Portcullis kernel: the hardware half and the boot sequence.
+//!
+//! Entered from the PVH trampoline (`boot.S`) in long mode with the first
+//! 4 GiB identity-mapped. The boot sequence is: console, descriptor tables,
+//! start info and command line, memory map and heap, ACPI, PCI, boot report.
+//! Every `unsafe` block of the kernel lives in this binary's modules, each
+//! with a `// SAFETY:` comment; the decisions it acts on come from the
+//! host-tested `kernel` library.
+#![no_std]
+#![no_main]
+
+extern crate alloc;
+
+#[macro_use]
+mod console;
+mod acpi_tables;
+mod cpu;
+mod exit;
+mod heap;
+mod pci_bus;
+mod phys;
+
+use core::panic::PanicInfo;
+
+use kernel::cmdline::{self, BootConfig, TestFault};
+use kernel::memmap::{PhysMemory, Range};
+use xen_shim::pvh::{MemmapEntry, StartInfo, MEMMAP_ENTRY_SIZE, START_INFO_SIZE};
+
+core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
+core::arch::global_asm!(include_str!("exceptions.S"), options(att_syntax));
+
+/// Longest command line read from guest memory.
+const MAX_CMDLINE: usize = 2048;
+
+/// Rust entry, called once by the trampoline on the boot CPU.
+#[no_mangle]
+pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
+    console::init();
+    println!("portcullis: booting (start info at {start_info_paddr:#x})");
+    cpu::init();
+
+    let info = read_start_info(u64::from(start_info_paddr));
+    let mut cmdline_buf = [0u8; MAX_CMDLINE];
+    let raw_cmdline = read_cmdline(&info, &mut cmdline_buf);
+    let config = match cmdline::parse_bytes(raw_cmdline) {
+        Ok(c) => c,
+        Err(e) => {
+            println!("config error: {e}");
+            println!("portcullis: refusing to start with an invalid configuration");
+            exit::failure();
+        }
+    };
+    console::set_level(config.log_level);
+    println!(
+        "cmdline: \"{}\"",
+        core::str::from_utf8(raw_cmdline).unwrap_or("")
+    );
+
+    let mut mem = read_memory_map(&info);
+    reserve_in_use(&mut mem, &info);
+    phys::map_all_ram(&mut mem);
+    let heap = heap::init(&mut mem);
+    println!(
+        "memory: ram {} KiB, free {} KiB, heap {} KiB at {:#x}, highest {:#x}",
+        mem.total_ram() / 1024,
+        mem.free_bytes() / 1024,
+        heap.len() / 1024,
+        heap.start,
+        mem.highest_ram()
+    );
+
+    run_test_fault(&config);
+
+    let acpi = acpi_tables::discover(info.rsdp_paddr);
+    match &acpi {
+        Some(a) => {
+            print!("cpus: {} (apic ids", a.cpus.len());
+            for id in &a.cpus {
+                print!(" {id}");
+            }
+            println!(")");
+        }
+        None => println!("cpus: 1 (no ACPI tables; assuming the boot CPU alone)"),
+    }
+
+    let ecam = acpi.as_ref().and_then(|a| a.ecam);
+    let functions = pci_bus::enumerate(ecam, &mut mem);
+    let nics = functions
+        .iter()
+        .filter(|f| kernel::pci_ids::is_virtio_net(f.vendor, f.device));
+    print!(
+        "pci: {} functions, {} virtio-net",
+        functions.len(),
+        nics.clone().count()
+    );
+    for f in nics {
+        print!(
+            " {:02x}:{:02x}.{}",
+            f.address.bus(),
+            f.address.device(),
+            f.address.function()
+        );
+    }
+    println!();
+
+    println!("portcullis: boot complete");
+    println!("portcullis: no forwarding dataplane in this build; shutting down");
+    exit::success();
+}
+
+fn read_start_info(paddr: u64) -> StartInfo {
+    let mut raw = [0u8; START_INFO_SIZE];
+    if !phys::read(paddr, &mut raw) {
+        fatal_boot(format_args!(
+            "start info at {paddr:#x} is not in mapped memory"
+        ));
+    }
+    match StartInfo::parse(&raw) {
+        Ok(i) => i,
+        Err(e) => fatal_boot(format_args!("{e}")),
+    }
+}
+
+/// The command line without its NUL; empty when absent or unreadable.
+fn read_cmdline<'a>(info: &StartInfo, buf: &'a mut [u8; MAX_CMDLINE]) -> &'a [u8] {
+    if info.cmdline_paddr == 0 {
+        return &[];
+    }
+    // Read up to the end of the page-limited window that is mapped.
+    let mut len = 0;
+    while len < buf.len() {
+        let mut b = [0u8; 1];
+        if !phys::read(info.cmdline_paddr + len as u64, &mut b) || b[0] == 0 {
+            break;
+        }
+        buf[len] = b[0];
+        len += 1;
+    }
+    if len == buf.len() {
+        fatal_boot(format_args!("command line longer than {MAX_CMDLINE} bytes"));
+    }
+    &buf[..len]
+}
+
+fn read_memory_map(info: &StartInfo) -> PhysMemory {
+    let entry = |i: u32| {
+        let mut raw = [0u8; MEMMAP_ENTRY_SIZE];
+        let at = info.memmap_paddr + u64::from(i) * MEMMAP_ENTRY_SIZE as u64;
+        if !phys::read(at, &mut raw) {
+            fatal_boot(format_args!(
+                "memory map entry at {at:#x} is not in mapped memory"
+            ));
+        }
+        MemmapEntry::parse(&raw)
+    };
+    for i in 0..info.memmap_entries {
+        let e = entry(i);
+        log::debug!("memmap: [{:#x}, {:#x}) {}", e.addr, e.end(), e.kind.name());
+    }
+    let mem = PhysMemory::from_entries((0..info.memmap_entries).map(entry));
+    if mem.lost_ranges() > 0 {
+        log::warn!(
+            "memmap: {} fragments beyond the table size ignored",
+            mem.lost_ranges()
+        );
+    }
+    mem
+}
+
+/// Takes out of the free list what is already in use: the low megabyte
+/// (firmware, the start info), the kernel image, and the start-of-day data.
+fn reserve_in_use(mem: &mut PhysMemory, info: &StartInfo) {
+    mem.reserve(Range::new(0, 0x10_0000));
+    mem.reserve(phys::kernel_image());
+    mem.reserve(Range::new(
+        info.cmdline_paddr,
+        info.cmdline_paddr.saturating_add(MAX_CMDLINE as u64),
+    ));
+    let map_len = u64::from(info.memmap_entries) * MEMMAP_ENTRY_SIZE as u64;
+    mem.reserve(Range::new(
+        info.memmap_paddr,
+        info.memmap_paddr.saturating_add(map_len),
+    ));
+}
+
+fn run_test_fault(config: &BootConfig) {
+    match config.test_fault {
+        None => {}
+        Some(TestFault::PageFault) => {
+            println!(
+                "test-fault: reading unmapped address {:#x}",
+                phys::UNMAPPED_PROBE
+            );
+            phys::touch_unmapped();
+        }
+        Some(TestFault::InvalidOpcode) => {
+            println!("test-fault: executing ud2");
+            cpu::invalid_opcode();
+        }
+        Some(TestFault::Panic) => panic!("test-fault=panic requested on the command line"),
+    }
+}
+
+/// A start-of-day structure is unusable: report it and stop.
+fn fatal_boot(msg: core::fmt::Arguments) -> ! {
+    println!("FATAL: boot: {msg}");
+    exit::failure();
+}
+
+#[panic_handler]
+fn panic(info: &PanicInfo) -> ! {
+    console::emergency();
+    match info.location() {
+        Some(l) => println!(
+            "FATAL: panic at {}:{}:{}: {}",
+            l.file(),
+            l.line(),
+            l.column(),
+            info.message()
+        ),
+        None => println!("FATAL: panic: {}", info.message()),
+    }
+    exit::failure();
+}

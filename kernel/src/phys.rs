@@ -1,0 +1,170 @@
+//! Physical memory access and the identity map.
+//!
+//! Portcullis runs on an identity map: virtual address = physical address.
+//! The trampoline maps the first 4 GiB with 2 MiB pages; `map_all_ram`
+//! extends the map over RAM above that before anything else runs, so the
+//! kernel never takes a page fault in normal operation (a page fault is a
+//! bug, reported by the exception handler). Reads of memory that another
+//! party described (start info, memory map, command line) go through
+//! `read`, which first checks that the range is mapped.
+
+use kernel::memmap::{PhysMemory, Range, PAGE_SIZE};
+use x86_64::registers::control::Cr3;
+
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
+const WRITE_THROUGH: u64 = 1 << 3;
+const CACHE_DISABLE: u64 = 1 << 4;
+const HUGE: u64 = 1 << 7;
+const ADDR_MASK: u64 = 0x000f_ffff_ffff_f000;
+const SIZE_2M: u64 = 2 << 20;
+/// Canonical lower-half addresses end here.
+const LOWER_HALF_END: u64 = 1 << 47;
+/// An address that is never mapped, for `test-fault=page-fault`.
+pub const UNMAPPED_PROBE: u64 = 0x7000_0000_0000;
+
+extern "C" {
+    static __kernel_start: u8;
+    static __kernel_end: u8;
+}
+
+/// The physical range the kernel image (code, data, bss, boot stack and
+/// page tables) occupies.
+pub fn kernel_image() -> Range {
+    // Only the addresses of the linker-defined symbols are taken.
+    let (start, end) = (
+        core::ptr::addr_of!(__kernel_start),
+        core::ptr::addr_of!(__kernel_end),
+    );
+    Range::new(start as u64, end as u64)
+}
+
+fn table_at(paddr: u64) -> *mut u64 {
+    paddr as *mut u64
+}
+
+fn root_table() -> u64 {
+    Cr3::read().0.start_address().as_u64()
+}
+
+/// The size of the page that maps `addr`, or `None` when it is unmapped.
+fn page_size_at(addr: u64) -> Option<u64> {
+    if addr >= LOWER_HALF_END {
+        return None;
+    }
+    let mut table = root_table();
+    // Level shifts: PML4 39, PDPT 30, PD 21, PT 12.
+    for shift in [39u32, 30, 21, 12] {
+        let index = ((addr >> shift) & 0x1ff) as usize;
+        // SAFETY: page tables live in identity-mapped RAM below 4 GiB (the
+        // trampoline's in .bss, later ones from `alloc_table`), and entry
+        // `index` < 512 lies inside the 4 KiB table.
+        let entry = unsafe { table_at(table).add(index).read_volatile() };
+        if entry & PRESENT == 0 {
+            return None;
+        }
+        if shift == 12 || (shift != 39 && entry & HUGE != 0) {
+            return Some(1u64 << shift);
+        }
+        table = entry & ADDR_MASK;
+    }
+    None
+}
+
+/// Whether every byte of `[start, start + len)` is mapped.
+pub fn is_mapped(start: u64, len: u64) -> bool {
+    let Some(end) = start.checked_add(len) else {
+        return false;
+    };
+    let mut addr = start;
+    while addr < end {
+        let Some(size) = page_size_at(addr) else {
+            return false;
+        };
+        addr = (addr & !(size - 1)) + size;
+    }
+    true
+}
+
+/// Copies physical memory into `buf`; false (and nothing read) when any of
+/// the range is unmapped.
+pub fn read(paddr: u64, buf: &mut [u8]) -> bool {
+    if !is_mapped(paddr, buf.len() as u64) {
+        return false;
+    }
+    // SAFETY: the whole range is identity-mapped RAM or firmware memory,
+    // checked just above, and `buf` is a distinct Rust buffer.
+    unsafe { core::ptr::copy_nonoverlapping(paddr as *const u8, buf.as_mut_ptr(), buf.len()) };
+    true
+}
+
+/// A zeroed page for a new page table, from RAM below 4 GiB so that it is
+/// reachable through the boot map.
+fn alloc_table(mem: &mut PhysMemory) -> u64 {
+    let frame = match mem.allocate(PAGE_SIZE, PAGE_SIZE) {
+        Some(f) if f + PAGE_SIZE <= 1 << 32 => f,
+        _ => crate::fatal_boot(format_args!("no memory below 4 GiB for page tables")),
+    };
+    // SAFETY: the frame was just taken from the free list, is identity
+    // mapped (below 4 GiB) and no one else refers to it.
+    unsafe { core::ptr::write_bytes(frame as *mut u8, 0, PAGE_SIZE as usize) };
+    frame
+}
+
+/// Identity-maps `range` (rounded out to 2 MiB) with 2 MiB pages;
+/// `uncached` for device memory.
+pub fn map_identity(range: Range, uncached: bool, mem: &mut PhysMemory) {
+    let flags = PRESENT
+        | WRITABLE
+        | HUGE
+        | if uncached {
+            CACHE_DISABLE | WRITE_THROUGH
+        } else {
+            0
+        };
+    let mut addr = range.start & !(SIZE_2M - 1);
+    let end = range.end.min(LOWER_HALF_END);
+    while addr < end {
+        if page_size_at(addr).is_none() {
+            let mut table = root_table();
+            for shift in [39u32, 30] {
+                let index = ((addr >> shift) & 0x1ff) as usize;
+                // SAFETY: as in `page_size_at`; the entry is written only
+                // while it is not present, so no live mapping changes.
+                unsafe {
+                    let slot = table_at(table).add(index);
+                    if slot.read_volatile() & PRESENT == 0 {
+                        slot.write_volatile(alloc_table(mem) | PRESENT | WRITABLE);
+                    }
+                    table = slot.read_volatile() & ADDR_MASK;
+                }
+            }
+            let index = ((addr >> 21) & 0x1ff) as usize;
+            // SAFETY: `table` is a page directory reached above; this entry
+            // is not present (checked by `page_size_at`).
+            unsafe { table_at(table).add(index).write_volatile(addr | flags) };
+        }
+        addr += SIZE_2M;
+    }
+    // Reloading CR3 drops any paging-structure caches for the new entries.
+    let (frame, cr3_flags) = Cr3::read();
+    // SAFETY: the same root table is loaded again.
+    unsafe { Cr3::write(frame, cr3_flags) };
+}
+
+/// Maps all RAM the firmware reported (the boot map covers only 4 GiB).
+pub fn map_all_ram(mem: &mut PhysMemory) {
+    let highest = mem.highest_ram();
+    if highest > 1 << 32 {
+        map_identity(Range::new(1 << 32, highest), false, mem);
+        log::info!("memory: identity map extended to {highest:#x}");
+    }
+}
+
+/// Reads `UNMAPPED_PROBE`, which raises a page fault.
+pub fn touch_unmapped() {
+    // SAFETY: deliberately faults; the exception reporter ends the kernel
+    // before the read could return.
+    let v = unsafe { (UNMAPPED_PROBE as *const u64).read_volatile() };
+    println!("test-fault: unmapped read returned {v:#x}");
+}

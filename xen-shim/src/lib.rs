@@ -1,0 +1,14 @@
+//! Xen interfaces for Portcullis, as pure data and logic.
+//!
+//! This crate owns the Xen-facing formats: the PVH start-of-day structure
+//! (`hvm_start_info` and its memory map) today, and later hypercall numbers,
+//! event channels, grant tables, XenStore, console, vchan and QubesDB codecs.
+//! It decodes what another party (Xen, QEMU's PVH loader, dom0) wrote into
+//! typed values and never trusts it: every parser takes bytes and returns a
+//! `Result`. It performs no hardware access itself; the kernel reads guest
+//! physical memory and hands the bytes over, so everything here is tested on
+//! the host.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+pub mod pvh;
