@@ -1,12 +1,100 @@
 //! NIC drivers behind one batch interface.
 //!
-//! This crate will own every network device Portcullis drives — virtio-net
-//! over PCI, Xen netfront and netback — behind a single trait that moves
-//! batches of packet buffers (`rx_batch` / `tx_batch`) from a preallocated
-//! pool, never one packet at a time. Hardware and hypervisor access enters
-//! through a small `unsafe` HAL trait (DMA memory, notification, grants)
-//! that the kernel implements and a fake implements for host tests; the
-//! descriptor and ring bookkeeping is plain logic tested here. Drivers own
-//! no policy: what to do with a frame is the firewall stage's decision.
-//! (Foundation stage: the crate is empty until the virtio-net driver lands.)
-#![no_std]
+//! This crate owns the network devices Portcullis drives — virtio-net over
+//! PCI today; Xen netfront and netback later — behind the `Nic` trait, which
+//! moves *batches* of packet buffers and notifies the device once per batch,
+//! never once per packet. Buffers come from a preallocated `PacketPool` in
+//! DMA memory and travel between NICs without copies.
+//!
+//! Memory shared with a device is never a Rust reference: the split
+//! virtqueue (`virtqueue`) reads and writes it through raw pointers with
+//! volatile and atomic accesses, and checks every index and length the
+//! device writes before using it. The kernel supplies the DMA memory
+//! (`DmaRegion`, whose constructor is `unsafe`) and the PCI transport; host
+//! tests supply heap memory and play the device. Drivers own no policy:
+//! what happens to a frame is the firewall stage's decision.
+#![cfg_attr(not(test), no_std)]
+
+extern crate alloc;
+
+pub mod pool;
+pub mod virtio_net;
+pub mod virtqueue;
+
+use alloc::vec::Vec;
+use core::ptr::NonNull;
+
+pub use pool::{BufId, Packet, PacketPool};
+
+/// Memory a device may read and write by physical address.
+#[derive(Debug)]
+pub struct DmaRegion {
+    vaddr: NonNull<u8>,
+    paddr: u64,
+    len: usize,
+}
+
+impl DmaRegion {
+    /// # Safety
+    ///
+    /// `vaddr` must point to `len` bytes of memory that nothing else uses
+    /// for as long as the region (and whatever it is given to) lives, that
+    /// the device sees at physical address `paddr`, and that is aligned to
+    /// 4096 bytes.
+    pub unsafe fn new(vaddr: NonNull<u8>, paddr: u64, len: usize) -> Self {
+        Self { vaddr, paddr, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn paddr(&self) -> u64 {
+        self.paddr
+    }
+
+    pub(crate) fn ptr(&self) -> NonNull<u8> {
+        self.vaddr
+    }
+}
+
+/// Counters a NIC keeps about itself.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NicStats {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    /// Frames the device returned with impossible lengths.
+    pub rx_errors: u64,
+    /// Packets not queued because the TX ring was full.
+    pub tx_ring_full: u64,
+    /// Device-written ring entries that failed validation.
+    pub ring_errors: u64,
+    /// Notifications sent to the device.
+    pub notifications: u64,
+}
+
+/// A network device that moves batches of packets.
+pub trait Nic {
+    fn mac(&self) -> [u8; 6];
+
+    /// Appends received frames to `out`, at most `max` of them. Buffers
+    /// the device returned with impossible lengths go back to `pool`.
+    fn rx_batch(&mut self, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize);
+
+    /// Queues the packets of `batch` for transmission (draining it) and
+    /// notifies the device at most once. Packets that do not fit the ring
+    /// are returned to the pool and counted.
+    fn tx_batch(&mut self, pool: &mut PacketPool, batch: &mut Vec<Packet>);
+
+    /// Returns transmitted buffers to the pool and gives the device fresh
+    /// receive buffers.
+    fn maintain(&mut self, pool: &mut PacketPool);
+
+    fn stats(&self) -> NicStats;
+}

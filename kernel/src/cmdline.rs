@@ -1,6 +1,8 @@
 //! The boot command line: whitespace-separated `key=value` tokens.
 //!
-//! Every token must be understood. A token the kernel does not know, a token
+//! Tokens whose key starts with `/` are QubesDB entries (`/qubes-ip=...`)
+//! that override the snapshot the kernel was given; `qubesdb_overrides`
+//! lists them. Every other token must be understood. A token the kernel does not know, a token
 //! without `=`, or a value out of range is an error that names the token; the
 //! kernel then refuses to run rather than guess what was meant.
 
@@ -22,6 +24,8 @@ pub enum TestFault {
 pub struct BootConfig {
     pub log_level: LevelFilter,
     pub test_fault: Option<TestFault>,
+    /// Print the counters every this many seconds (0: only on demand).
+    pub stats_interval_s: u32,
 }
 
 impl Default for BootConfig {
@@ -29,6 +33,7 @@ impl Default for BootConfig {
         Self {
             log_level: LevelFilter::Info,
             test_fault: None,
+            stats_interval_s: 0,
         }
     }
 }
@@ -114,6 +119,14 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
                     }
                 }
             }
+            _ if key.starts_with('/') => {}
+            "stats-interval" => {
+                config.stats_interval_s = value.parse().ok().filter(|s| *s <= 86_400).ok_or(
+                    err(CmdlineErrorKind::BadValue {
+                        expected: "seconds, 0-86400",
+                    }),
+                )?;
+            }
             "test-fault" => {
                 config.test_fault = Some(match value {
                     "page-fault" => TestFault::PageFault,
@@ -130,6 +143,15 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
         }
     }
     Ok(config)
+}
+
+/// The QubesDB entries given on the command line, as (path, value).
+/// Call after `parse` succeeded.
+pub fn qubesdb_overrides(cmdline: &str) -> impl Iterator<Item = (&str, &str)> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|t| t.split_once('='))
+        .filter(|(k, _)| k.starts_with('/'))
 }
 
 #[cfg(test)]
@@ -181,6 +203,28 @@ mod tests {
         assert_eq!(e.token, "loglevel=loud");
         assert!(matches!(e.kind, CmdlineErrorKind::BadValue { .. }));
         assert!(e.to_string().contains("off|error|warn|info|debug|trace"));
+    }
+
+    #[test]
+    fn qubesdb_tokens_and_stats_interval() {
+        let line = "/qubes-ip=10.0.2.15 stats-interval=5 /connected-ips=10.137.0.10";
+        assert_eq!(parse(line).unwrap().stats_interval_s, 5);
+        let o: Vec<_> = qubesdb_overrides(line).collect();
+        assert_eq!(
+            o,
+            [
+                ("/qubes-ip", "10.0.2.15"),
+                ("/connected-ips", "10.137.0.10")
+            ]
+        );
+        assert_eq!(
+            parse("/qubes-ip=").unwrap_err().kind,
+            CmdlineErrorKind::NotKeyValue
+        );
+        assert!(matches!(
+            parse("stats-interval=-1").unwrap_err().kind,
+            CmdlineErrorKind::BadValue { .. }
+        ));
     }
 
     #[test]

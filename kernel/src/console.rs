@@ -99,6 +99,13 @@ pub fn print(args: fmt::Arguments) {
     let _ = CONSOLE.lock().write_fmt(args);
 }
 
+/// A key typed on the serial console, if one is waiting.
+pub fn read_key() -> Option<u8> {
+    let c = CONSOLE.lock();
+    // LSR bit 0: data ready.
+    (c.uart && inb(COM1 + 5) & 0x01 != 0).then(|| inb(COM1))
+}
+
 /// Waits until the UART has sent everything, so that nothing is lost when
 /// the machine stops right after.
 pub fn flush() {

@@ -14,21 +14,36 @@ extern crate alloc;
 #[macro_use]
 mod console;
 mod acpi_tables;
+mod clock;
 mod cpu;
+mod dataplane;
 mod exit;
+mod fw_cfg;
 mod heap;
 mod pci_bus;
 mod phys;
+mod virtio_hal;
 
 use core::panic::PanicInfo;
 
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use drivers::virtio_net::VirtioNet;
+use drivers::{Nic, PacketPool};
 use kernel::cmdline::{self, BootConfig, TestFault};
 use kernel::memmap::{PhysMemory, Range};
+use netstack::config::{NetConfig, QubesDb};
+use netstack::firewall::Firewall;
+use pci_bus::PciFunction;
 use xen_shim::pvh::{MemmapEntry, StartInfo, MEMMAP_ENTRY_SIZE, START_INFO_SIZE};
 
 core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
 core::arch::global_asm!(include_str!("exceptions.S"), options(att_syntax));
 
+/// The fw_cfg file that carries the QubesDB snapshot under QEMU.
+const QUBESDB_FW_CFG: &str = "opt/portcullis/qubesdb";
 /// Longest command line read from guest memory.
 const MAX_CMDLINE: usize = 2048;
 
@@ -84,16 +99,17 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     }
 
     let ecam = acpi.as_ref().and_then(|a| a.ecam);
-    let functions = pci_bus::enumerate(ecam, &mut mem);
-    let nics = functions
+    let (pci_access, functions) = pci_bus::enumerate(ecam, &mut mem);
+    let nics: Vec<&PciFunction> = functions
         .iter()
-        .filter(|f| kernel::pci_ids::is_virtio_net(f.vendor, f.device));
+        .filter(|f| kernel::pci_ids::is_virtio_net(f.vendor, f.device))
+        .collect();
     print!(
         "pci: {} functions, {} virtio-net",
         functions.len(),
-        nics.clone().count()
+        nics.len()
     );
-    for f in nics {
+    for f in &nics {
         print!(
             " {:02x}:{:02x}.{}",
             f.address.bus(),
@@ -102,10 +118,139 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
         );
     }
     println!();
-
+    phys::set_free_memory(mem);
+    let (tsc_hz, calibrated) = clock::init();
+    println!(
+        "clock: tsc {} MHz ({})",
+        tsc_hz / 1_000_000,
+        if calibrated {
+            "calibrated against the PIT"
+        } else {
+            "no PIT; assumed"
+        }
+    );
     println!("portcullis: boot complete");
-    println!("portcullis: no forwarding dataplane in this build; shutting down");
-    exit::success();
+
+    if nics.is_empty() {
+        println!("portcullis: no network devices; nothing to forward");
+        exit::success();
+    }
+    let cmdline_text = core::str::from_utf8(raw_cmdline).unwrap_or("");
+    start_dataplane(cmdline_text, &config, pci_access, &nics);
+}
+
+/// Loads the configuration, brings the NICs up and runs the forwarding
+/// loop; any configuration or device error stops the kernel with failure.
+fn start_dataplane(
+    cmdline_text: &str,
+    config: &BootConfig,
+    access: pci_bus::ConfigAccess,
+    nics: &[&PciFunction],
+) -> ! {
+    let net = match load_config(cmdline_text) {
+        Ok(n) => n,
+        Err(e) => {
+            println!("config error: {e}");
+            println!("portcullis: refusing to forward without a valid configuration");
+            exit::failure();
+        }
+    };
+    if nics.len() < 2 {
+        println!(
+            "config error: need an uplink and at least one downlink NIC, found {}",
+            nics.len()
+        );
+        exit::failure();
+    }
+    for c in &net.clients {
+        if let Err(e) = &c.rules {
+            println!("rules: client {}: {e}; dropping all its traffic", c.ip);
+        }
+    }
+    let mut devices = Vec::new();
+    for f in nics {
+        let a = f.address;
+        let nic = virtio_hal::transport(access, a.bus(), a.device(), a.function()).and_then(|t| {
+            let bytes = drivers::virtqueue::ring_bytes(drivers::virtio_net::QUEUE_SIZE);
+            VirtioNet::new(t, phys::dma_region(bytes), phys::dma_region(bytes))
+                .map_err(|_| "device refused set-up")
+        });
+        match nic {
+            Ok(n) => devices.push(n),
+            Err(e) => {
+                println!(
+                    "nic {:02x}:{:02x}.{}: {e}",
+                    a.bus(),
+                    a.device(),
+                    a.function()
+                );
+                exit::failure();
+            }
+        }
+    }
+    let buffers = devices.len() * 2 * usize::from(drivers::virtio_net::QUEUE_SIZE) + 512;
+    let pool = PacketPool::new(phys::dma_region(buffers * drivers::pool::BUF_SIZE));
+    println!(
+        "memory: {} packet buffers, {} KiB free after rings and buffers",
+        pool.capacity(),
+        phys::free_bytes() / 1024
+    );
+    let macs: Vec<[u8; 6]> = devices.iter().map(|d| d.mac()).collect();
+    print_ready(&net, &macs);
+    let firewall = Firewall::new(net, macs);
+    dataplane::Dataplane {
+        nics: devices,
+        pool,
+        firewall,
+        stats_interval_ms: u64::from(config.stats_interval_s) * 1000,
+    }
+    .run()
+}
+
+/// QubesDB keys: the fw_cfg snapshot, then command-line overrides.
+fn load_config(cmdline_text: &str) -> Result<NetConfig, String> {
+    let mut db = match fw_cfg::read_file(QUBESDB_FW_CFG) {
+        Ok(Some(bytes)) => {
+            let text =
+                core::str::from_utf8(&bytes).map_err(|_| format!("{QUBESDB_FW_CFG}: not UTF-8"))?;
+            QubesDb::parse_snapshot(text).map_err(|e| format!("{QUBESDB_FW_CFG}: {e}"))?
+        }
+        Ok(None) => QubesDb::new(),
+        Err(e) => return Err(format!("{QUBESDB_FW_CFG}: {e}")),
+    };
+    for (path, value) in cmdline::qubesdb_overrides(cmdline_text) {
+        db.set(path, value).map_err(|e| e.to_string())?;
+    }
+    NetConfig::from_db(&db).map_err(|e| e.to_string())
+}
+
+fn fmt_mac(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+fn print_ready(net: &NetConfig, macs: &[[u8; 6]]) {
+    print!(
+        "portcullis: ready uplink {}/{} gateway {} mac {} client-gateway {} downlinks {}",
+        net.uplink_ip,
+        net.uplink_prefix,
+        net.gateway,
+        fmt_mac(&macs[0]),
+        net.client_gateway,
+        macs.len() - 1
+    );
+    for (v, u) in net.virtual_dns.iter().zip(net.upstream_dns.iter()) {
+        if let (Some(v), Some(u)) = (v, u) {
+            print!(" dns {v}->{u}");
+        }
+    }
+    print!(" clients");
+    for c in &net.clients {
+        print!(" {}", c.ip);
+    }
+    println!();
 }
 
 fn read_start_info(paddr: u64) -> StartInfo {

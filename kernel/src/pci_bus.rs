@@ -81,7 +81,7 @@ pub struct PciFunction {
 }
 
 /// Scans every bus the access method covers and prints each function.
-pub fn enumerate(ecam: Option<Ecam>, mem: &mut PhysMemory) -> Vec<PciFunction> {
+pub fn enumerate(ecam: Option<Ecam>, mem: &mut PhysMemory) -> (ConfigAccess, Vec<PciFunction>) {
     let access = match ecam {
         Some(e) => {
             let len = (u64::from(e.bus_end) - u64::from(e.bus_start) + 1) << 20;
@@ -123,7 +123,7 @@ pub fn enumerate(ecam: Option<Ecam>, mem: &mut PhysMemory) -> Vec<PciFunction> {
             }
         }
     }
-    found
+    (access, found)
 }
 
 fn describe(access: ConfigAccess, header: PciHeader) -> Option<PciFunction> {

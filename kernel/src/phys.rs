@@ -8,7 +8,10 @@
 //! party described (start info, memory map, command line) go through
 //! `read`, which first checks that the range is mapped.
 
+use core::ptr::NonNull;
+
 use kernel::memmap::{PhysMemory, Range, PAGE_SIZE};
+use spin::Mutex;
 use x86_64::registers::control::Cr3;
 
 const PRESENT: u64 = 1;
@@ -167,4 +170,45 @@ pub fn touch_unmapped() {
     // before the read could return.
     let v = unsafe { (UNMAPPED_PROBE as *const u64).read_volatile() };
     println!("test-fault: unmapped read returned {v:#x}");
+}
+
+/// Free physical memory after boot, for DMA allocations.
+static FREE: Mutex<Option<PhysMemory>> = Mutex::new(None);
+
+/// Hands the free list over for DMA allocations once boot set-up is done.
+pub fn set_free_memory(mem: PhysMemory) {
+    *FREE.lock() = Some(mem);
+}
+
+/// Free bytes left for DMA.
+pub fn free_bytes() -> u64 {
+    FREE.lock().as_ref().map_or(0, PhysMemory::free_bytes)
+}
+
+/// `bytes` (rounded up to pages) of zeroed, page-aligned, identity-mapped
+/// RAM, for memory shared with devices. Running out at boot is fatal.
+pub fn alloc_dma(bytes: usize) -> (u64, NonNull<u8>) {
+    let paddr = FREE
+        .lock()
+        .as_mut()
+        .and_then(|m| m.allocate(bytes as u64, PAGE_SIZE));
+    let Some(paddr) = paddr else {
+        crate::fatal_boot(format_args!(
+            "out of memory for {bytes} bytes of DMA memory"
+        ));
+    };
+    // SAFETY: the range was just taken from the free list, is identity
+    // mapped RAM, and nothing else refers to it.
+    unsafe { core::ptr::write_bytes(paddr as *mut u8, 0, bytes) };
+    (
+        paddr,
+        NonNull::new(paddr as *mut u8).unwrap_or(NonNull::dangling()),
+    )
+}
+
+/// A `DmaRegion` of `bytes` for a driver.
+pub fn dma_region(bytes: usize) -> drivers::DmaRegion {
+    let (paddr, ptr) = alloc_dma(bytes);
+    // SAFETY: fresh, exclusive, page-aligned, identity-mapped memory.
+    unsafe { drivers::DmaRegion::new(ptr, paddr, bytes) }
 }

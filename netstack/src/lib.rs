@@ -1,11 +1,21 @@
 //! The firewall stage: parsing, rules, connection tracking, NAT.
 //!
-//! This crate will own everything Portcullis decides about a packet — frame
-//! and header parsing that never panics, the Qubes rule language and its
-//! matching, stateful connection tracking, source NAT to the uplink, DNS
-//! redirection, ARP and ICMP — as pure logic: no `unsafe`, no hardware, no
-//! allocation on the packet path. It is tested on the host, fuzzed and
-//! benchmarked; the kernel only moves batches through it.
-//! (Foundation stage: the crate is empty until the dataplane lands.)
-#![no_std]
+//! This crate owns everything Portcullis decides about a packet — frame and
+//! header parsing that never panics (`wire`), the QubesDB configuration
+//! model (`config`), the Qubes rule language and its matching (`rules`),
+//! stateful connection tracking with source NAT and DNS redirection
+//! (`conntrack`), and the per-frame pipeline with ARP, ICMP and counters
+//! (`firewall`). It is pure logic: no `unsafe`, no hardware, no logging; the
+//! kernel moves batches of frames through `Firewall::handle` and supplies
+//! the time. Allocation happens when configuration loads and when a flow is
+//! created, never per established-flow packet.
+#![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
+
+extern crate alloc;
+
+pub mod config;
+pub mod conntrack;
+pub mod firewall;
+pub mod rules;
+pub mod wire;

@@ -99,6 +99,11 @@ pub enum NicBackend {
     /// A hub of its own with nothing else on it: the device exists, no
     /// frame enters or leaves.
     Unconnected,
+    /// A unix datagram socket pair: QEMU binds `qemu` and sends each frame
+    /// as one datagram to `peer`, where the test listens.
+    Dgram { qemu: PathBuf, peer: PathBuf },
+    /// A tap device (root only), created beforehand.
+    Tap { ifname: String },
 }
 
 /// One QEMU machine to boot the kernel in.
@@ -113,6 +118,8 @@ pub struct Machine {
     pub nics: Vec<NicBackend>,
     pub append: String,
     pub accel: Accel,
+    /// A QubesDB snapshot handed to the kernel through fw_cfg.
+    pub qubesdb: Option<PathBuf>,
     /// Extra QEMU arguments, appended last.
     pub extra: Vec<String>,
 }
@@ -127,6 +134,7 @@ impl Machine {
             nics: Vec::new(),
             append: String::new(),
             accel: Accel::Tcg,
+            qubesdb: None,
             extra: Vec::new(),
         }
     }
@@ -145,6 +153,10 @@ impl Machine {
     }
     pub fn append(mut self, cmdline: &str) -> Self {
         self.append = cmdline.to_string();
+        self
+    }
+    pub fn qubesdb(mut self, snapshot: impl Into<PathBuf>) -> Self {
+        self.qubesdb = Some(snapshot.into());
         self
     }
     pub fn machine_type(mut self, t: &str) -> Self {
@@ -195,6 +207,14 @@ impl Machine {
             let id = format!("net{i}");
             let netdev = match nic {
                 NicBackend::Unconnected => format!("hubport,id={id},hubid={i}"),
+                NicBackend::Dgram { qemu, peer } => format!(
+                    "dgram,id={id},local.type=unix,local.path={},remote.type=unix,remote.path={}",
+                    qemu.display(),
+                    peer.display()
+                ),
+                NicBackend::Tap { ifname } => {
+                    format!("tap,id={id},ifname={ifname},script=no,downscript=no")
+                }
             };
             let slot = usize::from(FIRST_NIC_SLOT) + i;
             a.extend([
@@ -205,6 +225,12 @@ impl Machine {
                     "virtio-net-pci,netdev={id},addr={slot:#x},mac=52:54:00:12:34:{:02x}",
                     0x56 + i
                 ),
+            ]);
+        }
+        if let Some(db) = &self.qubesdb {
+            a.extend([
+                "-fw_cfg".into(),
+                format!("name=opt/portcullis/qubesdb,file={}", db.display()),
             ]);
         }
         a.extend(self.extra.iter().cloned());
@@ -280,7 +306,7 @@ impl RunningMachine {
     pub fn spawn(machine: &Machine) -> Result<Self, String> {
         let mut child = machine
             .command()
-            .stdin(Stdio::null())
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -329,6 +355,35 @@ impl RunningMachine {
 
     pub fn kill(&mut self) {
         let _ = self.child.kill();
+    }
+
+    /// Types on the kernel's serial console (`s`: print counters, `q`:
+    /// print counters and shut down).
+    pub fn send_keys(&mut self, keys: &[u8]) {
+        use std::io::Write;
+        if let Some(stdin) = self.child.stdin.as_mut() {
+            let _ = stdin.write_all(keys);
+            let _ = stdin.flush();
+        }
+    }
+
+    /// Collects console lines until QEMU exits or `deadline` passes.
+    pub fn drain_until_exit(&mut self, deadline: Instant) -> (Option<ExitStatus>, String) {
+        let mut console = String::new();
+        loop {
+            match self.lines.recv_timeout(Duration::from_millis(20)) {
+                Ok(l) => {
+                    console.push_str(&l);
+                    console.push('\n');
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+        }
+        (self.wait_until(deadline), console)
     }
 
     /// The exit status, or `None` if QEMU was still running at `deadline`
@@ -442,6 +497,8 @@ impl BootReport {
         })
     }
 }
+
+pub mod lab;
 
 #[cfg(test)]
 mod tests {

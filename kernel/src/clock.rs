@@ -1,0 +1,73 @@
+//! Time: the TSC, calibrated once against the PIT.
+//!
+//! The dataplane needs milliseconds (connection timeouts, ARP retries, ICMP
+//! rate limits, the stats interval), not precision. Where no PIT answers
+//! (Xen PVH), calibration gives up after a bounded wait and assumes 2 GHz;
+//! a later issue reads Xen's own clock.
+
+use core::arch::x86_64::_rdtsc;
+
+use spin::Once;
+use x86_64::instructions::port::Port;
+
+const PIT_HZ: u64 = 1_193_182;
+const CALIBRATION_MS: u64 = 10;
+const FALLBACK_HZ: u64 = 2_000_000_000;
+
+struct Calibration {
+    start: u64,
+    hz: u64,
+}
+
+static CLOCK: Once<Calibration> = Once::new();
+
+fn rdtsc() -> u64 {
+    // SAFETY: RDTSC has no side effects and is available on every x86_64.
+    unsafe { _rdtsc() }
+}
+
+/// Calibrates the TSC; returns its frequency in Hz and whether the PIT
+/// answered.
+pub fn init() -> (u64, bool) {
+    let mut measured = true;
+    let cal = CLOCK.call_once(|| {
+        let ticks = PIT_HZ * CALIBRATION_MS / 1000;
+        // SAFETY: PIT channel 2 and the speaker-gate port; channel 2 drives
+        // only the (gated off) speaker, so programming it has no other
+        // effect.
+        let hz = unsafe {
+            let mut gate = Port::<u8>::new(0x61);
+            let g = gate.read();
+            gate.write((g & !0x02) | 0x01); // gate on, speaker off
+            Port::<u8>::new(0x43).write(0xb0); // channel 2, lo/hi, mode 0
+            Port::<u8>::new(0x42).write(ticks as u8);
+            Port::<u8>::new(0x42).write((ticks >> 8) as u8);
+            let start = rdtsc();
+            // OUT2 goes high when the count reaches zero; give up after
+            // what would be a second at 4 GHz.
+            while gate.read() & 0x20 == 0 {
+                if rdtsc() - start > 4_000_000_000 {
+                    measured = false;
+                    break;
+                }
+                core::hint::spin_loop();
+            }
+            let elapsed = rdtsc() - start;
+            gate.write(g);
+            if measured && elapsed > 0 {
+                elapsed * 1000 / CALIBRATION_MS
+            } else {
+                FALLBACK_HZ
+            }
+        };
+        Calibration { start: rdtsc(), hz }
+    });
+    (cal.hz, measured)
+}
+
+/// Milliseconds since `init`.
+pub fn now_ms() -> u64 {
+    let cal = CLOCK.get().expect("clock::init runs at boot");
+    let cycles = rdtsc().wrapping_sub(cal.start);
+    (u128::from(cycles) * 1000 / u128::from(cal.hz)) as u64
+}

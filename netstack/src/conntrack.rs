@@ -1,0 +1,364 @@
+//! Connection tracking with source NAT and destination rewriting.
+//!
+//! Each flow is created by a client's first packet (after the rules
+//! accepted it) and is found again two ways: by the client-side tuple as the
+//! client sends it, and by the uplink-side tuple as replies arrive. A flow
+//! remembers what the client addressed (`orig_dst`, which differs from
+//! `remote` when DNS is redirected) so that replies are rewritten back.
+//!
+//! Bounds and expiry: the table holds at most `capacity` flows. Flows expire
+//! by protocol and state (TCP handshake 60 s, established 2 h, closing 10 s;
+//! UDP 30 s, 180 s once answered; ICMP echo 30 s). Expired flows are
+//! reclaimed lazily when met and by `expire`, which the owner calls with a
+//! budget; a new flow that finds the table full after reclaiming is refused
+//! (counted by the caller), so existing flows are never evicted for new
+//! ones.
+
+use alloc::vec::Vec;
+use core::net::Ipv4Addr;
+
+use hashbrown::HashMap;
+
+use crate::wire::{PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+
+const SECOND: u64 = 1000;
+const TCP_HANDSHAKE: u64 = 60 * SECOND;
+const TCP_ESTABLISHED: u64 = 2 * 3600 * SECOND;
+const TCP_CLOSING: u64 = 10 * SECOND;
+const UDP_NEW: u64 = 30 * SECOND;
+const UDP_REPLIED: u64 = 180 * SECOND;
+const ICMP_TIMEOUT: u64 = 30 * SECOND;
+/// NAT ports (and ICMP ids) are taken from this range.
+pub const NAT_PORT_FIRST: u16 = 1024;
+/// Attempts to find a free NAT port before giving up.
+const PORT_TRIES: u32 = 4096;
+
+/// A tuple as it appears in one direction on the wire. For ICMP echo the
+/// identifier is `sport` and `dport` is 0.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    pub proto: u8,
+    pub src: Ipv4Addr,
+    pub sport: u16,
+    pub dst: Ipv4Addr,
+    pub dport: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowState {
+    /// Only the client has spoken.
+    New,
+    /// Both sides have spoken.
+    Established,
+    /// TCP FIN or RST seen.
+    Closing,
+}
+
+/// One tracked flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flow {
+    /// The client-side tuple, as the client sends it.
+    pub client: Tuple,
+    /// The real destination (after DNS redirection).
+    pub remote: Ipv4Addr,
+    pub remote_port: u16,
+    /// Source port (or ICMP id) on the uplink.
+    pub nat_port: u16,
+    pub state: FlowState,
+    pub expires: u64,
+}
+
+impl Flow {
+    /// The tuple replies carry on the uplink (remote → us).
+    pub fn reply_tuple(&self, uplink: Ipv4Addr) -> Tuple {
+        Tuple {
+            proto: self.client.proto,
+            src: self.remote,
+            sport: self.remote_port,
+            dst: uplink,
+            dport: self.nat_port,
+        }
+    }
+
+    fn timeout(&self) -> u64 {
+        match (self.client.proto, self.state) {
+            (PROTO_TCP, FlowState::New) => TCP_HANDSHAKE,
+            (PROTO_TCP, FlowState::Established) => TCP_ESTABLISHED,
+            (PROTO_TCP, FlowState::Closing) => TCP_CLOSING,
+            (PROTO_UDP, FlowState::New) => UDP_NEW,
+            (PROTO_UDP, _) => UDP_REPLIED,
+            _ => ICMP_TIMEOUT,
+        }
+    }
+
+    /// Updates state and expiry for a packet in either direction.
+    pub fn touch(&mut self, now: u64, from_client: bool, tcp_flags: u8) {
+        if self.client.proto == PROTO_TCP {
+            if tcp_flags & (TCP_FIN | TCP_RST) != 0 {
+                self.state = FlowState::Closing;
+            } else if !from_client && self.state == FlowState::New && tcp_flags & TCP_ACK != 0 {
+                self.state = FlowState::Established;
+            } else if from_client
+                && self.state == FlowState::New
+                && tcp_flags & TCP_SYN == 0
+                && tcp_flags & TCP_ACK != 0
+            {
+                // The client acknowledged the server's SYN-ACK.
+                self.state = FlowState::Established;
+            }
+        } else if !from_client && self.state == FlowState::New {
+            self.state = FlowState::Established;
+        }
+        self.expires = now.saturating_add(self.timeout());
+    }
+}
+
+/// Why a flow could not be created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CreateError {
+    TableFull,
+    NoFreePort,
+}
+
+/// The flow table.
+#[derive(Debug)]
+pub struct Conntrack {
+    uplink: Ipv4Addr,
+    slots: Vec<Option<Flow>>,
+    free: Vec<u32>,
+    by_client: HashMap<Tuple, u32>,
+    by_reply: HashMap<Tuple, u32>,
+    next_port: u16,
+    sweep: usize,
+}
+
+impl Conntrack {
+    pub fn new(uplink: Ipv4Addr, capacity: usize) -> Self {
+        Self {
+            uplink,
+            slots: Vec::with_capacity(capacity),
+            free: Vec::new(),
+            by_client: HashMap::with_capacity(capacity),
+            by_reply: HashMap::with_capacity(capacity),
+            next_port: NAT_PORT_FIRST,
+            sweep: 0,
+        }
+        .with_capacity(capacity)
+    }
+
+    fn with_capacity(mut self, capacity: usize) -> Self {
+        self.slots.resize(capacity, None);
+        self.free = (0..capacity as u32).rev().collect();
+        self
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len() - self.free.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn remove(&mut self, idx: u32) {
+        if let Some(f) = self.slots.get_mut(idx as usize).and_then(Option::take) {
+            self.by_client.remove(&f.client);
+            self.by_reply.remove(&f.reply_tuple(self.uplink));
+            self.free.push(idx);
+        }
+    }
+
+    fn live(&mut self, idx: Option<u32>, now: u64) -> Option<u32> {
+        let idx = idx?;
+        match self.slots.get(idx as usize) {
+            Some(Some(f)) if f.expires > now => Some(idx),
+            Some(Some(_)) => {
+                self.remove(idx);
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// The flow a client packet belongs to.
+    pub fn by_client(&mut self, t: &Tuple, now: u64) -> Option<&mut Flow> {
+        let idx = self.live(self.by_client.get(t).copied(), now)?;
+        self.slots.get_mut(idx as usize)?.as_mut()
+    }
+
+    /// The flow a reply arriving on the uplink belongs to.
+    pub fn by_reply(&mut self, t: &Tuple, now: u64) -> Option<&mut Flow> {
+        let idx = self.live(self.by_reply.get(t).copied(), now)?;
+        self.slots.get_mut(idx as usize)?.as_mut()
+    }
+
+    /// Creates a flow for `client`, going to `remote:remote_port`.
+    pub fn create(
+        &mut self,
+        client: Tuple,
+        remote: Ipv4Addr,
+        remote_port: u16,
+        now: u64,
+    ) -> Result<Flow, CreateError> {
+        if self.free.is_empty() {
+            self.expire(now, self.slots.len());
+        }
+        let idx = *self.free.last().ok_or(CreateError::TableFull)?;
+        let nat_port = self.allocate_port(client, remote, remote_port, now)?;
+        self.free.pop();
+        let mut flow = Flow {
+            client,
+            remote,
+            remote_port,
+            nat_port,
+            state: FlowState::New,
+            expires: 0,
+        };
+        flow.touch(now, true, 0);
+        if client.proto == PROTO_TCP {
+            flow.state = FlowState::New;
+            flow.expires = now.saturating_add(TCP_HANDSHAKE);
+        }
+        self.by_client.insert(client, idx);
+        self.by_reply.insert(flow.reply_tuple(self.uplink), idx);
+        self.slots[idx as usize] = Some(flow);
+        Ok(flow)
+    }
+
+    /// Keeps the client's own port when no other flow to the same remote
+    /// endpoint uses it, else the next free one from a rotating cursor.
+    fn allocate_port(
+        &mut self,
+        client: Tuple,
+        remote: Ipv4Addr,
+        remote_port: u16,
+        now: u64,
+    ) -> Result<u16, CreateError> {
+        let uplink = self.uplink;
+        let taken = |s: &mut Self, port: u16| {
+            let t = Tuple {
+                proto: client.proto,
+                src: remote,
+                sport: remote_port,
+                dst: uplink,
+                dport: port,
+            };
+            let idx = s.by_reply.get(&t).copied();
+            s.live(idx, now).is_some()
+        };
+        if client.sport >= NAT_PORT_FIRST && !taken(self, client.sport) {
+            return Ok(client.sport);
+        }
+        for _ in 0..PORT_TRIES {
+            let port = self.next_port;
+            self.next_port = if port == u16::MAX {
+                NAT_PORT_FIRST
+            } else {
+                port + 1
+            };
+            if !taken(self, port) {
+                return Ok(port);
+            }
+        }
+        Err(CreateError::NoFreePort)
+    }
+
+    /// Reclaims expired flows among the next `budget` slots.
+    pub fn expire(&mut self, now: u64, budget: usize) {
+        let n = self.slots.len();
+        if n == 0 {
+            return;
+        }
+        for _ in 0..budget.min(n) {
+            self.sweep = (self.sweep + 1) % n;
+            if matches!(self.slots[self.sweep], Some(f) if f.expires <= now) {
+                self.remove(self.sweep as u32);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const UP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+
+    fn t(proto: u8, src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Tuple {
+        Tuple {
+            proto,
+            src: src.into(),
+            sport,
+            dst: dst.into(),
+            dport,
+        }
+    }
+
+    #[test]
+    fn create_and_find_both_ways() {
+        let mut ct = Conntrack::new(UP, 8);
+        let c = t(PROTO_UDP, [10, 137, 0, 10], 40000, [10, 139, 1, 1], 53);
+        let f = ct.create(c, Ipv4Addr::new(10, 0, 2, 3), 53, 0).unwrap();
+        assert_eq!(f.nat_port, 40000, "client port kept when free");
+        assert!(ct.by_client(&c, 1).is_some());
+        let reply = t(PROTO_UDP, [10, 0, 2, 3], 53, [10, 0, 2, 15], 40000);
+        let flow = ct.by_reply(&reply, 1).unwrap();
+        assert_eq!(flow.client.dst, Ipv4Addr::new(10, 139, 1, 1));
+        flow.touch(1, false, 0);
+        assert_eq!(flow.state, FlowState::Established);
+    }
+
+    #[test]
+    fn colliding_ports_are_reallocated() {
+        let mut ct = Conntrack::new(UP, 8);
+        let a = t(PROTO_TCP, [10, 137, 0, 10], 5000, [1, 1, 1, 1], 80);
+        let b = t(PROTO_TCP, [10, 137, 0, 11], 5000, [1, 1, 1, 1], 80);
+        let fa = ct.create(a, a.dst, 80, 0).unwrap();
+        let fb = ct.create(b, b.dst, 80, 0).unwrap();
+        assert_eq!(fa.nat_port, 5000);
+        assert_ne!(fb.nat_port, 5000);
+        assert_eq!(ct.by_reply(&fb.reply_tuple(UP), 0).unwrap().client, b);
+        // Low source ports are never kept.
+        let c = t(PROTO_TCP, [10, 137, 0, 11], 80, [1, 1, 1, 1], 80);
+        assert!(ct.create(c, c.dst, 80, 0).unwrap().nat_port >= NAT_PORT_FIRST);
+    }
+
+    #[test]
+    fn full_table_refuses_new_flows_until_old_ones_expire() {
+        let mut ct = Conntrack::new(UP, 2);
+        for p in 0..2 {
+            let c = t(PROTO_UDP, [10, 137, 0, 10], 2000 + p, [1, 1, 1, 1], 53);
+            ct.create(c, c.dst, 53, 0).unwrap();
+        }
+        let c = t(PROTO_UDP, [10, 137, 0, 10], 3000, [1, 1, 1, 1], 53);
+        assert_eq!(ct.create(c, c.dst, 53, 1000), Err(CreateError::TableFull));
+        assert!(
+            ct.create(c, c.dst, 53, UDP_NEW + 1).is_ok(),
+            "expired flows make room"
+        );
+        assert_eq!(ct.len(), 1);
+    }
+
+    #[test]
+    fn tcp_states_and_timeouts() {
+        let mut ct = Conntrack::new(UP, 4);
+        let c = t(PROTO_TCP, [10, 137, 0, 10], 4000, [1, 1, 1, 1], 443);
+        ct.create(c, c.dst, 443, 0).unwrap();
+        assert!(
+            ct.by_client(&c, TCP_HANDSHAKE + 1).is_none(),
+            "half-open flow expires"
+        );
+        ct.create(c, c.dst, 443, 0).unwrap();
+        let f = ct.by_client(&c, 1).unwrap();
+        f.touch(1, false, TCP_SYN | TCP_ACK);
+        assert_eq!(f.state, FlowState::Established);
+        f.touch(2, true, TCP_FIN | TCP_ACK);
+        assert_eq!(f.state, FlowState::Closing);
+        assert!(ct.by_client(&c, 2 + TCP_CLOSING + 1).is_none());
+        assert!(ct.is_empty());
+    }
+}

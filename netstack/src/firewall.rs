@@ -1,0 +1,932 @@
+//! The per-frame pipeline of a Qubes firewall VM.
+//!
+//! Port 0 is the uplink (towards sys-net / the upstream network); ports
+//! 1.. are downlinks serving client VMs. `Firewall::handle` takes one frame
+//! as received, rewrites it in place and says where it goes, or why it is
+//! dropped. Replies the firewall makes itself (ARP, echo replies, ICMP
+//! errors) are written over the frame that caused them; requests it starts
+//! itself (ARP for the next hop) come from `poll_emit`.
+//!
+//! Decisions, in order: frame size and destination MAC; ARP (answered for
+//! own addresses upstream, proxy-answered for connected clients
+//! downstream); IPv4 validation (header, lengths, checksums; fragments are
+//! dropped until reassembly exists); then by direction —
+//! - from a client: anti-spoofing (source must be a connected client, bound
+//!   to the first port it appeared on), ping of own addresses,
+//!   client-to-client drop, TTL, DNS redirection, connection tracking, the
+//!   client's rules (reject with ICMP admin-prohibited), source NAT;
+//! - from upstream: ping of own address, replies matched through connection
+//!   tracking and rewritten back (ICMP errors quoting a translated packet
+//!   included); anything else is dropped.
+
+use alloc::vec::Vec;
+use core::net::Ipv4Addr;
+
+use hashbrown::HashMap;
+
+use crate::config::NetConfig;
+use crate::conntrack::{Conntrack, CreateError, Flow, Tuple};
+use crate::rules::{Action, Probe, RuleError, Ruleset};
+use crate::wire::*;
+
+pub const UPLINK: usize = 0;
+/// Flows tracked at most.
+pub const CONNTRACK_CAPACITY: usize = 16384;
+const ARP_CACHE: usize = 16;
+const ARP_LIFETIME_MS: u64 = 10 * 60 * 1000;
+const ARP_RETRY_MS: u64 = 1000;
+const ICMP_ERRORS_PER_SEC: u32 = 100;
+const ICMP_ERROR_BURST: u32 = 50;
+const TTL_OWN: u8 = 64;
+
+/// Where a frame goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Transmit the first `len` bytes of the (rewritten) buffer on `port`.
+    Forward { port: usize, len: usize },
+    /// Not transmitted; `handle` counted why.
+    Drop(DropReason),
+    /// Used by the firewall itself (an ARP reply it learned from).
+    Consumed,
+}
+
+macro_rules! drop_reasons {
+    ($($name:ident => $text:literal,)*) => {
+        /// Why a frame was not forwarded.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum DropReason { $($name,)* }
+
+        impl DropReason {
+            pub const ALL: &'static [DropReason] = &[$(DropReason::$name,)*];
+            pub const COUNT: usize = Self::ALL.len();
+            pub fn name(self) -> &'static str {
+                match self { $(DropReason::$name => $text,)* }
+            }
+        }
+    };
+}
+
+drop_reasons! {
+    Runt => "runt",
+    Giant => "giant",
+    NotForUs => "not-for-us",
+    UnknownEthertype => "unknown-ethertype",
+    Ipv6 => "ipv6-unsupported",
+    MalformedArp => "malformed-arp",
+    ArpIgnored => "arp-ignored",
+    BadIpv4Header => "bad-ipv4-header",
+    BadIpv4Length => "bad-ipv4-length",
+    BadIpv4Checksum => "bad-ipv4-checksum",
+    BadL4Header => "bad-l4-header",
+    BadL4Checksum => "bad-l4-checksum",
+    Fragment => "fragment",
+    Spoofed => "spoofed-source",
+    ClientToClient => "client-to-client",
+    ToFirewall => "to-firewall",
+    UpstreamUnsolicited => "upstream-unsolicited",
+    RuleReject => "rule-reject",
+    RulesInvalid => "rules-invalid",
+    TtlExceeded => "ttl-exceeded",
+    TcpNotSyn => "tcp-not-syn",
+    IcmpUnsupported => "icmp-unsupported",
+    ProtoUnsupported => "proto-unsupported",
+    ConntrackFull => "conntrack-full",
+    NatPortsExhausted => "nat-ports-exhausted",
+    ArpUnresolved => "arp-unresolved",
+    ClientUnreachable => "client-unreachable",
+}
+
+impl From<Malformed> for DropReason {
+    fn from(m: Malformed) -> Self {
+        match m {
+            Malformed::Runt => Self::Runt,
+            Malformed::Giant => Self::Giant,
+            Malformed::Ipv4Header => Self::BadIpv4Header,
+            Malformed::Ipv4Length => Self::BadIpv4Length,
+            Malformed::Ipv4Checksum => Self::BadIpv4Checksum,
+            Malformed::L4Header => Self::BadL4Header,
+            Malformed::L4Checksum => Self::BadL4Checksum,
+            Malformed::Arp => Self::MalformedArp,
+        }
+    }
+}
+
+/// Counters kept by the firewall.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub drops: [u64; DropReason::COUNT],
+    /// Client packets forwarded upstream (after NAT).
+    pub to_upstream: u64,
+    /// Upstream packets forwarded to clients (after reverse NAT).
+    pub to_clients: u64,
+    pub arp_replies: u64,
+    pub echo_replies: u64,
+    pub icmp_errors_sent: u64,
+    pub icmp_errors_suppressed: u64,
+    pub arp_requests_sent: u64,
+    pub flows_created: u64,
+    pub dns_redirected: u64,
+}
+
+impl Stats {
+    pub fn drop_count(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+    pub fn dropped(&self) -> u64 {
+        self.drops.iter().sum()
+    }
+}
+
+struct Client {
+    ip: Ipv4Addr,
+    rules: Result<Ruleset, RuleError>,
+    /// Hits per rule; the last entry counts the policy.
+    hits: Vec<u64>,
+    port: Option<usize>,
+    mac: Option<Mac>,
+}
+
+#[derive(Clone, Copy)]
+struct ArpEntry {
+    ip: Ipv4Addr,
+    mac: Mac,
+    expires: u64,
+}
+
+#[derive(Clone, Copy)]
+struct ArpWanted {
+    ip: Ipv4Addr,
+    last_sent: Option<u64>,
+}
+
+/// An ICMP error the firewall sends instead of forwarding, and the drop
+/// reason it counts.
+struct IcmpError {
+    icmp_type: u8,
+    code: u8,
+    from: Ipv4Addr,
+    drop: DropReason,
+}
+
+struct TokenBucket {
+    tokens: u32,
+    last: u64,
+}
+
+impl TokenBucket {
+    fn take(&mut self, now: u64) -> bool {
+        let refill = now.saturating_sub(self.last) * u64::from(ICMP_ERRORS_PER_SEC) / 1000;
+        if refill > 0 {
+            self.tokens = (u64::from(self.tokens) + refill).min(u64::from(ICMP_ERROR_BURST)) as u32;
+            self.last = now;
+        }
+        if self.tokens > 0 {
+            self.tokens -= 1;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// The firewall stage for one uplink and any number of downlinks.
+pub struct Firewall {
+    cfg: NetConfig,
+    macs: Vec<Mac>,
+    clients: Vec<Client>,
+    client_index: HashMap<Ipv4Addr, usize>,
+    arp: Vec<ArpEntry>,
+    wanted: Vec<ArpWanted>,
+    ct: Conntrack,
+    icmp_bucket: TokenBucket,
+    stats: Stats,
+}
+
+fn swap_macs(buf: &mut [u8], new_src: Mac) {
+    if let Some(src) = get_mac(buf, 6) {
+        put_bytes(buf, 0, &src);
+        put_bytes(buf, 6, &new_src);
+    }
+}
+
+impl Firewall {
+    /// `macs[0]` is the uplink's MAC, `macs[i]` downlink `i`'s.
+    pub fn new(cfg: NetConfig, macs: Vec<Mac>) -> Self {
+        let clients: Vec<Client> = cfg
+            .clients
+            .iter()
+            .map(|c| Client {
+                ip: c.ip,
+                hits: alloc::vec![0; c.rules.as_ref().map(|r| r.rules.len() + 1).unwrap_or(0)],
+                rules: c.rules.clone(),
+                port: None,
+                mac: None,
+            })
+            .collect();
+        let client_index = clients.iter().enumerate().map(|(i, c)| (c.ip, i)).collect();
+        let ct = Conntrack::new(cfg.uplink_ip, CONNTRACK_CAPACITY);
+        let wanted = alloc::vec![ArpWanted {
+            ip: cfg.gateway,
+            last_sent: None
+        }];
+        Self {
+            cfg,
+            macs,
+            clients,
+            client_index,
+            arp: Vec::with_capacity(ARP_CACHE),
+            wanted,
+            ct,
+            icmp_bucket: TokenBucket {
+                tokens: ICMP_ERROR_BURST,
+                last: 0,
+            },
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn config(&self) -> &NetConfig {
+        &self.cfg
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    pub fn flows(&self) -> usize {
+        self.ct.len()
+    }
+
+    /// The MAC the upstream gateway answered with, once resolved.
+    pub fn gateway_mac(&self) -> Option<Mac> {
+        self.arp_lookup(self.cfg.gateway, 0)
+    }
+
+    /// Per-rule hit counts of each client (last entry: the policy), or the
+    /// rule error that closed it.
+    pub fn rule_hits(&self) -> impl Iterator<Item = (Ipv4Addr, Result<&[u64], &RuleError>)> {
+        self.clients
+            .iter()
+            .map(|c| (c.ip, c.rules.as_ref().map(|_| c.hits.as_slice())))
+    }
+
+    fn drop(&mut self, r: DropReason) -> Verdict {
+        self.stats.drops[r as usize] += 1;
+        Verdict::Drop(r)
+    }
+
+    fn mac(&self, port: usize) -> Mac {
+        self.macs.get(port).copied().unwrap_or([0; 6])
+    }
+
+    fn is_dns_address(&self, ip: Ipv4Addr) -> bool {
+        self.cfg
+            .virtual_dns
+            .iter()
+            .chain(self.cfg.upstream_dns.iter())
+            .any(|d| *d == Some(ip))
+    }
+
+    fn have_dns(&self) -> bool {
+        self.cfg
+            .virtual_dns
+            .iter()
+            .chain(self.cfg.upstream_dns.iter())
+            .any(Option::is_some)
+    }
+
+    /// Handles one received frame: `buf` is the whole buffer (its length is
+    /// the room for replies), the frame is its first `len` bytes.
+    pub fn handle(&mut self, now: u64, port: usize, buf: &mut [u8], len: usize) -> Verdict {
+        if port >= self.macs.len() {
+            return self.drop(DropReason::NotForUs);
+        }
+        if len < MIN_FRAME || len > buf.len() {
+            return self.drop(DropReason::Runt);
+        }
+        if len > MAX_FRAME {
+            return self.drop(DropReason::Giant);
+        }
+        let dst = get_mac(buf, 0).unwrap_or([0; 6]);
+        if dst != self.mac(port) && dst != BROADCAST {
+            return self.drop(DropReason::NotForUs);
+        }
+        match get_u16(buf, 12) {
+            Some(ETHERTYPE_ARP) => self.handle_arp(now, port, buf, len),
+            Some(ETHERTYPE_IPV4) => {
+                let info = match parse_ipv4(&buf[..len]) {
+                    Ok(i) => i,
+                    Err(m) => return self.drop(m.into()),
+                };
+                if dst == BROADCAST {
+                    return self.drop(DropReason::NotForUs);
+                }
+                if port == UPLINK {
+                    self.upstream_packet(now, buf, &info)
+                } else {
+                    self.client_packet(now, port, buf, &info)
+                }
+            }
+            Some(ETHERTYPE_IPV6) => self.drop(DropReason::Ipv6),
+            _ => self.drop(DropReason::UnknownEthertype),
+        }
+    }
+
+    // ---- ARP -------------------------------------------------------------
+
+    fn arp_lookup(&self, ip: Ipv4Addr, now: u64) -> Option<Mac> {
+        self.arp
+            .iter()
+            .find(|e| e.ip == ip && e.expires > now)
+            .map(|e| e.mac)
+    }
+
+    fn arp_learn(&mut self, ip: Ipv4Addr, mac: Mac, now: u64) {
+        let entry = ArpEntry {
+            ip,
+            mac,
+            expires: now.saturating_add(ARP_LIFETIME_MS),
+        };
+        if let Some(e) = self.arp.iter_mut().find(|e| e.ip == ip) {
+            *e = entry;
+        } else if self.arp.len() < ARP_CACHE {
+            self.arp.push(entry);
+        } else if let Some(oldest) = self.arp.iter_mut().min_by_key(|e| e.expires) {
+            *oldest = entry;
+        }
+        self.wanted
+            .retain(|w| w.ip != ip || w.ip == self.cfg.gateway);
+    }
+
+    fn arp_want(&mut self, ip: Ipv4Addr) {
+        if !self.wanted.iter().any(|w| w.ip == ip) && self.wanted.len() < ARP_CACHE {
+            self.wanted.push(ArpWanted {
+                ip,
+                last_sent: None,
+            });
+        }
+    }
+
+    fn handle_arp(&mut self, now: u64, port: usize, buf: &mut [u8], len: usize) -> Verdict {
+        let arp = match Arp::parse(&buf[..len]) {
+            Ok(a) => a,
+            Err(m) => return self.drop(m.into()),
+        };
+        let own_mac = self.mac(port);
+        if port == UPLINK {
+            if !self.cfg.on_uplink_subnet(arp.sender_ip) || arp.sender_ip == self.cfg.uplink_ip {
+                return self.drop(DropReason::ArpIgnored);
+            }
+            let wanted = self.wanted.iter().any(|w| w.ip == arp.sender_ip);
+            let for_us = arp.target_ip == self.cfg.uplink_ip;
+            if wanted || for_us || self.arp.iter().any(|e| e.ip == arp.sender_ip) {
+                self.arp_learn(arp.sender_ip, arp.sender_mac, now);
+            }
+            if arp.op == ARP_REQUEST && for_us {
+                return self.arp_reply(buf, port, &arp, own_mac);
+            }
+            return if wanted || for_us {
+                Verdict::Consumed
+            } else {
+                self.drop(DropReason::ArpIgnored)
+            };
+        }
+        // Downlink: only connected clients, on their own port, may speak.
+        let Some(ci) = self.client_index.get(&arp.sender_ip).copied() else {
+            return self.drop(DropReason::Spoofed);
+        };
+        if !self.bind_client(ci, port, arp.sender_mac) {
+            return self.drop(DropReason::Spoofed);
+        }
+        if arp.op != ARP_REQUEST || arp.target_ip == arp.sender_ip {
+            return Verdict::Consumed;
+        }
+        // Proxy ARP: every address but the client's own is reached through us.
+        self.arp_reply(buf, port, &arp, own_mac)
+    }
+
+    fn arp_reply(&mut self, buf: &mut [u8], port: usize, req: &Arp, own_mac: Mac) -> Verdict {
+        let reply = Arp {
+            op: ARP_REPLY,
+            sender_mac: own_mac,
+            sender_ip: req.target_ip,
+            target_mac: req.sender_mac,
+            target_ip: req.sender_ip,
+        };
+        let len = reply.emit(buf, own_mac, req.sender_mac);
+        self.stats.arp_replies += 1;
+        Verdict::Forward { port, len }
+    }
+
+    /// Binds a client to the first port it is seen on and learns its MAC.
+    fn bind_client(&mut self, ci: usize, port: usize, mac: Mac) -> bool {
+        let c = &mut self.clients[ci];
+        match c.port {
+            Some(p) if p != port => false,
+            _ => {
+                c.port = Some(port);
+                c.mac = Some(mac);
+                true
+            }
+        }
+    }
+
+    /// An ARP request the firewall wants sent, written into `buf`.
+    pub fn poll_emit(&mut self, now: u64, buf: &mut [u8]) -> Option<(usize, usize)> {
+        let uplink_mac = self.mac(UPLINK);
+        let uplink_ip = self.cfg.uplink_ip;
+        let resolved: Vec<Ipv4Addr> = self
+            .wanted
+            .iter()
+            .filter(|w| self.arp_lookup(w.ip, now).is_some())
+            .map(|w| w.ip)
+            .collect();
+        let w = self.wanted.iter_mut().find(|w| {
+            !resolved.contains(&w.ip)
+                && w.last_sent
+                    .is_none_or(|t| now.saturating_sub(t) >= ARP_RETRY_MS)
+        })?;
+        w.last_sent = Some(now);
+        let req = Arp {
+            op: ARP_REQUEST,
+            sender_mac: uplink_mac,
+            sender_ip: uplink_ip,
+            target_mac: [0; 6],
+            target_ip: w.ip,
+        };
+        let len = req.emit(buf, uplink_mac, BROADCAST);
+        self.stats.arp_requests_sent += 1;
+        (len > 0).then_some((UPLINK, len))
+    }
+
+    // ---- ICMP made here ----------------------------------------------------
+
+    /// Turns the frame into an echo reply from `own_ip`, back out of `port`.
+    fn echo_reply(&mut self, buf: &mut [u8], port: usize, info: &Ipv4Info) -> Verdict {
+        let l3 = info.l3;
+        let own = self.mac(port);
+        swap_macs(buf, own);
+        put_ip(buf, l3 + 12, info.dst);
+        put_ip(buf, l3 + 16, info.src);
+        // TTL and type change; the address swap leaves both sums unchanged.
+        let old_ttl = get_u16(buf, l3 + 8).unwrap_or(0);
+        let new_ttl = (u16::from(TTL_OWN) << 8) | (old_ttl & 0xff);
+        put_u16(buf, l3 + 8, new_ttl);
+        let ipc = update16(get_u16(buf, l3 + 10).unwrap_or(0), old_ttl, new_ttl);
+        put_u16(buf, l3 + 10, ipc);
+        let old_type = get_u16(buf, info.l4).unwrap_or(0);
+        put_u16(buf, info.l4, old_type & 0x00ff);
+        let c = update16(
+            get_u16(buf, info.l4 + 2).unwrap_or(0),
+            old_type,
+            old_type & 0x00ff,
+        );
+        put_u16(buf, info.l4 + 2, c);
+        self.stats.echo_replies += 1;
+        Verdict::Forward {
+            port,
+            len: info.end,
+        }
+    }
+
+    /// Replaces the frame by an ICMP error about it, from `from`, sent back
+    /// out of `port` to the frame's sender. `drop` is counted either way.
+    fn icmp_error(
+        &mut self,
+        now: u64,
+        buf: &mut [u8],
+        port: usize,
+        info: &Ipv4Info,
+        err: IcmpError,
+    ) -> Verdict {
+        let IcmpError {
+            icmp_type,
+            code,
+            from,
+            drop,
+        } = err;
+        self.stats.drops[drop as usize] += 1;
+        // Never answer an ICMP error with another.
+        let is_error = info.proto == PROTO_ICMP && !matches!(info.sport, 0 | 8 | 13 | 15 | 17);
+        if is_error || !self.icmp_bucket.take(now) {
+            self.stats.icmp_errors_suppressed += 1;
+            return Verdict::Drop(drop);
+        }
+        let quote = (info.l4 + 8).min(info.end) - info.l3;
+        let body = ETH_HEADER + IPV4_MIN_HEADER + 8;
+        let total = body + quote;
+        if buf.len() < total {
+            return Verdict::Drop(drop);
+        }
+        buf.copy_within(info.l3..info.l3 + quote, body);
+        let own = self.mac(port);
+        swap_macs(buf, own);
+        put_u16(buf, 12, ETHERTYPE_IPV4);
+        put_ipv4_header(
+            buf,
+            ETH_HEADER,
+            total - ETH_HEADER,
+            TTL_OWN,
+            PROTO_ICMP,
+            from,
+            info.src,
+        );
+        let l4 = ETH_HEADER + IPV4_MIN_HEADER;
+        put_bytes(buf, l4, &[icmp_type, code, 0, 0, 0, 0, 0, 0]);
+        let c = checksum(&buf[l4..total]);
+        put_u16(buf, l4 + 2, c);
+        self.stats.icmp_errors_sent += 1;
+        Verdict::Forward { port, len: total }
+    }
+
+    // ---- From clients --------------------------------------------------------
+
+    fn client_packet(&mut self, now: u64, port: usize, buf: &mut [u8], info: &Ipv4Info) -> Verdict {
+        let Some(ci) = self.client_index.get(&info.src).copied() else {
+            return self.drop(DropReason::Spoofed);
+        };
+        let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
+        if !self.bind_client(ci, port, src_mac) {
+            return self.drop(DropReason::Spoofed);
+        }
+        if info.fragment {
+            return self.drop(DropReason::Fragment);
+        }
+        let gw = self.cfg.client_gateway;
+        if info.dst == gw || info.dst == self.cfg.uplink_ip {
+            if info.proto == PROTO_ICMP && info.sport == 8 {
+                return self.echo_reply(buf, port, info);
+            }
+            return self.drop(DropReason::ToFirewall);
+        }
+        if self.client_index.contains_key(&info.dst) {
+            return self.drop(DropReason::ClientToClient);
+        }
+        if info.ttl <= 1 {
+            let err = IcmpError {
+                icmp_type: 11,
+                code: 0,
+                from: gw,
+                drop: DropReason::TtlExceeded,
+            };
+            return self.icmp_error(now, buf, port, info, err);
+        }
+        let tuple = match info.proto {
+            PROTO_TCP | PROTO_UDP => Tuple {
+                proto: info.proto,
+                src: info.src,
+                sport: info.sport,
+                dst: info.dst,
+                dport: info.dport,
+            },
+            PROTO_ICMP if info.sport == 8 => {
+                let id = get_u16(buf, info.l4 + 4).unwrap_or(0);
+                Tuple {
+                    proto: PROTO_ICMP,
+                    src: info.src,
+                    sport: id,
+                    dst: info.dst,
+                    dport: 0,
+                }
+            }
+            PROTO_ICMP => return self.drop(DropReason::IcmpUnsupported),
+            _ => return self.drop(DropReason::ProtoUnsupported),
+        };
+        let flow = match self.ct.by_client(&tuple, now) {
+            Some(f) => {
+                f.touch(now, true, info.tcp_flags);
+                *f
+            }
+            None => match self.new_flow(now, ci, &tuple, info) {
+                Ok(f) => f,
+                Err(reason) if reason == DropReason::RuleReject => {
+                    let err = IcmpError {
+                        icmp_type: 3,
+                        code: 13,
+                        from: gw,
+                        drop: reason,
+                    };
+                    return self.icmp_error(now, buf, port, info, err);
+                }
+                Err(reason) => return self.drop(reason),
+            },
+        };
+        self.send_upstream(now, buf, info, &flow)
+    }
+
+    /// Runs the client's rules on a packet that starts a flow, and creates
+    /// the flow when they accept it.
+    fn new_flow(
+        &mut self,
+        now: u64,
+        ci: usize,
+        tuple: &Tuple,
+        info: &Ipv4Info,
+    ) -> Result<Flow, DropReason> {
+        let to_dns = self.is_dns_address(info.dst);
+        let probe = Probe {
+            proto: info.proto,
+            dst: info.dst,
+            dport: if info.proto == PROTO_ICMP {
+                0
+            } else {
+                info.dport
+            },
+            icmp_type: if info.proto == PROTO_ICMP {
+                info.sport as u8
+            } else {
+                0
+            },
+            to_dns,
+        };
+        let have_dns = self.have_dns();
+        let client = &mut self.clients[ci];
+        let rules = client
+            .rules
+            .as_ref()
+            .map_err(|_| DropReason::RulesInvalid)?;
+        let (action, rule) = rules.decide(&probe, have_dns);
+        let hit = rule.unwrap_or(rules.rules.len());
+        if let Some(h) = client.hits.get_mut(hit) {
+            *h += 1;
+        }
+        if action == Action::Drop {
+            return Err(DropReason::RuleReject);
+        }
+        if info.proto == PROTO_TCP
+            && (info.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) != TCP_SYN
+        {
+            return Err(DropReason::TcpNotSyn);
+        }
+        // DNS to a virtual DNS address goes to the matching upstream server.
+        let (mut remote, remote_port) = (info.dst, tuple.dport);
+        if info.proto != PROTO_ICMP && info.dport == 53 {
+            if let Some(i) = self
+                .cfg
+                .virtual_dns
+                .iter()
+                .position(|d| *d == Some(info.dst))
+            {
+                if let Some(real) = self.cfg.upstream_dns[i].or(self.cfg.upstream_dns[0]) {
+                    remote = real;
+                    self.stats.dns_redirected += 1;
+                }
+            }
+        }
+        let flow = self
+            .ct
+            .create(*tuple, remote, remote_port, now)
+            .map_err(|e| match e {
+                CreateError::TableFull => DropReason::ConntrackFull,
+                CreateError::NoFreePort => DropReason::NatPortsExhausted,
+            })?;
+        self.stats.flows_created += 1;
+        Ok(flow)
+    }
+
+    fn send_upstream(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info, flow: &Flow) -> Verdict {
+        let next_hop = if self.cfg.on_uplink_subnet(flow.remote) {
+            flow.remote
+        } else {
+            self.cfg.gateway
+        };
+        let Some(mac) = self.arp_lookup(next_hop, now) else {
+            self.arp_want(next_hop);
+            return self.drop(DropReason::ArpUnresolved);
+        };
+        let (sport, dport) = if info.proto == PROTO_ICMP {
+            (flow.nat_port, 0)
+        } else {
+            (flow.nat_port, flow.remote_port)
+        };
+        rewrite(buf, info, self.cfg.uplink_ip, sport, flow.remote, dport);
+        put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV4);
+        self.stats.to_upstream += 1;
+        Verdict::Forward {
+            port: UPLINK,
+            len: info.end,
+        }
+    }
+
+    // ---- From upstream ---------------------------------------------------------
+
+    fn upstream_packet(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info) -> Verdict {
+        if info.dst != self.cfg.uplink_ip {
+            return self.drop(DropReason::NotForUs);
+        }
+        if info.fragment {
+            return self.drop(DropReason::Fragment);
+        }
+        let uplink = self.cfg.uplink_ip;
+        let reply = match info.proto {
+            PROTO_ICMP if info.sport == 8 => return self.echo_reply(buf, UPLINK, info),
+            PROTO_ICMP if info.sport == 0 => {
+                let id = get_u16(buf, info.l4 + 4).unwrap_or(0);
+                Tuple {
+                    proto: PROTO_ICMP,
+                    src: info.src,
+                    sport: 0,
+                    dst: uplink,
+                    dport: id,
+                }
+            }
+            PROTO_ICMP if matches!(info.sport, 3 | 11 | 12) => {
+                return self.icmp_error_from_upstream(now, buf, info)
+            }
+            PROTO_TCP | PROTO_UDP => Tuple {
+                proto: info.proto,
+                src: info.src,
+                sport: info.sport,
+                dst: uplink,
+                dport: info.dport,
+            },
+            _ => return self.drop(DropReason::UpstreamUnsolicited),
+        };
+        let Some(flow) = self.ct.by_reply(&reply, now) else {
+            return self.drop(DropReason::UpstreamUnsolicited);
+        };
+        flow.touch(now, false, info.tcp_flags);
+        let flow = *flow;
+        if info.ttl <= 1 {
+            return self.drop(DropReason::TtlExceeded);
+        }
+        let c = flow.client;
+        // For ICMP echo, `rewrite` takes the identifier as the source port.
+        let (sport, dport) = if info.proto == PROTO_ICMP {
+            (c.sport, 0)
+        } else {
+            (c.dport, c.sport)
+        };
+        rewrite(buf, info, c.dst, sport, c.src, dport);
+        self.send_to_client(buf, c.src, info.end)
+    }
+
+    /// Sends a rewritten frame to client `ip` on its port.
+    fn send_to_client(&mut self, buf: &mut [u8], ip: Ipv4Addr, len: usize) -> Verdict {
+        let Some(c) = self
+            .client_index
+            .get(&ip)
+            .and_then(|&i| self.clients.get(i))
+        else {
+            return self.drop(DropReason::ClientUnreachable);
+        };
+        let (Some(port), Some(mac)) = (c.port, c.mac) else {
+            return self.drop(DropReason::ClientUnreachable);
+        };
+        put_eth(buf, mac, self.mac(port), ETHERTYPE_IPV4);
+        self.stats.to_clients += 1;
+        Verdict::Forward { port, len }
+    }
+
+    /// An ICMP error from upstream quoting a packet we translated: the
+    /// quoted packet and the outer destination are translated back.
+    fn icmp_error_from_upstream(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info) -> Verdict {
+        let inner = info.l4 + 8;
+        let Some(ihl) = get_u8(buf, inner).map(|v| usize::from(v & 0x0f) * 4) else {
+            return self.drop(DropReason::BadL4Header);
+        };
+        let il4 = inner + ihl;
+        if ihl < IPV4_MIN_HEADER || il4 + 8 > info.end {
+            return self.drop(DropReason::BadL4Header);
+        }
+        let (Some(proto), Some(isrc), Some(idst)) = (
+            get_u8(buf, inner + 9),
+            get_ip(buf, inner + 12),
+            get_ip(buf, inner + 16),
+        ) else {
+            return self.drop(DropReason::BadL4Header);
+        };
+        if isrc != self.cfg.uplink_ip {
+            return self.drop(DropReason::UpstreamUnsolicited);
+        }
+        let a = get_u16(buf, il4).unwrap_or(0);
+        let b = get_u16(buf, il4 + 2).unwrap_or(0);
+        let reply = match proto {
+            PROTO_TCP | PROTO_UDP => Tuple {
+                proto,
+                src: idst,
+                sport: b,
+                dst: isrc,
+                dport: a,
+            },
+            PROTO_ICMP => Tuple {
+                proto,
+                src: idst,
+                sport: 0,
+                dst: isrc,
+                dport: get_u16(buf, il4 + 4).unwrap_or(0),
+            },
+            _ => return self.drop(DropReason::UpstreamUnsolicited),
+        };
+        let Some(flow) = self.ct.by_reply(&reply, now).map(|f| *f) else {
+            return self.drop(DropReason::UpstreamUnsolicited);
+        };
+        if info.ttl <= 1 {
+            return self.drop(DropReason::TtlExceeded);
+        }
+        let c = flow.client;
+        // Inner packet: source back to the client, destination back to what
+        // the client addressed.
+        put_ip(buf, inner + 12, c.src);
+        put_ip(buf, inner + 16, c.dst);
+        match proto {
+            PROTO_TCP | PROTO_UDP => {
+                put_u16(buf, il4, c.sport);
+                put_u16(buf, il4 + 2, c.dport);
+                if proto == PROTO_UDP {
+                    // The UDP checksum is in the quoted 8 bytes: keep it right.
+                    let old = get_u16(buf, il4 + 6).unwrap_or(0);
+                    if old != 0 {
+                        let mut s = update32(old, u32::from(isrc), u32::from(c.src));
+                        s = update32(s, u32::from(idst), u32::from(c.dst));
+                        s = update16(s, a, c.sport);
+                        s = update16(s, b, c.dport);
+                        put_u16(buf, il4 + 6, s);
+                    }
+                }
+            }
+            _ => {
+                put_u16(buf, il4 + 4, c.sport);
+            }
+        }
+        put_u16(buf, inner + 10, 0);
+        let ic = checksum(buf.get(inner..il4).unwrap_or(&[]));
+        put_u16(buf, inner + 10, ic);
+        // Outer: to the client, with TTL decremented; the ICMP checksum is
+        // recomputed over the whole message, which is in the frame.
+        let old_dst = u32::from(info.dst);
+        put_ip(buf, info.l3 + 16, c.src);
+        let old_ttl = get_u16(buf, info.l3 + 8).unwrap_or(0);
+        let new_ttl = old_ttl.wrapping_sub(0x100);
+        put_u16(buf, info.l3 + 8, new_ttl);
+        let mut ipc = update32(
+            get_u16(buf, info.l3 + 10).unwrap_or(0),
+            old_dst,
+            u32::from(c.src),
+        );
+        ipc = update16(ipc, old_ttl, new_ttl);
+        put_u16(buf, info.l3 + 10, ipc);
+        put_u16(buf, info.l4 + 2, 0);
+        let cs = checksum(buf.get(info.l4..info.end).unwrap_or(&[]));
+        put_u16(buf, info.l4 + 2, cs);
+        self.send_to_client(buf, c.src, info.end)
+    }
+
+    /// Reclaims expired flows; call now and then with a small budget.
+    pub fn expire(&mut self, now: u64, budget: usize) {
+        self.ct.expire(now, budget);
+    }
+}
+
+/// Rewrites addresses and ports (for ICMP echo: `sport` is the identifier)
+/// with incremental checksum updates, and decrements the TTL.
+fn rewrite(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) {
+    let (l3, l4) = (info.l3, info.l4);
+    let (old_src, old_dst) = (u32::from(info.src), u32::from(info.dst));
+    let (new_src, new_dst) = (u32::from(src), u32::from(dst));
+    let old_ttl = get_u16(buf, l3 + 8).unwrap_or(0);
+    let new_ttl = old_ttl.wrapping_sub(0x100);
+    let mut ipc = get_u16(buf, l3 + 10).unwrap_or(0);
+    ipc = update32(ipc, old_src, new_src);
+    ipc = update32(ipc, old_dst, new_dst);
+    ipc = update16(ipc, old_ttl, new_ttl);
+    put_ip(buf, l3 + 12, src);
+    put_ip(buf, l3 + 16, dst);
+    put_u16(buf, l3 + 8, new_ttl);
+    put_u16(buf, l3 + 10, ipc);
+    match info.proto {
+        PROTO_TCP | PROTO_UDP => {
+            let Some(off) = l4_checksum_offset(info.proto) else {
+                return;
+            };
+            let old = get_u16(buf, l4 + off).unwrap_or(0);
+            let (old_sport, old_dport) = (
+                get_u16(buf, l4).unwrap_or(0),
+                get_u16(buf, l4 + 2).unwrap_or(0),
+            );
+            put_u16(buf, l4, sport);
+            put_u16(buf, l4 + 2, dport);
+            if info.proto == PROTO_UDP && old == 0 {
+                return; // no checksum sent, none to keep
+            }
+            let mut c = update32(old, old_src, new_src);
+            c = update32(c, old_dst, new_dst);
+            c = update16(c, old_sport, sport);
+            c = update16(c, old_dport, dport);
+            if info.proto == PROTO_UDP && c == 0 {
+                c = 0xffff;
+            }
+            put_u16(buf, l4 + off, c);
+        }
+        PROTO_ICMP => {
+            let old_id = get_u16(buf, l4 + 4).unwrap_or(0);
+            put_u16(buf, l4 + 4, sport);
+            let c = update16(get_u16(buf, l4 + 2).unwrap_or(0), old_id, sport);
+            put_u16(buf, l4 + 2, c);
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,658 @@
+//! Frames in, frames out: the firewall pipeline on the host.
+
+use super::*;
+use crate::config::QubesDb;
+
+const UP_MAC: Mac = [0x52, 0x54, 0, 0, 0, 1];
+const DOWN_MAC: Mac = [0x52, 0x54, 0, 0, 0, 2];
+const GW_MAC: Mac = [0x02, 0, 0, 0, 0, 0x99];
+const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x10];
+const CLIENT: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 10);
+const OTHER: Ipv4Addr = Ipv4Addr::new(10, 137, 0, 11);
+const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+const GATEWAY: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 2);
+const SERVER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 80);
+const BUF: usize = 2048;
+
+const DB: &str = "\
+/qubes-ip 10.0.2.15
+/qubes-netmask 255.255.255.0
+/qubes-gateway 10.0.2.2
+/qubes-primary-dns 10.0.2.3
+/qubes-netvm-gateway 10.137.0.1
+/qubes-netvm-netmask 255.255.255.255
+/qubes-netvm-primary-dns 10.139.1.1
+/qubes-netvm-secondary-dns 10.139.1.2
+/connected-ips 10.137.0.10 10.137.0.11 10.137.0.12
+/qubes-firewall/10.137.0.10/policy drop
+/qubes-firewall/10.137.0.10/0000 action=accept proto=tcp dstports=5201-5201
+/qubes-firewall/10.137.0.10/0001 action=accept proto=udp dstports=5201-5201
+/qubes-firewall/10.137.0.10/0002 action=accept specialtarget=dns
+/qubes-firewall/10.137.0.10/0003 action=accept proto=icmp
+/qubes-firewall/10.137.0.11/policy accept
+/qubes-firewall/10.137.0.12/policy accept
+/qubes-firewall/10.137.0.12/0000 action=accept proto=nonsense
+";
+
+fn firewall() -> Firewall {
+    let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(DB).unwrap()).unwrap();
+    Firewall::new(cfg, alloc::vec![UP_MAC, DOWN_MAC])
+}
+
+fn ipv4(
+    dst_mac: Mac,
+    src_mac: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    ttl: u8,
+    proto: u8,
+    l4: &[u8],
+) -> Vec<u8> {
+    let mut f = alloc::vec![0u8; BUF];
+    put_eth(&mut f, dst_mac, src_mac, ETHERTYPE_IPV4);
+    put_ipv4_header(&mut f, 14, 20 + l4.len(), ttl, proto, src, dst);
+    put_bytes(&mut f, 34, l4);
+    let len = 34 + l4.len();
+    let sum = match proto {
+        PROTO_TCP | PROTO_UDP => fold(sum16(
+            &f[34..len],
+            pseudo_header_sum(src, dst, proto, l4.len()),
+        )),
+        _ => checksum(&f[34..len]),
+    };
+    put_u16(&mut f, 34 + l4_checksum_offset(proto).unwrap(), sum);
+    f.truncate(len);
+    f
+}
+
+fn udp_seg(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let mut s = alloc::vec![0u8; 8];
+    put_u16(&mut s, 0, sport);
+    put_u16(&mut s, 2, dport);
+    put_u16(&mut s, 4, (8 + payload.len()) as u16);
+    s.extend_from_slice(payload);
+    s
+}
+
+fn tcp_seg(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut s = alloc::vec![0u8; 20];
+    put_u16(&mut s, 0, sport);
+    put_u16(&mut s, 2, dport);
+    put_u8(&mut s, 12, 5 << 4);
+    put_u8(&mut s, 13, flags);
+    s
+}
+
+fn echo(icmp_type: u8, id: u16) -> Vec<u8> {
+    let mut s = alloc::vec![icmp_type, 0, 0, 0, 0, 0, 0, 1];
+    put_u16(&mut s, 4, id);
+    s.extend_from_slice(b"ping");
+    s
+}
+
+/// Runs one frame through; returns the verdict and the output frame.
+fn run(fw: &mut Firewall, now: u64, port: usize, frame: &[u8]) -> (Verdict, Vec<u8>) {
+    let mut buf = alloc::vec![0u8; BUF];
+    buf[..frame.len()].copy_from_slice(frame);
+    let v = fw.handle(now, port, &mut buf, frame.len());
+    let len = match v {
+        Verdict::Forward { len, .. } => len,
+        _ => 0,
+    };
+    buf.truncate(len);
+    (v, buf)
+}
+
+fn arp_frame(
+    op: u16,
+    sender_mac: Mac,
+    sender_ip: Ipv4Addr,
+    target_ip: Ipv4Addr,
+    eth_dst: Mac,
+) -> Vec<u8> {
+    let mut f = alloc::vec![0u8; 42];
+    Arp {
+        op,
+        sender_mac,
+        sender_ip,
+        target_mac: [0; 6],
+        target_ip,
+    }
+    .emit(&mut f, sender_mac, eth_dst);
+    f
+}
+
+/// A firewall whose gateway is resolved.
+fn ready() -> Firewall {
+    let mut fw = firewall();
+    let mut buf = [0u8; 64];
+    let (port, len) = fw.poll_emit(0, &mut buf).expect("ARP for the gateway");
+    assert_eq!(port, UPLINK);
+    let req = Arp::parse(&buf[..len]).unwrap();
+    assert_eq!(
+        (req.op, req.target_ip, req.sender_ip),
+        (ARP_REQUEST, GATEWAY, UPLINK_IP)
+    );
+    assert!(fw.poll_emit(1, &mut buf).is_none(), "retries wait a second");
+    let reply = arp_frame(ARP_REPLY, GW_MAC, GATEWAY, UPLINK_IP, UP_MAC);
+    assert_eq!(run(&mut fw, 2, UPLINK, &reply).0, Verdict::Consumed);
+    assert_eq!(fw.gateway_mac(), Some(GW_MAC));
+    assert!(
+        fw.poll_emit(5000, &mut buf).is_none(),
+        "resolved: no more requests"
+    );
+    fw
+}
+
+fn parsed(frame: &[u8]) -> Ipv4Info {
+    parse_ipv4(frame).expect("output frame is valid IPv4 with valid checksums")
+}
+
+#[test]
+fn answers_arp_for_the_gateway_and_proxies_for_clients() {
+    let mut fw = firewall();
+    let req = arp_frame(
+        ARP_REQUEST,
+        CLIENT_MAC,
+        CLIENT,
+        Ipv4Addr::new(10, 137, 0, 1),
+        BROADCAST,
+    );
+    let (v, out) = run(&mut fw, 0, 1, &req);
+    assert_eq!(v, Verdict::Forward { port: 1, len: 42 });
+    let a = Arp::parse(&out).unwrap();
+    assert_eq!(
+        (a.op, a.sender_mac, a.sender_ip, a.target_ip),
+        (ARP_REPLY, DOWN_MAC, Ipv4Addr::new(10, 137, 0, 1), CLIENT)
+    );
+    assert_eq!(get_mac(&out, 0), Some(CLIENT_MAC));
+    // A spoofed sender gets nothing.
+    let spoof = arp_frame(
+        ARP_REQUEST,
+        CLIENT_MAC,
+        Ipv4Addr::new(10, 137, 0, 99),
+        Ipv4Addr::new(10, 137, 0, 1),
+        BROADCAST,
+    );
+    assert_eq!(
+        run(&mut fw, 0, 1, &spoof).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    // Upstream asks for our uplink address.
+    let up = arp_frame(ARP_REQUEST, GW_MAC, GATEWAY, UPLINK_IP, BROADCAST);
+    let (v, out) = run(&mut fw, 0, UPLINK, &up);
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }));
+    assert_eq!(Arp::parse(&out).unwrap().sender_mac, UP_MAC);
+}
+
+#[test]
+fn nats_an_accepted_flow_and_translates_replies_back() {
+    let mut fw = ready();
+    let syn = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_TCP,
+        &tcp_seg(40000, 5201, TCP_SYN),
+    );
+    let (v, out) = run(&mut fw, 10, 1, &syn);
+    assert_eq!(
+        v,
+        Verdict::Forward {
+            port: UPLINK,
+            len: syn.len()
+        }
+    );
+    let i = parsed(&out);
+    assert_eq!(
+        (i.src, i.dst, i.sport, i.dport, i.ttl),
+        (UPLINK_IP, SERVER, 40000, 5201, 63)
+    );
+    assert_eq!(
+        (get_mac(&out, 0), get_mac(&out, 6)),
+        (Some(GW_MAC), Some(UP_MAC))
+    );
+
+    let synack = ipv4(
+        UP_MAC,
+        GW_MAC,
+        SERVER,
+        UPLINK_IP,
+        50,
+        PROTO_TCP,
+        &tcp_seg(5201, 40000, TCP_SYN | TCP_ACK),
+    );
+    let (v, out) = run(&mut fw, 11, UPLINK, &synack);
+    assert_eq!(
+        v,
+        Verdict::Forward {
+            port: 1,
+            len: synack.len()
+        }
+    );
+    let i = parsed(&out);
+    assert_eq!(
+        (i.src, i.dst, i.sport, i.dport, i.ttl),
+        (SERVER, CLIENT, 5201, 40000, 49)
+    );
+    assert_eq!(
+        (get_mac(&out, 0), get_mac(&out, 6)),
+        (Some(CLIENT_MAC), Some(DOWN_MAC))
+    );
+    assert_eq!(
+        (fw.stats().to_upstream, fw.stats().to_clients, fw.flows()),
+        (1, 1, 1)
+    );
+
+    // Mid-flow packets pass without the rules being asked again.
+    let ack = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_TCP,
+        &tcp_seg(40000, 5201, TCP_ACK),
+    );
+    assert!(matches!(
+        run(&mut fw, 12, 1, &ack).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    let hits: Vec<_> = fw.rule_hits().collect();
+    assert_eq!(hits[0].1, Ok(&[1u64, 0, 0, 0, 0][..]));
+}
+
+#[test]
+fn rejects_blocked_flows_with_admin_prohibited() {
+    let mut fw = ready();
+    let syn = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_TCP,
+        &tcp_seg(40001, 22, TCP_SYN),
+    );
+    let (v, out) = run(&mut fw, 10, 1, &syn);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    let i = parsed(&out);
+    assert_eq!(
+        (i.proto, i.src, i.dst, i.sport, i.dport),
+        (PROTO_ICMP, Ipv4Addr::new(10, 137, 0, 1), CLIENT, 3, 13)
+    );
+    // The quoted header is the client's original packet.
+    assert_eq!(get_ip(&out, i.l4 + 8 + 12), Some(CLIENT));
+    assert_eq!(get_u16(&out, i.l4 + 8 + 20 + 2), Some(22));
+    assert_eq!(fw.stats().drop_count(DropReason::RuleReject), 1);
+    assert_eq!(fw.flows(), 0);
+    // UDP to a blocked port, and everything from a client whose rules
+    // failed to parse.
+    let u = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(5000, 9999, b"x"),
+    );
+    assert!(matches!(
+        run(&mut fw, 11, 1, &u).0,
+        Verdict::Forward { port: 1, .. }
+    ));
+    let bad = Ipv4Addr::new(10, 137, 0, 12);
+    let u = ipv4(
+        DOWN_MAC,
+        [2; 6],
+        bad,
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(5000, 5201, b"x"),
+    );
+    assert_eq!(
+        run(&mut fw, 12, 1, &u).0,
+        Verdict::Drop(DropReason::RulesInvalid)
+    );
+}
+
+#[test]
+fn isolation_and_anti_spoofing() {
+    let mut fw = ready();
+    let spoofed = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        Ipv4Addr::new(10, 137, 0, 50),
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(1, 5201, b""),
+    );
+    assert_eq!(
+        run(&mut fw, 0, 1, &spoofed).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    let c2c = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        OTHER,
+        64,
+        PROTO_UDP,
+        &udp_seg(1, 5201, b""),
+    );
+    assert_eq!(
+        run(&mut fw, 0, 1, &c2c).0,
+        Verdict::Drop(DropReason::ClientToClient)
+    );
+    let unsolicited = ipv4(
+        UP_MAC,
+        GW_MAC,
+        SERVER,
+        UPLINK_IP,
+        64,
+        PROTO_TCP,
+        &tcp_seg(80, 40000, TCP_SYN),
+    );
+    assert_eq!(
+        run(&mut fw, 0, UPLINK, &unsolicited).0,
+        Verdict::Drop(DropReason::UpstreamUnsolicited)
+    );
+    // A client seen on port 1 cannot appear on port 2.
+    let mut fw2 = Firewall::new(fw.config().clone(), alloc::vec![UP_MAC, DOWN_MAC, DOWN_MAC]);
+    let ok = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        Ipv4Addr::new(10, 137, 0, 1),
+        64,
+        PROTO_ICMP,
+        &echo(8, 1),
+    );
+    assert!(matches!(
+        run(&mut fw2, 0, 1, &ok).0,
+        Verdict::Forward { port: 1, .. }
+    ));
+    assert_eq!(
+        run(&mut fw2, 0, 2, &ok).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    assert_eq!(fw.stats().drop_count(DropReason::Spoofed), 1);
+    assert_eq!(fw.stats().drop_count(DropReason::ClientToClient), 1);
+}
+
+#[test]
+fn redirects_dns_both_ways() {
+    let mut fw = ready();
+    let q = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        Ipv4Addr::new(10, 139, 1, 1),
+        64,
+        PROTO_UDP,
+        &udp_seg(33333, 53, b"query"),
+    );
+    // 10.0.2.3 is on the uplink subnet: it is resolved itself, not through
+    // the gateway; until then the query is dropped and an ARP request made.
+    let dns = Ipv4Addr::new(10, 0, 2, 3);
+    let dns_mac = [2, 0, 0, 0, 0, 3];
+    assert_eq!(
+        run(&mut fw, 0, 1, &q).0,
+        Verdict::Drop(DropReason::ArpUnresolved)
+    );
+    let mut buf = [0u8; 64];
+    let (_, n) = fw.poll_emit(0, &mut buf).unwrap();
+    assert_eq!(Arp::parse(&buf[..n]).unwrap().target_ip, dns);
+    assert_eq!(
+        run(
+            &mut fw,
+            0,
+            UPLINK,
+            &arp_frame(ARP_REPLY, dns_mac, dns, UPLINK_IP, UP_MAC)
+        )
+        .0,
+        Verdict::Consumed
+    );
+    let (v, out) = run(&mut fw, 0, 1, &q);
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }), "{v:?}");
+    let i = parsed(&out);
+    assert_eq!((i.src, i.dst, i.dport), (UPLINK_IP, dns, 53));
+    assert_eq!(get_mac(&out, 0), Some(dns_mac));
+    let a = ipv4(
+        UP_MAC,
+        GW_MAC,
+        dns,
+        UPLINK_IP,
+        64,
+        PROTO_UDP,
+        &udp_seg(53, i.sport, b"answer"),
+    );
+    let (v, out) = run(&mut fw, 1, UPLINK, &a);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    let i = parsed(&out);
+    assert_eq!(
+        (i.src, i.sport, i.dst, i.dport),
+        (Ipv4Addr::new(10, 139, 1, 1), 53, CLIENT, 33333)
+    );
+    assert_eq!(fw.stats().dns_redirected, 1);
+}
+
+#[test]
+fn answers_pings_to_its_own_addresses_and_forwards_others() {
+    let mut fw = ready();
+    let p = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        Ipv4Addr::new(10, 137, 0, 1),
+        64,
+        PROTO_ICMP,
+        &echo(8, 7),
+    );
+    let (v, out) = run(&mut fw, 0, 1, &p);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }));
+    let i = parsed(&out);
+    assert_eq!(
+        (i.src, i.dst, i.sport),
+        (Ipv4Addr::new(10, 137, 0, 1), CLIENT, 0)
+    );
+    let p = ipv4(
+        UP_MAC,
+        GW_MAC,
+        GATEWAY,
+        UPLINK_IP,
+        64,
+        PROTO_ICMP,
+        &echo(8, 7),
+    );
+    let (v, out) = run(&mut fw, 0, UPLINK, &p);
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }));
+    assert_eq!(parsed(&out).dst, GATEWAY);
+    // Through the firewall: id translated, reply translated back.
+    let p = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_ICMP,
+        &echo(8, 7),
+    );
+    let (_, out) = run(&mut fw, 0, 1, &p);
+    let i = parsed(&out);
+    let nat_id = get_u16(&out, i.l4 + 4).unwrap();
+    let r = ipv4(
+        UP_MAC,
+        GW_MAC,
+        SERVER,
+        UPLINK_IP,
+        60,
+        PROTO_ICMP,
+        &echo(0, nat_id),
+    );
+    let (v, out) = run(&mut fw, 1, UPLINK, &r);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    let i = parsed(&out);
+    assert_eq!((i.dst, get_u16(&out, i.l4 + 4)), (CLIENT, Some(7)));
+}
+
+#[test]
+fn ttl_expiry_makes_time_exceeded() {
+    let mut fw = ready();
+    let p = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        1,
+        PROTO_UDP,
+        &udp_seg(5000, 5201, b"x"),
+    );
+    let (v, out) = run(&mut fw, 0, 1, &p);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }));
+    let i = parsed(&out);
+    assert_eq!((i.proto, i.sport, i.dst), (PROTO_ICMP, 11, CLIENT));
+    assert_eq!(fw.stats().drop_count(DropReason::TtlExceeded), 1);
+}
+
+#[test]
+fn translates_icmp_errors_quoting_a_natted_packet() {
+    let mut fw = ready();
+    let p = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(5000, 5201, b"data"),
+    );
+    let (_, natted) = run(&mut fw, 0, 1, &p);
+    // The server answers "port unreachable", quoting what it received.
+    let i = parsed(&natted);
+    let mut body = alloc::vec![3u8, 3, 0, 0, 0, 0, 0, 0];
+    body.extend_from_slice(&natted[i.l3..i.l4 + 8]);
+    let err = ipv4(UP_MAC, GW_MAC, SERVER, UPLINK_IP, 64, PROTO_ICMP, &body);
+    let (v, out) = run(&mut fw, 1, UPLINK, &err);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    let o = parsed(&out);
+    assert_eq!((o.dst, o.sport, o.dport), (CLIENT, 3, 3));
+    let inner = o.l4 + 8;
+    assert_eq!(get_ip(&out, inner + 12), Some(CLIENT));
+    assert_eq!(get_u16(&out, inner + 20), Some(5000));
+    assert_eq!(
+        checksum(&out[inner..inner + 20]),
+        0,
+        "inner header checksum fixed"
+    );
+}
+
+#[test]
+fn malformed_frames_are_counted_drops() {
+    let mut fw = ready();
+    let good = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(5000, 5201, b"data"),
+    );
+    let mut cases: Vec<(Vec<u8>, DropReason)> = Vec::new();
+    cases.push((good[..10].to_vec(), DropReason::Runt));
+    cases.push((alloc::vec![0u8; 1600], DropReason::Giant));
+    let mut f = good.clone();
+    f[24] ^= 0xff;
+    cases.push((f, DropReason::BadIpv4Checksum));
+    let mut f = good.clone();
+    f[14] = 0x43;
+    cases.push((f, DropReason::BadIpv4Header));
+    let mut f = good.clone();
+    f[17] = 200; // total length beyond the frame
+    cases.push((f, DropReason::BadIpv4Length));
+    let mut f = good.clone();
+    f[45] ^= 1;
+    cases.push((f, DropReason::BadL4Checksum));
+    let mut f = good.clone();
+    f[12] = 0x88;
+    f[13] = 0xb5;
+    cases.push((f, DropReason::UnknownEthertype));
+    let mut f = good.clone();
+    f[0] = 0x33;
+    cases.push((f, DropReason::NotForUs));
+    for (frame, reason) in cases {
+        let mut buf = alloc::vec![0u8; 2048];
+        let n = frame.len().min(2048);
+        buf[..n].copy_from_slice(&frame[..n]);
+        assert_eq!(
+            fw.handle(0, 1, &mut buf, frame.len()),
+            Verdict::Drop(reason)
+        );
+        assert_eq!(fw.stats().drop_count(reason), 1, "{reason:?}");
+    }
+    // Forwarding continues.
+    assert!(matches!(
+        run(&mut fw, 0, 1, &good).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+}
+
+#[test]
+fn unresolved_next_hop_asks_arp_and_drops() {
+    let mut fw = firewall();
+    let p = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(5000, 5201, b"x"),
+    );
+    assert_eq!(
+        run(&mut fw, 0, 1, &p).0,
+        Verdict::Drop(DropReason::ArpUnresolved)
+    );
+    let mut buf = [0u8; 64];
+    assert!(fw.poll_emit(0, &mut buf).is_some());
+}
+
+#[test]
+fn every_truncation_of_every_frame_is_handled() {
+    let mut fw = ready();
+    let frames = [
+        ipv4(
+            DOWN_MAC,
+            CLIENT_MAC,
+            CLIENT,
+            SERVER,
+            64,
+            PROTO_TCP,
+            &tcp_seg(1, 5201, TCP_SYN),
+        ),
+        ipv4(
+            UP_MAC,
+            GW_MAC,
+            SERVER,
+            UPLINK_IP,
+            64,
+            PROTO_ICMP,
+            &[3, 3, 0, 0, 0, 0, 0, 0, 0x45, 0, 0, 28],
+        ),
+        arp_frame(ARP_REQUEST, CLIENT_MAC, CLIENT, GATEWAY, BROADCAST),
+    ];
+    for f in &frames {
+        for n in 0..=f.len() {
+            for port in [UPLINK, 1, 7] {
+                let mut buf = alloc::vec![0u8; 128];
+                buf[..n].copy_from_slice(&f[..n]);
+                let _ = fw.handle(0, port, &mut buf, n);
+            }
+        }
+    }
+}

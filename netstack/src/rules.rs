@@ -1,0 +1,490 @@
+//! Qubes firewall rules, parsed from QubesDB text and matched per packet.
+//!
+//! The semantics follow the Qubes firewall agent (core-agent-linux
+//! `qubesagent/firewall.py`): rules `NNNN` apply in numeric order, the
+//! first match wins, then the `policy`. `action=drop` is a reject with ICMP
+//! admin-prohibited. A rule without `proto` but with `dstports` applies to
+//! TCP and UDP; without either it applies to every protocol.
+//! `specialtarget=dns` matches the DNS addresses on port 53, and a DNS rule
+//! naming other ports is skipped. Any parse error makes the whole rule set
+//! an error, and the caller drops all of that client's traffic.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::net::{Ipv4Addr, Ipv6Addr};
+
+use crate::wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Accept,
+    /// Rejected with ICMP admin-prohibited, as Qubes does.
+    Drop,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Proto {
+    fn number(self) -> u8 {
+        match self {
+            Self::Tcp => PROTO_TCP,
+            Self::Udp => PROTO_UDP,
+            Self::Icmp => PROTO_ICMP,
+        }
+    }
+}
+
+/// One rule line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    pub action: Action,
+    pub proto: Option<Proto>,
+    pub dst4: Option<(Ipv4Addr, u8)>,
+    pub dst6: Option<(Ipv6Addr, u8)>,
+    /// A name resolved when rules load; until resolved it matches nothing.
+    pub dsthost: Option<String>,
+    pub dstports: Option<(u16, u16)>,
+    pub icmptype: Option<u8>,
+    pub dns: bool,
+}
+
+/// Why a rule set was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleError {
+    NoPolicy,
+    BadPolicy(String),
+    BadRuleNumber(String),
+    NotKeyValue(String),
+    UnknownKey(String),
+    DuplicateKey(String),
+    MissingAction,
+    BadValue {
+        key: String,
+        value: String,
+    },
+    /// `dst6` in an IPv4 client's rules (or the reverse).
+    WrongFamily,
+}
+
+impl core::fmt::Display for RuleError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            Self::NoPolicy => write!(f, "no 'policy' defined"),
+            Self::BadPolicy(p) => write!(f, "invalid policy '{p}'"),
+            Self::BadRuleNumber(n) => write!(f, "unexpected non-rule entry '{n}'"),
+            Self::NotKeyValue(t) => write!(f, "'{t}' is not key=value"),
+            Self::UnknownKey(k) => write!(f, "unsupported rule option '{k}'"),
+            Self::DuplicateKey(k) => write!(f, "option '{k}' given twice"),
+            Self::MissingAction => write!(f, "rule lacks action"),
+            Self::BadValue { key, value } => write!(f, "invalid {key} '{value}'"),
+            Self::WrongFamily => write!(f, "dst6 rule for an IPv4 address"),
+        }
+    }
+}
+
+fn bad(key: &str, value: &str) -> RuleError {
+    RuleError::BadValue {
+        key: key.into(),
+        value: value.into(),
+    }
+}
+
+fn parse_action(v: &str) -> Option<Action> {
+    match v {
+        "accept" => Some(Action::Accept),
+        "drop" => Some(Action::Drop),
+        _ => None,
+    }
+}
+
+fn parse_prefix<A: core::str::FromStr>(v: &str, max: u8) -> Option<(A, u8)> {
+    let (addr, len) = match v.split_once('/') {
+        Some((a, l)) => (a, l.parse::<u8>().ok().filter(|l| *l <= max)?),
+        None => (v, max),
+    };
+    Some((addr.parse().ok()?, len))
+}
+
+fn parse_ports(v: &str) -> Option<(u16, u16)> {
+    let (lo, hi) = v.split_once('-').unwrap_or((v, v));
+    let (lo, hi) = (lo.parse::<u16>().ok()?, hi.parse::<u16>().ok()?);
+    (lo <= hi).then_some((lo, hi))
+}
+
+impl Rule {
+    /// Parses one rule value: `key=value` words separated by single spaces.
+    pub fn parse(text: &str) -> Result<Self, RuleError> {
+        let mut rule = Rule {
+            action: Action::Drop,
+            proto: None,
+            dst4: None,
+            dst6: None,
+            dsthost: None,
+            dstports: None,
+            icmptype: None,
+            dns: false,
+        };
+        let mut seen: Vec<&str> = Vec::new();
+        let mut action = None;
+        for word in text.split(' ') {
+            let (k, v) = word
+                .split_once('=')
+                .ok_or_else(|| RuleError::NotKeyValue(word.into()))?;
+            if seen.contains(&k) {
+                return Err(RuleError::DuplicateKey(k.into()));
+            }
+            seen.push(k);
+            match k {
+                "action" => action = Some(parse_action(v).ok_or_else(|| bad(k, v))?),
+                "proto" => {
+                    rule.proto = Some(match v {
+                        "tcp" => Proto::Tcp,
+                        "udp" => Proto::Udp,
+                        "icmp" => Proto::Icmp,
+                        _ => return Err(bad(k, v)),
+                    })
+                }
+                "dst4" => rule.dst4 = Some(parse_prefix(v, 32).ok_or_else(|| bad(k, v))?),
+                "dst6" => rule.dst6 = Some(parse_prefix(v, 128).ok_or_else(|| bad(k, v))?),
+                "dsthost" => {
+                    if v.is_empty() {
+                        return Err(bad(k, v));
+                    }
+                    rule.dsthost = Some(v.into());
+                }
+                "dstports" => rule.dstports = Some(parse_ports(v).ok_or_else(|| bad(k, v))?),
+                "icmptype" => rule.icmptype = Some(v.parse().map_err(|_| bad(k, v))?),
+                "specialtarget" => {
+                    if v != "dns" {
+                        return Err(bad(k, v));
+                    }
+                    rule.dns = true;
+                }
+                _ => return Err(RuleError::UnknownKey(k.into())),
+            }
+        }
+        rule.action = action.ok_or(RuleError::MissingAction)?;
+        Ok(rule)
+    }
+}
+
+/// What a rule is matched against: the packet as the client sent it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub proto: u8,
+    pub dst: Ipv4Addr,
+    /// TCP/UDP destination port; 0 otherwise.
+    pub dport: u16,
+    /// ICMP type; 0 otherwise.
+    pub icmp_type: u8,
+    /// The destination is one of the DNS addresses.
+    pub to_dns: bool,
+}
+
+/// A client's parsed rules and policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ruleset {
+    pub rules: Vec<Rule>,
+    pub policy: Action,
+}
+
+impl Ruleset {
+    /// Builds a rule set from QubesDB entries under `/qubes-firewall/<ip>/`,
+    /// given as (last path element, value) pairs in any order.
+    pub fn from_entries<'a, I>(entries: I, ipv4_client: bool) -> Result<Self, RuleError>
+    where
+        I: IntoIterator<Item = (&'a str, &'a str)>,
+    {
+        let mut policy = None;
+        let mut numbered: Vec<(&str, Rule)> = Vec::new();
+        for (name, value) in entries {
+            if name == "policy" {
+                policy =
+                    Some(parse_action(value).ok_or_else(|| RuleError::BadPolicy(value.into()))?);
+            } else if name.len() == 4 && name.bytes().all(|b| b.is_ascii_digit()) {
+                let rule = Rule::parse(value)?;
+                if ipv4_client && rule.dst6.is_some() {
+                    return Err(RuleError::WrongFamily);
+                }
+                numbered.push((name, rule));
+            } else {
+                return Err(RuleError::BadRuleNumber(name.into()));
+            }
+        }
+        numbered.sort_by(|a, b| a.0.cmp(b.0));
+        Ok(Self {
+            rules: numbered.into_iter().map(|(_, r)| r).collect(),
+            policy: policy.ok_or(RuleError::NoPolicy)?,
+        })
+    }
+
+    /// The decision for `p`, and the index of the rule that made it
+    /// (`None` for the policy). `have_dns` says whether any DNS address is
+    /// configured (DNS rules are skipped otherwise, as in Qubes).
+    pub fn decide(&self, p: &Probe, have_dns: bool) -> (Action, Option<usize>) {
+        for (i, r) in self.rules.iter().enumerate() {
+            if r.matches(p, have_dns) {
+                return (r.action, Some(i));
+            }
+        }
+        (self.policy, None)
+    }
+}
+
+impl Rule {
+    fn matches(&self, p: &Probe, have_dns: bool) -> bool {
+        if self.dst6.is_some() || self.dsthost.is_some() {
+            // IPv6 rules never match IPv4 packets; unresolved names match
+            // nothing.
+            return false;
+        }
+        let mut ports = self.dstports;
+        if self.dns {
+            if !matches!(ports, None | Some((53, 53))) || !have_dns {
+                return false;
+            }
+            ports = Some((53, 53));
+            if !p.to_dns {
+                return false;
+            }
+        }
+        match self.proto {
+            Some(proto) if proto.number() != p.proto => return false,
+            None if ports.is_some() && p.proto != PROTO_TCP && p.proto != PROTO_UDP => {
+                return false
+            }
+            _ => {}
+        }
+        if let Some((net, len)) = self.dst4 {
+            let mask = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
+            if u32::from(p.dst) & mask != u32::from(net) & mask {
+                return false;
+            }
+        }
+        if let Some((lo, hi)) = ports {
+            if !(p.proto == PROTO_TCP || p.proto == PROTO_UDP) || p.dport < lo || p.dport > hi {
+                return false;
+            }
+        }
+        if let Some(t) = self.icmptype {
+            if p.proto != PROTO_ICMP || p.icmp_type != t {
+                return false;
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn set(entries: &[(&str, &str)]) -> Ruleset {
+        Ruleset::from_entries(entries.iter().copied(), true).unwrap()
+    }
+
+    fn tcp(dst: [u8; 4], port: u16) -> Probe {
+        Probe {
+            proto: PROTO_TCP,
+            dst: dst.into(),
+            dport: port,
+            icmp_type: 0,
+            to_dns: false,
+        }
+    }
+
+    #[test]
+    fn parses_every_key() {
+        let r =
+            Rule::parse("action=accept proto=tcp dst4=192.168.0.0/16 dstports=443-443").unwrap();
+        assert_eq!(r.action, Action::Accept);
+        assert_eq!(r.proto, Some(Proto::Tcp));
+        assert_eq!(r.dst4, Some((Ipv4Addr::new(192, 168, 0, 0), 16)));
+        assert_eq!(r.dstports, Some((443, 443)));
+        let r = Rule::parse("action=drop proto=icmp icmptype=8 dst4=1.2.3.4").unwrap();
+        assert_eq!(
+            (r.icmptype, r.dst4),
+            (Some(8), Some((Ipv4Addr::new(1, 2, 3, 4), 32)))
+        );
+        assert!(Rule::parse("action=accept specialtarget=dns").unwrap().dns);
+        assert_eq!(
+            Rule::parse("action=accept dsthost=example.com")
+                .unwrap()
+                .dsthost
+                .as_deref(),
+            Some("example.com")
+        );
+        assert_eq!(
+            Rule::parse("action=accept dst6=2001:db8::/32")
+                .unwrap()
+                .dst6
+                .unwrap()
+                .1,
+            32
+        );
+    }
+
+    #[test]
+    fn refuses_bad_rules() {
+        for bad in [
+            "proto=tcp",
+            "action=allow",
+            "action=accept proto=sctp",
+            "action=accept dst4=300.1.1.1",
+            "action=accept dst4=1.1.1.1/33",
+            "action=accept dstports=90-80",
+            "action=accept dstports=x",
+            "action=accept icmptype=300",
+            "action=accept specialtarget=ntp",
+            "action=accept expire=123",
+            "action=accept  proto=tcp",
+            "action=accept proto",
+            "action=accept action=drop",
+        ] {
+            assert!(Rule::parse(bad).is_err(), "{bad} parsed");
+        }
+        assert_eq!(
+            Ruleset::from_entries([("0000", "action=accept")], true),
+            Err(RuleError::NoPolicy)
+        );
+        assert!(Ruleset::from_entries([("policy", "reject")], true).is_err());
+        assert!(
+            Ruleset::from_entries([("policy", "drop"), ("12", "action=accept")], true).is_err()
+        );
+        assert_eq!(
+            Ruleset::from_entries(
+                [("policy", "drop"), ("0000", "action=accept dst6=::1")],
+                true
+            ),
+            Err(RuleError::WrongFamily)
+        );
+    }
+
+    #[test]
+    fn first_match_in_numeric_order_then_policy() {
+        let rs = set(&[
+            ("policy", "drop"),
+            ("0001", "action=accept proto=tcp dstports=80-80"),
+            ("0000", "action=drop dst4=10.0.0.0/8"),
+        ]);
+        assert_eq!(
+            rs.decide(&tcp([10, 1, 1, 1], 80), true),
+            (Action::Drop, Some(0))
+        );
+        assert_eq!(
+            rs.decide(&tcp([8, 8, 8, 8], 80), true),
+            (Action::Accept, Some(1))
+        );
+        assert_eq!(
+            rs.decide(&tcp([8, 8, 8, 8], 81), true),
+            (Action::Drop, None)
+        );
+    }
+
+    #[test]
+    fn ports_without_proto_mean_tcp_and_udp_only() {
+        let rs = set(&[
+            ("policy", "drop"),
+            ("0000", "action=accept dstports=1000-2000"),
+        ]);
+        assert_eq!(rs.decide(&tcp([1, 1, 1, 1], 1500), true).0, Action::Accept);
+        let udp = Probe {
+            proto: PROTO_UDP,
+            ..tcp([1, 1, 1, 1], 1000)
+        };
+        assert_eq!(rs.decide(&udp, true).0, Action::Accept);
+        let icmp = Probe {
+            proto: PROTO_ICMP,
+            dport: 0,
+            icmp_type: 8,
+            ..tcp([1, 1, 1, 1], 0)
+        };
+        assert_eq!(rs.decide(&icmp, true).0, Action::Drop);
+        // No proto and no ports: every protocol.
+        let all = set(&[("policy", "drop"), ("0000", "action=accept dst4=1.1.1.1")]);
+        assert_eq!(all.decide(&icmp, true).0, Action::Accept);
+    }
+
+    #[test]
+    fn icmp_type_and_dns_target() {
+        let rs = set(&[
+            ("policy", "drop"),
+            ("0000", "action=accept proto=icmp icmptype=8"),
+            ("0001", "action=accept specialtarget=dns"),
+            ("0002", "action=accept specialtarget=dns dstports=5353-5353"),
+        ]);
+        let echo = Probe {
+            proto: PROTO_ICMP,
+            dst: [9, 9, 9, 9].into(),
+            dport: 0,
+            icmp_type: 8,
+            to_dns: false,
+        };
+        assert_eq!(rs.decide(&echo, true).0, Action::Accept);
+        assert_eq!(
+            rs.decide(
+                &Probe {
+                    icmp_type: 13,
+                    ..echo
+                },
+                true
+            )
+            .0,
+            Action::Drop
+        );
+        let dns = Probe {
+            proto: PROTO_UDP,
+            dst: [10, 139, 1, 1].into(),
+            dport: 53,
+            icmp_type: 0,
+            to_dns: true,
+        };
+        assert_eq!(rs.decide(&dns, true), (Action::Accept, Some(1)));
+        assert_eq!(
+            rs.decide(&dns, false),
+            (Action::Drop, None),
+            "no DNS configured: rule skipped"
+        );
+        assert_eq!(
+            rs.decide(&Probe { dport: 5353, ..dns }, true).0,
+            Action::Drop,
+            "dns rule with other ports skipped"
+        );
+        assert_eq!(
+            rs.decide(
+                &Probe {
+                    to_dns: false,
+                    ..dns
+                },
+                true
+            )
+            .0,
+            Action::Drop
+        );
+    }
+
+    #[test]
+    fn unresolved_names_and_ipv6_rules_match_nothing() {
+        let rs = Ruleset::from_entries(
+            [
+                ("policy", "drop"),
+                ("0000", "action=accept dsthost=example.com"),
+            ],
+            true,
+        )
+        .unwrap();
+        assert_eq!(
+            rs.decide(&tcp([93, 184, 216, 34], 443), true).0,
+            Action::Drop
+        );
+    }
+}

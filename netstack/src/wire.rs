@@ -1,0 +1,442 @@
+//! Wire formats: Ethernet, ARP, IPv4, ICMP, UDP, TCP.
+//!
+//! Fields are read and written through bounds-checked helpers on byte
+//! slices; `parse_ipv4` validates a frame once and returns the offsets the
+//! rest of the stage uses, so later accesses stay in bounds by construction
+//! and still go through the checked helpers. Nothing here panics on input.
+
+use core::net::Ipv4Addr;
+
+pub const ETH_HEADER: usize = 14;
+pub const ETHERTYPE_IPV4: u16 = 0x0800;
+pub const ETHERTYPE_ARP: u16 = 0x0806;
+pub const ETHERTYPE_IPV6: u16 = 0x86dd;
+pub const IPV4_MIN_HEADER: usize = 20;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const ARP_LEN: usize = 28;
+/// Largest frame accepted: 1500-byte MTU plus the Ethernet header.
+pub const MAX_FRAME: usize = 1514;
+/// Smallest frame accepted (runts below the Ethernet minimum, less FCS).
+pub const MIN_FRAME: usize = ETH_HEADER;
+
+pub type Mac = [u8; 6];
+pub const BROADCAST: Mac = [0xff; 6];
+
+pub fn get_u8(b: &[u8], off: usize) -> Option<u8> {
+    b.get(off).copied()
+}
+
+pub fn get_u16(b: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(off)?, *b.get(off + 1)?]))
+}
+
+pub fn get_u32(b: &[u8], off: usize) -> Option<u32> {
+    Some(u32::from_be_bytes([
+        *b.get(off)?,
+        *b.get(off + 1)?,
+        *b.get(off + 2)?,
+        *b.get(off + 3)?,
+    ]))
+}
+
+pub fn get_ip(b: &[u8], off: usize) -> Option<Ipv4Addr> {
+    get_u32(b, off).map(Ipv4Addr::from)
+}
+
+pub fn get_mac(b: &[u8], off: usize) -> Option<Mac> {
+    b.get(off..off + 6)?.try_into().ok()
+}
+
+/// Writes `v` at `off`; false (and nothing written) when out of bounds.
+pub fn put_u8(b: &mut [u8], off: usize, v: u8) -> bool {
+    match b.get_mut(off) {
+        Some(x) => {
+            *x = v;
+            true
+        }
+        None => false,
+    }
+}
+
+pub fn put_u16(b: &mut [u8], off: usize, v: u16) -> bool {
+    put_bytes(b, off, &v.to_be_bytes())
+}
+
+pub fn put_u32(b: &mut [u8], off: usize, v: u32) -> bool {
+    put_bytes(b, off, &v.to_be_bytes())
+}
+
+pub fn put_ip(b: &mut [u8], off: usize, ip: Ipv4Addr) -> bool {
+    put_bytes(b, off, &ip.octets())
+}
+
+pub fn put_bytes(b: &mut [u8], off: usize, v: &[u8]) -> bool {
+    match off.checked_add(v.len()).and_then(|end| b.get_mut(off..end)) {
+        Some(dst) => {
+            dst.copy_from_slice(v);
+            true
+        }
+        None => false,
+    }
+}
+
+/// The one's-complement sum of `data` (as 16-bit big-endian words) added
+/// to `initial`, not yet folded or inverted.
+pub fn sum16(data: &[u8], initial: u32) -> u32 {
+    let mut sum = initial as u64;
+    let mut chunks = data.chunks_exact(2);
+    for c in &mut chunks {
+        sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u64::from(*last) << 8;
+    }
+    while sum > 0xffff_ffff {
+        sum = (sum & 0xffff_ffff) + (sum >> 32);
+    }
+    sum as u32
+}
+
+/// Folds a sum to 16 bits and inverts it: the Internet checksum.
+pub fn fold(mut sum: u32) -> u16 {
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+pub fn checksum(data: &[u8]) -> u16 {
+    fold(sum16(data, 0))
+}
+
+/// The pseudo-header sum for TCP/UDP over IPv4.
+pub fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
+    let mut ph = [0u8; 12];
+    ph[0..4].copy_from_slice(&src.octets());
+    ph[4..8].copy_from_slice(&dst.octets());
+    ph[9] = proto;
+    ph[10..12].copy_from_slice(&(len as u16).to_be_bytes());
+    sum16(&ph, 0)
+}
+
+/// RFC 1624 incremental update: the checksum `hc` after a 16-bit field
+/// changed from `old` to `new` (HC' = ~(~HC + ~m + m')).
+pub fn update16(hc: u16, old: u16, new: u16) -> u16 {
+    let sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
+    fold(sum)
+}
+
+/// Incremental update for a 32-bit field (an IPv4 address).
+pub fn update32(hc: u16, old: u32, new: u32) -> u16 {
+    let hc = update16(hc, (old >> 16) as u16, (new >> 16) as u16);
+    update16(hc, old as u16, new as u16)
+}
+
+/// Why a frame was refused at parse time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Malformed {
+    Runt,
+    Giant,
+    Ipv4Header,
+    Ipv4Length,
+    Ipv4Checksum,
+    L4Header,
+    L4Checksum,
+    Arp,
+}
+
+/// What the rest of the stage needs to know about a valid IPv4 packet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv4Info {
+    /// Offset of the IPv4 header (after Ethernet).
+    pub l3: usize,
+    /// Offset of the transport header.
+    pub l4: usize,
+    /// End of the IP datagram (frames may carry padding after it).
+    pub end: usize,
+    pub proto: u8,
+    pub ttl: u8,
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    /// Fragment offset non-zero or more-fragments set.
+    pub fragment: bool,
+    /// TCP/UDP ports, or ICMP (type, code) in `sport`/`dport` for ICMP.
+    pub sport: u16,
+    pub dport: u16,
+    /// TCP flags, 0 for other protocols.
+    pub tcp_flags: u8,
+}
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Offset of the transport checksum field, by protocol.
+pub fn l4_checksum_offset(proto: u8) -> Option<usize> {
+    match proto {
+        PROTO_TCP => Some(16),
+        PROTO_UDP => Some(6),
+        PROTO_ICMP => Some(2),
+        _ => None,
+    }
+}
+
+/// Validates the IPv4 packet of `frame` (Ethernet type already checked):
+/// header, lengths, header checksum, and for unfragmented TCP/UDP/ICMP the
+/// transport header and checksum.
+pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
+    let l3 = ETH_HEADER;
+    let vihl = get_u8(frame, l3).ok_or(Malformed::Ipv4Header)?;
+    let ihl = usize::from(vihl & 0x0f) * 4;
+    if vihl >> 4 != 4 || ihl < IPV4_MIN_HEADER || frame.len() < l3 + ihl {
+        return Err(Malformed::Ipv4Header);
+    }
+    let total = usize::from(get_u16(frame, l3 + 2).ok_or(Malformed::Ipv4Header)?);
+    if total < ihl || l3 + total > frame.len() {
+        return Err(Malformed::Ipv4Length);
+    }
+    let header = frame.get(l3..l3 + ihl).ok_or(Malformed::Ipv4Header)?;
+    if checksum(header) != 0 {
+        return Err(Malformed::Ipv4Checksum);
+    }
+    let frag = get_u16(frame, l3 + 6).ok_or(Malformed::Ipv4Header)?;
+    let fragment = frag & 0x3fff != 0;
+    let proto = get_u8(frame, l3 + 9).ok_or(Malformed::Ipv4Header)?;
+    let mut info = Ipv4Info {
+        l3,
+        l4: l3 + ihl,
+        end: l3 + total,
+        proto,
+        ttl: get_u8(frame, l3 + 8).ok_or(Malformed::Ipv4Header)?,
+        src: get_ip(frame, l3 + 12).ok_or(Malformed::Ipv4Header)?,
+        dst: get_ip(frame, l3 + 16).ok_or(Malformed::Ipv4Header)?,
+        fragment,
+        sport: 0,
+        dport: 0,
+        tcp_flags: 0,
+    };
+    if fragment {
+        return Ok(info);
+    }
+    let l4 = info.l4;
+    let seg = frame.get(l4..info.end).ok_or(Malformed::Ipv4Length)?;
+    match proto {
+        PROTO_TCP => {
+            let off = usize::from(get_u8(seg, 12).ok_or(Malformed::L4Header)? >> 4) * 4;
+            if off < 20 || seg.len() < off {
+                return Err(Malformed::L4Header);
+            }
+            info.sport = get_u16(seg, 0).ok_or(Malformed::L4Header)?;
+            info.dport = get_u16(seg, 2).ok_or(Malformed::L4Header)?;
+            info.tcp_flags = get_u8(seg, 13).ok_or(Malformed::L4Header)?;
+            if fold(sum16(
+                seg,
+                pseudo_header_sum(info.src, info.dst, proto, seg.len()),
+            )) != 0
+            {
+                return Err(Malformed::L4Checksum);
+            }
+        }
+        PROTO_UDP => {
+            let len = usize::from(get_u16(seg, 4).ok_or(Malformed::L4Header)?);
+            if len < 8 || len > seg.len() {
+                return Err(Malformed::L4Header);
+            }
+            info.sport = get_u16(seg, 0).ok_or(Malformed::L4Header)?;
+            info.dport = get_u16(seg, 2).ok_or(Malformed::L4Header)?;
+            let udp = seg.get(..len).ok_or(Malformed::L4Header)?;
+            let sent = get_u16(seg, 6).ok_or(Malformed::L4Header)?;
+            if sent != 0
+                && fold(sum16(
+                    udp,
+                    pseudo_header_sum(info.src, info.dst, proto, len),
+                )) != 0
+            {
+                return Err(Malformed::L4Checksum);
+            }
+        }
+        PROTO_ICMP => {
+            if seg.len() < 8 {
+                return Err(Malformed::L4Header);
+            }
+            info.sport = u16::from(get_u8(seg, 0).ok_or(Malformed::L4Header)?);
+            info.dport = u16::from(get_u8(seg, 1).ok_or(Malformed::L4Header)?);
+            if checksum(seg) != 0 {
+                return Err(Malformed::L4Checksum);
+            }
+        }
+        _ => {}
+    }
+    Ok(info)
+}
+
+/// An ARP packet for IPv4 over Ethernet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arp {
+    pub op: u16,
+    pub sender_mac: Mac,
+    pub sender_ip: Ipv4Addr,
+    pub target_mac: Mac,
+    pub target_ip: Ipv4Addr,
+}
+
+pub const ARP_REQUEST: u16 = 1;
+pub const ARP_REPLY: u16 = 2;
+
+impl Arp {
+    pub fn parse(frame: &[u8]) -> Result<Self, Malformed> {
+        let a = frame
+            .get(ETH_HEADER..ETH_HEADER + ARP_LEN)
+            .ok_or(Malformed::Arp)?;
+        // htype Ethernet, ptype IPv4, hlen 6, plen 4.
+        if a.get(0..6) != Some(&[0, 1, 8, 0, 6, 4][..]) {
+            return Err(Malformed::Arp);
+        }
+        let op = get_u16(a, 6).ok_or(Malformed::Arp)?;
+        if op != ARP_REQUEST && op != ARP_REPLY {
+            return Err(Malformed::Arp);
+        }
+        Ok(Self {
+            op,
+            sender_mac: get_mac(a, 8).ok_or(Malformed::Arp)?,
+            sender_ip: get_ip(a, 14).ok_or(Malformed::Arp)?,
+            target_mac: get_mac(a, 18).ok_or(Malformed::Arp)?,
+            target_ip: get_ip(a, 24).ok_or(Malformed::Arp)?,
+        })
+    }
+
+    /// Writes Ethernet + ARP into `buf`; returns the frame length (0 when
+    /// `buf` is too small).
+    pub fn emit(&self, buf: &mut [u8], eth_src: Mac, eth_dst: Mac) -> usize {
+        let len = ETH_HEADER + ARP_LEN;
+        if buf.len() < len {
+            return 0;
+        }
+        put_eth(buf, eth_dst, eth_src, ETHERTYPE_ARP);
+        put_bytes(buf, ETH_HEADER, &[0, 1, 8, 0, 6, 4]);
+        put_u16(buf, ETH_HEADER + 6, self.op);
+        put_bytes(buf, ETH_HEADER + 8, &self.sender_mac);
+        put_ip(buf, ETH_HEADER + 14, self.sender_ip);
+        put_bytes(buf, ETH_HEADER + 18, &self.target_mac);
+        put_ip(buf, ETH_HEADER + 24, self.target_ip);
+        len
+    }
+}
+
+pub fn put_eth(buf: &mut [u8], dst: Mac, src: Mac, ethertype: u16) -> bool {
+    put_bytes(buf, 0, &dst) && put_bytes(buf, 6, &src) && put_u16(buf, 12, ethertype)
+}
+
+/// Writes a 20-byte IPv4 header (no options) with its checksum.
+pub fn put_ipv4_header(
+    buf: &mut [u8],
+    l3: usize,
+    total: usize,
+    ttl: u8,
+    proto: u8,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+) {
+    let mut h = [0u8; IPV4_MIN_HEADER];
+    h[0] = 0x45;
+    h[2..4].copy_from_slice(&(total as u16).to_be_bytes());
+    h[6] = 0x40; // don't fragment
+    h[8] = ttl;
+    h[9] = proto;
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
+    let c = checksum(&h);
+    h[10..12].copy_from_slice(&c.to_be_bytes());
+    put_bytes(buf, l3, &h);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A UDP frame 10.137.0.10:1234 -> 8.8.8.8:53 with payload "hi".
+    pub(crate) fn udp_frame() -> [u8; 44] {
+        let mut f = [0u8; 44];
+        put_eth(&mut f, [2; 6], [4; 6], ETHERTYPE_IPV4);
+        let src = Ipv4Addr::new(10, 137, 0, 10);
+        let dst = Ipv4Addr::new(8, 8, 8, 8);
+        put_ipv4_header(&mut f, 14, 30, 64, PROTO_UDP, src, dst);
+        put_u16(&mut f, 34, 1234);
+        put_u16(&mut f, 36, 53);
+        put_u16(&mut f, 38, 10);
+        put_bytes(&mut f, 42, b"hi");
+        let c = fold(sum16(
+            &f[34..44],
+            pseudo_header_sum(src, dst, PROTO_UDP, 10),
+        ));
+        put_u16(&mut f, 40, c);
+        f
+    }
+
+    #[test]
+    fn checksum_of_known_header() {
+        // RFC 1071 example words.
+        let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
+        assert_eq!(fold(sum16(&data, 0)), !0xddf2);
+        assert_eq!(checksum(&[0xff]), !0xff00);
+    }
+
+    #[test]
+    fn incremental_update_matches_recompute() {
+        let mut f = udp_frame();
+        let old_ip = get_u32(&f, 26).unwrap();
+        let new_ip = u32::from(Ipv4Addr::new(192, 168, 1, 77));
+        let ipc = update32(get_u16(&f, 24).unwrap(), old_ip, new_ip);
+        let udpc = update32(get_u16(&f, 40).unwrap(), old_ip, new_ip);
+        put_u32(&mut f, 26, new_ip);
+        put_u16(&mut f, 24, ipc);
+        put_u16(&mut f, 40, udpc);
+        assert!(
+            parse_ipv4(&f).is_ok(),
+            "checksums valid after incremental update"
+        );
+    }
+
+    #[test]
+    fn parses_and_rejects() {
+        let f = udp_frame();
+        let i = parse_ipv4(&f).unwrap();
+        assert_eq!(
+            (i.proto, i.sport, i.dport, i.ttl, i.end),
+            (PROTO_UDP, 1234, 53, 64, 44)
+        );
+        let mut bad = f;
+        bad[24] ^= 1;
+        assert_eq!(parse_ipv4(&bad), Err(Malformed::Ipv4Checksum));
+        let mut bad = f;
+        bad[43] ^= 1;
+        assert_eq!(parse_ipv4(&bad), Err(Malformed::L4Checksum));
+        assert_eq!(parse_ipv4(&f[..30]), Err(Malformed::Ipv4Header));
+        assert_eq!(parse_ipv4(&f[..40]), Err(Malformed::Ipv4Length));
+        let mut bad = f;
+        bad[14] = 0x44;
+        assert_eq!(parse_ipv4(&bad), Err(Malformed::Ipv4Header));
+        for n in 0..f.len() {
+            let _ = parse_ipv4(&f[..n]);
+            let _ = Arp::parse(&f[..n]);
+        }
+    }
+
+    #[test]
+    fn arp_round_trip() {
+        let a = Arp {
+            op: ARP_REQUEST,
+            sender_mac: [1; 6],
+            sender_ip: Ipv4Addr::new(10, 0, 0, 1),
+            target_mac: [0; 6],
+            target_ip: Ipv4Addr::new(10, 0, 0, 2),
+        };
+        let mut buf = [0u8; 64];
+        assert_eq!(a.emit(&mut buf, [1; 6], BROADCAST), 42);
+        assert_eq!(Arp::parse(&buf[..42]), Ok(a));
+        assert_eq!(a.emit(&mut buf[..41], [1; 6], BROADCAST), 0);
+    }
+}
