@@ -71,7 +71,7 @@ pub struct NicStats {
     pub tx_bytes: u64,
     /// Frames the device returned with impossible lengths.
     pub rx_errors: u64,
-    /// Packets not queued because the TX ring was full.
+    /// Times a batch found the TX ring full (the rest waits in the batch).
     pub tx_ring_full: u64,
     /// Device-written ring entries that failed validation.
     pub ring_errors: u64,
@@ -87,9 +87,9 @@ pub trait Nic {
     /// the device returned with impossible lengths go back to `pool`.
     fn rx_batch(&mut self, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize);
 
-    /// Queues the packets of `batch` for transmission (draining it) and
+    /// Queues packets from the front of `batch` for transmission and
     /// notifies the device at most once. Packets that do not fit the ring
-    /// are returned to the pool and counted.
+    /// stay in `batch` for the next call.
     fn tx_batch(&mut self, pool: &mut PacketPool, batch: &mut Vec<Packet>);
 
     /// Returns transmitted buffers to the pool and gives the device fresh

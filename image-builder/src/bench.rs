@@ -39,6 +39,7 @@ fn boot(args: &[String]) -> Result<(), String> {
             accel: Accel::Tcg,
             append: String::new(),
             runs: 10,
+            qubesdb: None,
         },
     )?;
     crate::setup::run()?;

@@ -10,6 +10,7 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod demo;
 mod setup;
 
 use std::path::PathBuf;
@@ -23,12 +24,15 @@ usage: cargo xtask <command> [options]
 commands:
   setup              install what is missing (QEMU >= 10, the Rust target)
   build              build the kernel ELF (target/x86_64-unknown-none/release/portcullis)
-  run [options]      boot the kernel in QEMU, console on stdout
+  demo               (root) the main job: Portcullis between a client and an upstream
+                     network namespace; allowed traffic passes with NAT, blocked is refused
+  run [options]      boot the kernel in QEMU, console on stdout (keys: s = counters, q = quit)
       --nics N         virtio-net NICs (default 2; the first is the uplink)
       --cpus N         CPUs (default 1)
       --memory MIB     memory in MiB (default 64)
       --accel tcg|kvm  CPU emulation (default tcg; kvm on hosts with real KVM)
       --append STR     kernel command line
+      --qubesdb FILE   QubesDB snapshot (default config/demo.qubesdb; none: no snapshot)
   test               every test: host unit tests, then QEMU boot tests
   lint               rustfmt check and clippy (host crates and the kernel target)
   bench boot [--runs N] [--accel tcg|kvm]
@@ -44,6 +48,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Some("run") => run(&args[1..]),
+        Some("demo") => demo::run().map(|()| ExitCode::SUCCESS),
         Some("test") => test(),
         Some("lint") => lint().map(|()| ExitCode::SUCCESS),
         Some("bench") => bench::run(&args[1..]).map(|()| ExitCode::SUCCESS),
@@ -88,6 +93,7 @@ pub struct MachineOptions {
     pub accel: Accel,
     pub append: String,
     pub runs: usize,
+    pub qubesdb: Option<PathBuf>,
 }
 
 pub fn parse_options(args: &[String], defaults: MachineOptions) -> Result<MachineOptions, String> {
@@ -110,6 +116,10 @@ pub fn parse_options(args: &[String], defaults: MachineOptions) -> Result<Machin
             "--accel" => o.accel = value()?.parse()?,
             "--append" => o.append = value()?,
             "--runs" => o.runs = number(value()?)? as usize,
+            "--qubesdb" => {
+                let v = value()?;
+                o.qubesdb = (v != "none").then(|| PathBuf::from(v));
+            }
             other => return Err(format!("unknown option '{other}'\n\n{USAGE}")),
         }
     }
@@ -129,6 +139,7 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
             accel: Accel::Tcg,
             append: String::new(),
             runs: 1,
+            qubesdb: Some(qemu_tests::workspace_root().join("config/demo.qubesdb")),
         },
     )?;
     setup::run()?;
@@ -140,6 +151,9 @@ fn run(args: &[String]) -> Result<ExitCode, String> {
         .append(&o.append);
     for _ in 0..o.nics {
         m = m.nic(NicBackend::Unconnected);
+    }
+    if let Some(db) = &o.qubesdb {
+        m = m.qubesdb(db);
     }
     eprintln!("xtask: qemu-system-x86_64 {}", m.args().join(" "));
     let status = m

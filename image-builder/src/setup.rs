@@ -1,21 +1,60 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks for
-//! building, running and testing Portcullis, and says what it installs.
+//! building, running and testing Portcullis (QEMU, the bare-metal Rust
+//! target, and iproute2, iperf3 and ping for the network tests and the
+//! demo), and says what it installs.
 //!
 //! QEMU must be version 10 or later; on Debian bookworm that comes from
 //! bookworm-backports, whose apt source is derived from the machine's own
 //! Debian source (same mirror, same signing key) when it is missing.
 
+use std::path::Path;
 use std::process::Command;
 
 /// Oldest QEMU the tests are written against.
 const MIN_QEMU_MAJOR: u32 = 10;
 const BACKPORTS_FILE: &str = "/etc/apt/sources.list.d/portcullis-backports.sources";
 
+/// Tools the tests and the demo run, and the Debian packages that bring
+/// them.
+const TOOLS: &[(&str, &str)] = &[
+    ("ip", "iproute2"),
+    ("iperf3", "iperf3"),
+    ("ping", "iputils-ping"),
+];
+
 /// Runs every check and installs what is missing.
 pub fn run() -> Result<(), String> {
     ensure_rust_target()?;
     ensure_qemu()?;
+    ensure_tools()?;
     Ok(())
+}
+
+fn have(command: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(command).is_file()))
+        || ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .any(|d| Path::new(d).join(command).is_file())
+}
+
+fn ensure_tools() -> Result<(), String> {
+    let missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(cmd, _)| !have(cmd))
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    println!("setup: installing {} (apt-get)", missing.join(" "));
+    run_cmd(Command::new("apt-get").args(["update", "-q"]))?;
+    run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-q"])
+            .args(&missing),
+    )
 }
 
 fn ensure_rust_target() -> Result<(), String> {

@@ -11,6 +11,9 @@ use crate::{clock, console, exit};
 
 /// Frames taken from one NIC per poll.
 const RX_BATCH: usize = 64;
+/// Packets waiting for one NIC's TX ring at most; beyond it they are
+/// dropped and counted.
+const TX_BACKLOG: usize = 1024;
 /// How often queued ARP requests and flow expiry are looked at.
 const HOUSEKEEPING_MS: u64 = 10;
 
@@ -19,6 +22,8 @@ pub struct Dataplane<N: Nic> {
     pub pool: PacketPool,
     pub firewall: Firewall,
     pub stats_interval_ms: u64,
+    /// Packets dropped because a TX backlog was full, per NIC.
+    pub tx_backlog_drops: Vec<u64>,
 }
 
 impl<N: Nic> Dataplane<N> {
@@ -27,7 +32,7 @@ impl<N: Nic> Dataplane<N> {
         let mut tx: Vec<Vec<Packet>> = self
             .nics
             .iter()
-            .map(|_| Vec::with_capacity(4 * RX_BATCH))
+            .map(|_| Vec::with_capacity(TX_BACKLOG))
             .collect();
         let mut last_housekeeping = 0;
         let mut last_stats = clock::now_ms();
@@ -43,8 +48,14 @@ impl<N: Nic> Dataplane<N> {
                 for p in rx.drain(..) {
                     let room = self.pool.frame_room(&p.buf);
                     match self.firewall.handle(now, i, room, p.len) {
-                        Verdict::Forward { port, len } if port < tx.len() => {
+                        Verdict::Forward { port, len }
+                            if port < tx.len() && tx[port].len() < TX_BACKLOG =>
+                        {
                             tx[port].push(Packet { buf: p.buf, len })
+                        }
+                        Verdict::Forward { port, .. } if port < tx.len() => {
+                            self.tx_backlog_drops[port] += 1;
+                            self.pool.free(p.buf);
                         }
                         _ => self.pool.free(p.buf),
                     }
@@ -95,8 +106,16 @@ impl<N: Nic> Dataplane<N> {
             let s = nic.stats();
             let role = if i == 0 { "uplink" } else { "downlink" };
             println!(
-                "stats: nic{i} {role} rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} rx_errors={} tx_ring_full={} ring_errors={} notifications={}",
-                s.rx_packets, s.rx_bytes, s.tx_packets, s.tx_bytes, s.rx_errors, s.tx_ring_full, s.ring_errors, s.notifications
+                "stats: nic{i} {role} rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} rx_errors={} tx_ring_full={} tx_backlog_drops={} ring_errors={} notifications={}",
+                s.rx_packets,
+                s.rx_bytes,
+                s.tx_packets,
+                s.tx_bytes,
+                s.rx_errors,
+                s.tx_ring_full,
+                self.tx_backlog_drops.get(i).copied().unwrap_or(0),
+                s.ring_errors,
+                s.notifications
             );
         }
         let f = self.firewall.stats();

@@ -199,6 +199,7 @@ fn start_dataplane(
     print_ready(&net, &macs);
     let firewall = Firewall::new(net, macs);
     dataplane::Dataplane {
+        tx_backlog_drops: alloc::vec![0; devices.len()],
         nics: devices,
         pool,
         firewall,

@@ -69,6 +69,10 @@ pub enum RuleError {
     },
     /// `dst6` in an IPv4 client's rules (or the reverse).
     WrongFamily,
+    /// A `dsthost` name that could not be resolved. The Qubes agent treats
+    /// a failed lookup as a parse error; names are not resolved yet at all,
+    /// so every `dsthost` rule closes its client.
+    Unresolved(String),
 }
 
 impl core::fmt::Display for RuleError {
@@ -83,6 +87,7 @@ impl core::fmt::Display for RuleError {
             Self::MissingAction => write!(f, "rule lacks action"),
             Self::BadValue { key, value } => write!(f, "invalid {key} '{value}'"),
             Self::WrongFamily => write!(f, "dst6 rule for an IPv4 address"),
+            Self::Unresolved(h) => write!(f, "cannot resolve dsthost '{h}'"),
         }
     }
 }
@@ -210,6 +215,9 @@ impl Ruleset {
                 let rule = Rule::parse(value)?;
                 if ipv4_client && rule.dst6.is_some() {
                     return Err(RuleError::WrongFamily);
+                }
+                if let Some(host) = &rule.dsthost {
+                    return Err(RuleError::Unresolved(host.clone()));
                 }
                 numbered.push((name, rule));
             } else {
@@ -473,18 +481,16 @@ mod tests {
     }
 
     #[test]
-    fn unresolved_names_and_ipv6_rules_match_nothing() {
-        let rs = Ruleset::from_entries(
+    fn unresolved_names_close_the_client() {
+        // A drop rule on a name must not silently become "no rule": the
+        // whole rule set fails, as the Qubes agent fails on a lookup error.
+        let r = Ruleset::from_entries(
             [
-                ("policy", "drop"),
-                ("0000", "action=accept dsthost=example.com"),
+                ("policy", "accept"),
+                ("0000", "action=drop dsthost=example.com"),
             ],
             true,
-        )
-        .unwrap();
-        assert_eq!(
-            rs.decide(&tcp([93, 184, 216, 34], 443), true).0,
-            Action::Drop
         );
+        assert_eq!(r, Err(RuleError::Unresolved("example.com".into())));
     }
 }

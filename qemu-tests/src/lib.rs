@@ -499,6 +499,7 @@ impl BootReport {
 }
 
 pub mod lab;
+pub mod netns;
 
 #[cfg(test)]
 mod tests {

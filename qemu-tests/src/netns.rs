@@ -1,0 +1,205 @@
+//! A real-network topology for Portcullis (root only): an upstream network
+//! namespace and a client namespace, each joined to one of the kernel's
+//! NICs by a tap device, set up the way a Qubes firewall VM sees them.
+//!
+//! QEMU opens the taps in the root namespace; `attach` then moves each tap
+//! into its namespace (the open file keeps working) and configures it:
+//!
+//! - upstream `…-up`: the gateway 10.0.2.2/24 on the tap, and a "server"
+//!   192.0.2.80 on its loopback — a host beyond the gateway;
+//! - client `…-cl`: 10.137.0.10/32 on the tap, a route to the gateway
+//!   10.137.0.1 on the link and the default route through it, as a Qubes
+//!   client VM has.
+//!
+//! Everything is removed when the `Topology` is dropped, and `cleanup` can
+//! be called from a signal handler with the same names.
+
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use crate::{Machine, NicBackend};
+
+pub const GATEWAY: &str = "10.0.2.2";
+pub const SERVER: &str = "192.0.2.80";
+pub const CLIENT: &str = "10.137.0.10";
+pub const CLIENT_GATEWAY: &str = "10.137.0.1";
+pub const UPLINK: &str = "10.0.2.15";
+
+/// The names one topology uses.
+#[derive(Debug, Clone)]
+pub struct Names {
+    pub upstream_ns: String,
+    pub client_ns: String,
+    pub upstream_tap: String,
+    pub client_tap: String,
+}
+
+impl Names {
+    /// Names from a short tag (at most 8 characters).
+    pub fn new(tag: &str) -> Self {
+        Self {
+            upstream_ns: format!("pcl-{tag}-up"),
+            client_ns: format!("pcl-{tag}-cl"),
+            upstream_tap: format!("pcl{tag}u"),
+            client_tap: format!("pcl{tag}c"),
+        }
+    }
+}
+
+/// Whether this process runs as root (namespaces and taps need it).
+pub fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+}
+
+fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("ip: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+pub struct Topology {
+    pub names: Names,
+}
+
+impl Topology {
+    /// Creates both namespaces and both taps (in the root namespace).
+    pub fn create(tag: &str) -> Result<Self, String> {
+        if !is_root() {
+            return Err("needs root: it creates network namespaces and tap devices".into());
+        }
+        let names = Names::new(tag);
+        cleanup(&names);
+        let t = Topology { names };
+        let n = &t.names;
+        ip(&["netns", "add", &n.upstream_ns])?;
+        ip(&["netns", "add", &n.client_ns])?;
+        ip(&["tuntap", "add", "dev", &n.upstream_tap, "mode", "tap"])?;
+        ip(&["tuntap", "add", "dev", &n.client_tap, "mode", "tap"])?;
+        Ok(t)
+    }
+
+    /// The kernel's machine: uplink on the upstream tap, downlink on the
+    /// client tap.
+    pub fn machine(&self, kernel: &Path, qubesdb: &Path) -> Machine {
+        Machine::new(kernel)
+            .qubesdb(qubesdb)
+            .nic(NicBackend::Tap {
+                ifname: self.names.upstream_tap.clone(),
+            })
+            .nic(NicBackend::Tap {
+                ifname: self.names.client_tap.clone(),
+            })
+    }
+
+    /// Moves the taps (already opened by QEMU) into their namespaces and
+    /// configures addresses and routes.
+    pub fn attach(&self) -> Result<(), String> {
+        let n = &self.names;
+        let (up, cl) = (n.upstream_ns.as_str(), n.client_ns.as_str());
+        let (utap, ctap) = (n.upstream_tap.as_str(), n.client_tap.as_str());
+        ip(&["link", "set", utap, "netns", up])?;
+        ip(&["link", "set", ctap, "netns", cl])?;
+        ip(&["-n", up, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            up,
+            "addr",
+            "add",
+            &format!("{GATEWAY}/24"),
+            "dev",
+            utap,
+        ])?;
+        ip(&[
+            "-n",
+            up,
+            "addr",
+            "add",
+            &format!("{SERVER}/32"),
+            "dev",
+            "lo",
+        ])?;
+        ip(&["-n", up, "link", "set", utap, "up"])?;
+        ip(&["-n", cl, "link", "set", "lo", "up"])?;
+        ip(&[
+            "-n",
+            cl,
+            "addr",
+            "add",
+            &format!("{CLIENT}/32"),
+            "dev",
+            ctap,
+        ])?;
+        ip(&["-n", cl, "link", "set", ctap, "up"])?;
+        ip(&["-n", cl, "route", "add", CLIENT_GATEWAY, "dev", ctap])?;
+        ip(&["-n", cl, "route", "add", "default", "via", CLIENT_GATEWAY])?;
+        Ok(())
+    }
+
+    /// A command run inside namespace `ns`.
+    pub fn exec(ns: &str, program: &str, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", ns, program]).args(args);
+        c
+    }
+
+    pub fn in_upstream(&self, program: &str, args: &[&str]) -> Command {
+        Self::exec(&self.names.upstream_ns, program, args)
+    }
+
+    pub fn in_client(&self, program: &str, args: &[&str]) -> Command {
+        Self::exec(&self.names.client_ns, program, args)
+    }
+
+    /// Runs a command inside a namespace and returns its output.
+    pub fn run(mut cmd: Command) -> Output {
+        cmd.stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("{cmd:?}: {e}"))
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        cleanup(&self.names);
+    }
+}
+
+/// Kills every process in the namespaces and removes them and the taps.
+/// Idempotent; safe to call from a signal handler's thread.
+pub fn cleanup(n: &Names) {
+    for ns in [&n.upstream_ns, &n.client_ns] {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", ns])
+            .stderr(Stdio::null())
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-9", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", ns])
+            .stderr(Stdio::null())
+            .status();
+    }
+    for tap in [&n.upstream_tap, &n.client_tap] {
+        let _ = Command::new("ip")
+            .args(["link", "del", tap])
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -1,0 +1,139 @@
+//! Real traffic from real tools: a Linux client namespace reaches an iperf3
+//! server upstream through Portcullis (TCP and UDP), and a blocked port is
+//! refused. Checks only that data flows and what is blocked is blocked —
+//! speed is for `cargo xtask bench`. Needs root (namespaces, taps).
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use qemu_tests::lab::{parse_counters, QUBESDB};
+use qemu_tests::netns::{Topology, CLIENT_GATEWAY, SERVER, UPLINK};
+use qemu_tests::{kernel, RunningMachine, EXIT_SUCCESS};
+
+fn json(out: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("iperf3 JSON: {e}\n{}", String::from_utf8_lossy(&out.stdout)))
+}
+
+#[test]
+fn iperf3_tcp_and_udp_cross_the_firewall_and_blocked_ports_are_refused() {
+    let topo =
+        Topology::create(&format!("t{}", std::process::id() % 100_000)).expect("network topology");
+    let dir = std::env::temp_dir().join(format!("portcullis-iperf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let db = dir.join("qubesdb");
+    std::fs::write(&db, QUBESDB).unwrap();
+    let mut vm = RunningMachine::spawn(&topo.machine(kernel(), &db)).expect("QEMU");
+    vm.wait_for(Duration::from_secs(30), |l| {
+        l.starts_with("portcullis: ready")
+    })
+    .expect("ready line");
+    topo.attach().expect("taps into namespaces");
+
+    let mut server = topo
+        .in_upstream("iperf3", &["-s", "-B", SERVER, "--forceflush"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("iperf3 server");
+    let (tx, server_lines) = mpsc::channel();
+    let stdout = server.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+
+    // The client reaches its gateway, then (once the firewall has resolved
+    // the upstream gateway) the server.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let reachable = |target: &str| {
+        while Instant::now() < deadline {
+            let out = Topology::run(topo.in_client("ping", &["-c", "1", "-W", "1", target]));
+            if out.status.success() {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(reachable(CLIENT_GATEWAY), "client cannot ping its gateway");
+    assert!(
+        reachable(SERVER),
+        "client cannot ping the server through the firewall"
+    );
+
+    let tcp = Topology::run(topo.in_client("iperf3", &["-c", SERVER, "-t", "2", "-J"]));
+    assert!(
+        tcp.status.success(),
+        "iperf3 TCP failed: {}",
+        String::from_utf8_lossy(&tcp.stdout)
+    );
+    let received = json(&tcp)["end"]["sum_received"]["bytes"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(received > 0, "no TCP data arrived");
+
+    let udp = Topology::run(topo.in_client(
+        "iperf3",
+        &["-c", SERVER, "-u", "-b", "10M", "-t", "2", "-J"],
+    ));
+    assert!(
+        udp.status.success(),
+        "iperf3 UDP failed: {}",
+        String::from_utf8_lossy(&udp.stdout)
+    );
+    let sum = &json(&udp)["end"]["sum"];
+    let (packets, lost) = (
+        sum["packets"].as_u64().unwrap_or(0),
+        sum["lost_packets"].as_u64().unwrap_or(u64::MAX),
+    );
+    assert!(
+        packets > 0 && lost < packets,
+        "UDP: {packets} sent, {lost} lost"
+    );
+
+    // The server saw the firewall's address, not the client's: NAT.
+    let seen: Vec<String> = server_lines
+        .try_iter()
+        .filter(|l| l.contains("Accepted connection from"))
+        .collect();
+    assert!(
+        !seen.is_empty() && seen.iter().all(|l| l.contains(UPLINK)),
+        "server saw: {seen:?}"
+    );
+
+    // A port the rules do not allow: refused at once with ICMP
+    // admin-prohibited, which Linux reports as "No route to host".
+    let blocked = Topology::run(topo.in_client(
+        "timeout",
+        &["10", "bash", "-c", &format!("exec 3<>/dev/tcp/{SERVER}/22")],
+    ));
+    assert!(!blocked.status.success(), "port 22 must be blocked");
+    let err = String::from_utf8_lossy(&blocked.stderr);
+    assert!(
+        err.contains("No route to host"),
+        "expected a reject, got: {err}"
+    );
+
+    let _ = server.kill();
+    let _ = server.wait();
+    vm.send_keys(b"q");
+    let (status, console) = vm.drain_until_exit(Instant::now() + Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(EXIT_SUCCESS),
+        "{console}"
+    );
+    let c = parse_counters(&console);
+    assert!(
+        c.get("drops.rule-reject").copied().unwrap_or(0) >= 1,
+        "{console}"
+    );
+    assert!(
+        c.get("firewall.to_upstream").copied().unwrap_or(0) > 100,
+        "{console}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
