@@ -199,3 +199,6 @@ impl<T: Transport> Nic for VirtioNet<T> {
         self.stats
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -230,4 +230,4 @@ impl SplitQueue {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -388,3 +388,59 @@ fn malformed_frames_are_dropped_counted_and_forwarding_goes_on() {
     }
     assert_eq!(done.counter("firewall.to_upstream"), 1);
 }
+
+#[test]
+fn replies_reach_the_right_client_when_nat_ports_collide() {
+    let lab = Lab::start(QUBESDB);
+    const OTHER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x11];
+    // Both clients use source port 40000 towards the same server port.
+    lab.downlink
+        .send(&client_udp(SERVER_IP, 40000, 5201, b"one"));
+    let a = lab
+        .uplink
+        .recv(WAIT)
+        .map(|f| Frame::parse(&f))
+        .expect("first flow");
+    lab.downlink.send(&udp(
+        (OTHER_MAC, DOWNLINK_MAC),
+        OTHER_CLIENT_IP,
+        SERVER_IP,
+        64,
+        (40000, 5201),
+        b"two",
+    ));
+    let b = lab
+        .uplink
+        .recv(WAIT)
+        .map(|f| Frame::parse(&f))
+        .expect("second flow");
+    let (pa, pb) = (a.ip().sport, b.ip().sport);
+    assert_ne!(pa, pb, "the second flow got another NAT port");
+    assert_eq!((a.ip().src, b.ip().src), (UPLINK_IP, UPLINK_IP));
+    // Replies, second flow first.
+    for (port, mac, ip, body) in [
+        (pb, OTHER_MAC, OTHER_CLIENT_IP, b"to-two"),
+        (pa, CLIENT_MAC, CLIENT_IP, b"to-one"),
+    ] {
+        lab.uplink.send(&udp(
+            (GATEWAY_MAC, UPLINK_MAC),
+            SERVER_IP,
+            UPLINK_IP,
+            64,
+            (5201, port),
+            body,
+        ));
+        let r = lab
+            .downlink
+            .recv(WAIT)
+            .map(|f| Frame::parse(&f))
+            .expect("reply");
+        assert_eq!(
+            (r.dst, r.ip().dst, r.ip().dport, &r.ip().l4[8..]),
+            (mac, ip, 40000, &body[..])
+        );
+        assert!(r.ip().checksums_ok);
+    }
+    let done = lab.finish();
+    assert_eq!(done.counter("firewall.to_clients"), 2, "{}", done.console);
+}

@@ -5,7 +5,7 @@ use crate::pool::tests::region;
 use crate::pool::{PacketPool, BUF_SIZE};
 
 /// The device's view: reads the available ring, writes the used ring.
-struct FakeDevice {
+pub(crate) struct FakeDevice {
     base: *mut u8,
     size: u16,
     next_avail: u16,
@@ -14,9 +14,13 @@ struct FakeDevice {
 
 impl FakeDevice {
     fn new(q: &SplitQueue) -> Self {
+        Self::at(q.desc_paddr(), q.size())
+    }
+    /// A device for the queue whose rings start at `desc` (host memory).
+    pub(crate) fn at(desc: u64, size: u16) -> Self {
         Self {
-            base: q.desc_paddr() as *mut u8,
-            size: q.size(),
+            base: desc as *mut u8,
+            size,
             next_avail: 0,
             used_idx: 0,
         }
@@ -25,7 +29,7 @@ impl FakeDevice {
         // SAFETY: test memory, inside the ring layout.
         unsafe { (self.base.add(off) as *const u16).read_volatile() }
     }
-    fn wr16(&self, off: usize, v: u16) {
+    pub(crate) fn wr16(&self, off: usize, v: u16) {
         // SAFETY: as above.
         unsafe { (self.base.add(off) as *mut u16).write_volatile(v) }
     }
@@ -36,11 +40,11 @@ impl FakeDevice {
     fn avail_off(&self) -> usize {
         16 * usize::from(self.size)
     }
-    fn used_off(&self) -> usize {
+    pub(crate) fn used_off(&self) -> usize {
         align4(16 * usize::from(self.size) + 6 + 2 * usize::from(self.size))
     }
     /// Takes every newly available descriptor: (id, addr, len, flags).
-    fn take(&mut self) -> Vec<(u16, u64, u32, u16)> {
+    pub(crate) fn take(&mut self) -> Vec<(u16, u64, u32, u16)> {
         let mut out = Vec::new();
         let idx = self.rd16(self.avail_off() + 2);
         while self.next_avail != idx {
@@ -60,7 +64,7 @@ impl FakeDevice {
         }
         out
     }
-    fn complete(&mut self, id: u32, len: u32) {
+    pub(crate) fn complete(&mut self, id: u32, len: u32) {
         let slot = usize::from(self.used_idx & (self.size - 1));
         self.wr32(self.used_off() + 4 + 8 * slot, id);
         self.wr32(self.used_off() + 8 + 8 * slot, len);
