@@ -79,7 +79,9 @@ drop_reasons! {
     BadIpv4Checksum => "bad-ipv4-checksum",
     BadL4Header => "bad-l4-header",
     BadL4Checksum => "bad-l4-checksum",
-    Fragment => "fragment",
+    Fragment => "fragment-unknown",
+    FragmentOutOfOrder => "fragment-out-of-order",
+    FragmentTableFull => "fragment-table-full",
     Spoofed => "spoofed-source",
     ClientToClient => "client-to-client",
     ToFirewall => "to-firewall",
@@ -159,6 +161,93 @@ struct ArpWanted {
     last_sent: Option<u64>,
 }
 
+/// Fragmented datagrams in flight: fragments after the first carry no
+/// ports, so they follow the first fragment's verdict and translation.
+/// Fragments must arrive in order, without gaps or overlaps; a datagram of
+/// more than `MAX_FRAGMENTS` pieces or one not finished within
+/// `FRAGMENT_LIFETIME_MS` is forgotten, and its later fragments dropped.
+#[derive(Default)]
+struct FragmentTable {
+    entries: Vec<FragmentEntry>,
+}
+
+#[derive(Clone, Copy)]
+struct FragmentEntry {
+    /// (source, destination, protocol, id) as the fragments arrive.
+    key: (Ipv4Addr, Ipv4Addr, u8, u16),
+    /// The addresses to write.
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    /// The client to deliver to, or `None` for upstream.
+    to_client: Option<Ipv4Addr>,
+    next_offset: usize,
+    count: u16,
+    expires: u64,
+}
+
+const FRAGMENT_TABLE: usize = 64;
+const MAX_FRAGMENTS: u16 = 64;
+const FRAGMENT_LIFETIME_MS: u64 = 30_000;
+
+impl FragmentTable {
+    fn key(info: &Ipv4Info) -> (Ipv4Addr, Ipv4Addr, u8, u16) {
+        (info.src, info.dst, info.proto, info.ip_id)
+    }
+
+    /// Remembers a first fragment that was forwarded.
+    fn start(
+        &mut self,
+        info: &Ipv4Info,
+        (src, dst): (Ipv4Addr, Ipv4Addr),
+        to_client: Option<Ipv4Addr>,
+        now: u64,
+    ) -> Result<(), DropReason> {
+        self.entries.retain(|e| e.expires > now);
+        let key = Self::key(info);
+        self.entries.retain(|e| e.key != key);
+        if self.entries.len() >= FRAGMENT_TABLE {
+            return Err(DropReason::FragmentTableFull);
+        }
+        self.entries.push(FragmentEntry {
+            key,
+            src,
+            dst,
+            to_client,
+            next_offset: info.end - info.l4,
+            count: 1,
+            expires: now + FRAGMENT_LIFETIME_MS,
+        });
+        Ok(())
+    }
+
+    /// The translation for a later fragment, if it is the next one of a
+    /// datagram whose first fragment was forwarded.
+    fn next(
+        &mut self,
+        info: &Ipv4Info,
+        now: u64,
+    ) -> Result<(Ipv4Addr, Ipv4Addr, Option<Ipv4Addr>), DropReason> {
+        let key = Self::key(info);
+        let i = self
+            .entries
+            .iter()
+            .position(|e| e.key == key && e.expires > now)
+            .ok_or(DropReason::Fragment)?;
+        let e = &mut self.entries[i];
+        if info.frag_offset != e.next_offset || e.count >= MAX_FRAGMENTS {
+            self.entries.swap_remove(i);
+            return Err(DropReason::FragmentOutOfOrder);
+        }
+        e.next_offset += info.end - info.l4;
+        e.count += 1;
+        let out = (e.src, e.dst, e.to_client);
+        if !info.more_fragments {
+            self.entries.swap_remove(i);
+        }
+        Ok(out)
+    }
+}
+
 /// An ICMP error the firewall sends instead of forwarding, and the drop
 /// reason it counts.
 struct IcmpError {
@@ -198,6 +287,7 @@ pub struct Firewall {
     arp: Vec<ArpEntry>,
     wanted: Vec<ArpWanted>,
     ct: Conntrack,
+    frags: FragmentTable,
     icmp_bucket: TokenBucket,
     stats: Stats,
 }
@@ -237,6 +327,7 @@ impl Firewall {
             arp: Vec::with_capacity(ARP_CACHE),
             wanted,
             ct,
+            frags: FragmentTable::default(),
             icmp_bucket: TokenBucket {
                 tokens: ICMP_ERROR_BURST,
                 last: 0,
@@ -549,11 +640,11 @@ impl Firewall {
         if !self.bind_client(ci, port, src_mac) {
             return self.drop(DropReason::Spoofed);
         }
-        if info.fragment {
-            return self.drop(DropReason::Fragment);
-        }
         let gw = self.cfg.client_gateway;
         if info.dst == gw || info.dst == self.cfg.uplink_ip {
+            if info.fragment {
+                return self.drop(DropReason::ToFirewall);
+            }
             if info.proto == PROTO_ICMP && info.sport == 8 {
                 return self.echo_reply(buf, port, info);
             }
@@ -561,6 +652,9 @@ impl Firewall {
         }
         if self.client_index.contains_key(&info.dst) {
             return self.drop(DropReason::ClientToClient);
+        }
+        if info.frag_offset != 0 {
+            return self.later_fragment(now, buf, info);
         }
         if info.ttl <= 1 {
             let err = IcmpError {
@@ -699,6 +793,12 @@ impl Firewall {
         } else {
             (flow.nat_port, flow.remote_port)
         };
+        if info.more_fragments {
+            let rewrite_to = (self.cfg.uplink_ip, flow.remote);
+            if let Err(reason) = self.frags.start(info, rewrite_to, None, now) {
+                return self.drop(reason);
+            }
+        }
         rewrite(buf, info, self.cfg.uplink_ip, sport, flow.remote, dport);
         put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV4);
         self.stats.to_upstream += 1;
@@ -714,11 +814,14 @@ impl Firewall {
         if info.dst != self.cfg.uplink_ip {
             return self.drop(DropReason::NotForUs);
         }
-        if info.fragment {
-            return self.drop(DropReason::Fragment);
+        if info.frag_offset != 0 {
+            return self.later_fragment(now, buf, info);
         }
         let uplink = self.cfg.uplink_ip;
         let reply = match info.proto {
+            PROTO_ICMP if info.fragment && info.sport != 0 => {
+                return self.drop(DropReason::Fragment)
+            }
             PROTO_ICMP if info.sport == 8 => return self.echo_reply(buf, UPLINK, info),
             PROTO_ICMP if info.sport == 0 => {
                 let id = get_u16(buf, info.l4 + 4).unwrap_or(0);
@@ -757,8 +860,45 @@ impl Firewall {
         } else {
             (c.dport, c.sport)
         };
+        if info.more_fragments {
+            if let Err(reason) = self.frags.start(info, (c.dst, c.src), Some(c.src), now) {
+                return self.drop(reason);
+            }
+        }
         rewrite(buf, info, c.dst, sport, c.src, dport);
         self.send_to_client(buf, c.src, info.end)
+    }
+
+    /// A fragment after the first: it follows the first fragment's verdict
+    /// and translation, in order, or is dropped.
+    fn later_fragment(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info) -> Verdict {
+        let (src, dst, to_client) = match self.frags.next(info, now) {
+            Ok(t) => t,
+            Err(reason) => return self.drop(reason),
+        };
+        if info.ttl <= 1 {
+            return self.drop(DropReason::TtlExceeded);
+        }
+        rewrite_ip(buf, info, src, dst);
+        match to_client {
+            Some(client) => self.send_to_client(buf, client, info.end),
+            None => {
+                let next_hop = if self.cfg.on_uplink_subnet(dst) {
+                    dst
+                } else {
+                    self.cfg.gateway
+                };
+                let Some(mac) = self.arp_lookup(next_hop, now) else {
+                    return self.drop(DropReason::ArpUnresolved);
+                };
+                put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV4);
+                self.stats.to_upstream += 1;
+                Verdict::Forward {
+                    port: UPLINK,
+                    len: info.end,
+                }
+            }
+        }
     }
 
     /// Sends a rewritten frame to client `ip` on its port.
@@ -878,22 +1018,29 @@ impl Firewall {
     }
 }
 
-/// Rewrites addresses and ports (for ICMP echo: `sport` is the identifier)
-/// with incremental checksum updates, and decrements the TTL.
-fn rewrite(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) {
-    let (l3, l4) = (info.l3, info.l4);
-    let (old_src, old_dst) = (u32::from(info.src), u32::from(info.dst));
-    let (new_src, new_dst) = (u32::from(src), u32::from(dst));
+/// Rewrites the IPv4 addresses and decrements the TTL, updating the header
+/// checksum incrementally.
+fn rewrite_ip(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, dst: Ipv4Addr) {
+    let l3 = info.l3;
     let old_ttl = get_u16(buf, l3 + 8).unwrap_or(0);
     let new_ttl = old_ttl.wrapping_sub(0x100);
     let mut ipc = get_u16(buf, l3 + 10).unwrap_or(0);
-    ipc = update32(ipc, old_src, new_src);
-    ipc = update32(ipc, old_dst, new_dst);
+    ipc = update32(ipc, u32::from(info.src), u32::from(src));
+    ipc = update32(ipc, u32::from(info.dst), u32::from(dst));
     ipc = update16(ipc, old_ttl, new_ttl);
     put_ip(buf, l3 + 12, src);
     put_ip(buf, l3 + 16, dst);
     put_u16(buf, l3 + 8, new_ttl);
     put_u16(buf, l3 + 10, ipc);
+}
+
+/// Rewrites addresses and ports (for ICMP echo: `sport` is the identifier)
+/// with incremental checksum updates, and decrements the TTL.
+fn rewrite(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) {
+    let l4 = info.l4;
+    let (old_src, old_dst) = (u32::from(info.src), u32::from(info.dst));
+    let (new_src, new_dst) = (u32::from(src), u32::from(dst));
+    rewrite_ip(buf, info, src, dst);
     match info.proto {
         PROTO_TCP | PROTO_UDP => {
             let Some(off) = l4_checksum_offset(info.proto) else {

@@ -162,6 +162,12 @@ pub struct Ipv4Info {
     pub dst: Ipv4Addr,
     /// Fragment offset non-zero or more-fragments set.
     pub fragment: bool,
+    /// Offset of this fragment's data in its datagram, in bytes.
+    pub frag_offset: usize,
+    /// The more-fragments flag.
+    pub more_fragments: bool,
+    /// The IPv4 identification field.
+    pub ip_id: u16,
     /// TCP/UDP ports, or ICMP (type, code) in `sport`/`dport` for ICMP.
     pub sport: u16,
     pub dport: u16,
@@ -185,8 +191,9 @@ pub fn l4_checksum_offset(proto: u8) -> Option<usize> {
 }
 
 /// Validates the IPv4 packet of `frame` (Ethernet type already checked):
-/// header, lengths, header checksum, and for unfragmented TCP/UDP/ICMP the
-/// transport header and checksum.
+/// header, lengths, header checksum, and for TCP/UDP/ICMP the transport
+/// header (whole datagrams and first fragments) and checksum (whole
+/// datagrams only).
 pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
     let l3 = ETH_HEADER;
     let vihl = get_u8(frame, l3).ok_or(Malformed::Ipv4Header)?;
@@ -204,6 +211,7 @@ pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
     }
     let frag = get_u16(frame, l3 + 6).ok_or(Malformed::Ipv4Header)?;
     let fragment = frag & 0x3fff != 0;
+    let frag_offset = usize::from(frag & 0x1fff) * 8;
     let proto = get_u8(frame, l3 + 9).ok_or(Malformed::Ipv4Header)?;
     let mut info = Ipv4Info {
         l3,
@@ -214,13 +222,20 @@ pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
         src: get_ip(frame, l3 + 12).ok_or(Malformed::Ipv4Header)?,
         dst: get_ip(frame, l3 + 16).ok_or(Malformed::Ipv4Header)?,
         fragment,
+        frag_offset,
+        more_fragments: frag & 0x2000 != 0,
+        ip_id: get_u16(frame, l3 + 4).ok_or(Malformed::Ipv4Header)?,
         sport: 0,
         dport: 0,
         tcp_flags: 0,
     };
-    if fragment {
+    if frag_offset != 0 {
+        // Later fragments carry no transport header.
         return Ok(info);
     }
+    // A first fragment must hold the whole transport header; its checksum
+    // covers the whole datagram and is left to the receiver.
+    let verify = !fragment;
     let l4 = info.l4;
     let seg = frame.get(l4..info.end).ok_or(Malformed::Ipv4Length)?;
     match proto {
@@ -232,26 +247,27 @@ pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
             info.sport = get_u16(seg, 0).ok_or(Malformed::L4Header)?;
             info.dport = get_u16(seg, 2).ok_or(Malformed::L4Header)?;
             info.tcp_flags = get_u8(seg, 13).ok_or(Malformed::L4Header)?;
-            if fold(sum16(
-                seg,
-                pseudo_header_sum(info.src, info.dst, proto, seg.len()),
-            )) != 0
+            if verify
+                && fold(sum16(
+                    seg,
+                    pseudo_header_sum(info.src, info.dst, proto, seg.len()),
+                )) != 0
             {
                 return Err(Malformed::L4Checksum);
             }
         }
         PROTO_UDP => {
             let len = usize::from(get_u16(seg, 4).ok_or(Malformed::L4Header)?);
-            if len < 8 || len > seg.len() {
+            if len < 8 || seg.len() < 8 || (verify && len > seg.len()) {
                 return Err(Malformed::L4Header);
             }
             info.sport = get_u16(seg, 0).ok_or(Malformed::L4Header)?;
             info.dport = get_u16(seg, 2).ok_or(Malformed::L4Header)?;
-            let udp = seg.get(..len).ok_or(Malformed::L4Header)?;
             let sent = get_u16(seg, 6).ok_or(Malformed::L4Header)?;
-            if sent != 0
+            if verify
+                && sent != 0
                 && fold(sum16(
-                    udp,
+                    seg.get(..len).ok_or(Malformed::L4Header)?,
                     pseudo_header_sum(info.src, info.dst, proto, len),
                 )) != 0
             {
@@ -264,7 +280,7 @@ pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
             }
             info.sport = u16::from(get_u8(seg, 0).ok_or(Malformed::L4Header)?);
             info.dport = u16::from(get_u8(seg, 1).ok_or(Malformed::L4Header)?);
-            if checksum(seg) != 0 {
+            if verify && checksum(seg) != 0 {
                 return Err(Malformed::L4Checksum);
             }
         }

@@ -64,6 +64,15 @@ fn iperf3_tcp_and_udp_cross_the_firewall_and_blocked_ports_are_refused() {
         "client cannot ping the server through the firewall"
     );
 
+    // A ping larger than the MTU: fragmented both ways, every fragment
+    // following its first.
+    let big = Topology::run(topo.in_client("ping", &["-c", "2", "-s", "4000", "-W", "2", SERVER]));
+    assert!(
+        big.status.success(),
+        "fragmented ping failed: {}",
+        String::from_utf8_lossy(&big.stdout)
+    );
+
     let tcp = Topology::run(topo.in_client("iperf3", &["-c", SERVER, "-t", "2", "-J"]));
     assert!(
         tcp.status.success(),

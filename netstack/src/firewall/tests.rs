@@ -656,3 +656,166 @@ fn every_truncation_of_every_frame_is_handled() {
         }
     }
 }
+
+/// Splits an IPv4 frame into two fragments at `at` bytes of IP payload
+/// (a multiple of 8), with identification `id`.
+fn fragments(frame: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
+    let payload = &frame[34..];
+    let make = |data: &[u8], offset: usize, more: bool| {
+        let mut f = frame[..34].to_vec();
+        f.extend_from_slice(data);
+        put_u16(&mut f, 16, (20 + data.len()) as u16);
+        put_u16(&mut f, 18, id);
+        put_u16(
+            &mut f,
+            20,
+            (offset / 8) as u16 | if more { 0x2000 } else { 0 },
+        );
+        put_u16(&mut f, 24, 0);
+        let c = checksum(&f[14..34]);
+        put_u16(&mut f, 24, c);
+        f
+    };
+    (
+        make(&payload[..at], 0, true),
+        make(&payload[at..], at, false),
+    )
+}
+
+#[test]
+fn fragments_follow_the_first_fragment() {
+    let mut fw = ready();
+    let body = [0x5au8; 100];
+    let whole = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(7000, 5201, &body),
+    );
+    let (first, second) = fragments(&whole, 48, 0x1234);
+    let (v1, out1) = run(&mut fw, 0, 1, &first);
+    assert!(
+        matches!(v1, Verdict::Forward { port: UPLINK, .. }),
+        "{v1:?}"
+    );
+    let (v2, out2) = run(&mut fw, 0, 1, &second);
+    assert!(
+        matches!(v2, Verdict::Forward { port: UPLINK, .. }),
+        "{v2:?}"
+    );
+    for f in [&out1, &out2] {
+        assert_eq!(checksum(&f[14..34]), 0, "header checksum");
+        assert_eq!(
+            (get_ip(f, 26), get_ip(f, 30), f[22]),
+            (Some(UPLINK_IP), Some(SERVER), 63)
+        );
+    }
+    // Reassembled upstream, the UDP checksum holds for the new addresses.
+    let mut seg = out1[34..].to_vec();
+    seg.extend_from_slice(&out2[34..]);
+    assert_eq!(
+        fold(sum16(
+            &seg,
+            pseudo_header_sum(UPLINK_IP, SERVER, PROTO_UDP, seg.len())
+        )),
+        0
+    );
+
+    // The reply comes back fragmented too.
+    let nat_port = get_u16(&out1, 34).unwrap();
+    let reply = ipv4(
+        UP_MAC,
+        GW_MAC,
+        SERVER,
+        UPLINK_IP,
+        64,
+        PROTO_UDP,
+        &udp_seg(5201, nat_port, &body),
+    );
+    let (r1, r2) = fragments(&reply, 56, 0x4321);
+    let (v, o1) = run(&mut fw, 1, UPLINK, &r1);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    let (v, o2) = run(&mut fw, 1, UPLINK, &r2);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    assert_eq!(
+        (get_ip(&o2, 30), get_mac(&o2, 0)),
+        (Some(CLIENT), Some(CLIENT_MAC))
+    );
+    let mut seg = o1[34..].to_vec();
+    seg.extend_from_slice(&o2[34..]);
+    assert_eq!(
+        fold(sum16(
+            &seg,
+            pseudo_header_sum(SERVER, CLIENT, PROTO_UDP, seg.len())
+        )),
+        0
+    );
+    assert_eq!(get_u16(&seg, 2), Some(7000));
+}
+
+#[test]
+fn stray_out_of_order_and_blocked_fragments_are_dropped() {
+    let mut fw = ready();
+    let whole = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(7001, 5201, &[1u8; 100]),
+    );
+    let (first, second) = fragments(&whole, 48, 7);
+    // A later fragment whose first fragment was never seen.
+    assert_eq!(
+        run(&mut fw, 0, 1, &second).0,
+        Verdict::Drop(DropReason::Fragment)
+    );
+    // Out of order: the offset does not continue the datagram.
+    assert!(matches!(
+        run(&mut fw, 0, 1, &first).0,
+        Verdict::Forward { .. }
+    ));
+    let mut gap = second.clone();
+    put_u16(&mut gap, 20, 8); // offset 64 instead of 48
+    put_u16(&mut gap, 24, 0);
+    let c = checksum(&gap[14..34]);
+    put_u16(&mut gap, 24, c);
+    assert_eq!(
+        run(&mut fw, 0, 1, &gap).0,
+        Verdict::Drop(DropReason::FragmentOutOfOrder)
+    );
+    assert_eq!(
+        run(&mut fw, 0, 1, &second).0,
+        Verdict::Drop(DropReason::Fragment),
+        "datagram forgotten"
+    );
+    // A blocked flow: the first fragment is rejected, the rest dropped.
+    let blocked = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(7002, 9999, &[2u8; 100]),
+    );
+    let (b1, b2) = fragments(&blocked, 48, 8);
+    assert!(
+        matches!(run(&mut fw, 0, 1, &b1).0, Verdict::Forward { port: 1, .. }),
+        "ICMP reject"
+    );
+    assert_eq!(
+        run(&mut fw, 0, 1, &b2).0,
+        Verdict::Drop(DropReason::Fragment)
+    );
+    // A first fragment too short to hold the UDP header.
+    let (tiny, _) = fragments(&whole, 0, 9);
+    assert_eq!(
+        run(&mut fw, 0, 1, &tiny).0,
+        Verdict::Drop(DropReason::BadL4Header)
+    );
+}
