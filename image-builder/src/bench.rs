@@ -1,7 +1,8 @@
 //! `cargo xtask bench`: measurements that print numbers, never pass/fail.
 //!
 //! `bench boot` boots the kernel repeatedly and times, from the moment QEMU
-//! is started, the kernel's first console line and QEMU's exit.
+//! is started, the kernel's first console line and QEMU's exit. `bench
+//! netstack` runs the firewall stage's criterion benchmarks on the host.
 
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,25 @@ const BOOT_GOAL: Duration = Duration::from_millis(300);
 pub fn run(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
         Some("boot") => boot(&args[1..]),
-        _ => Err("usage: cargo xtask bench boot [--runs N] [--accel tcg|kvm]".into()),
+        Some("netstack") => netstack(&args[1..]),
+        _ => Err("usage: cargo xtask bench boot [--runs N] [--accel tcg|kvm] | bench netstack [criterion args]".into()),
     }
+}
+
+/// The firewall stage on the host: criterion benchmarks of `netstack`.
+fn netstack(args: &[String]) -> Result<(), String> {
+    crate::check(
+        crate::cargo()
+            .args([
+                "bench",
+                "--package",
+                "netstack",
+                "--bench",
+                "firewall",
+                "--",
+            ])
+            .args(args),
+    )
 }
 
 fn median(v: &mut [Duration]) -> Duration {

@@ -164,6 +164,15 @@ impl Conntrack {
         self.slots.len()
     }
 
+    /// Bytes the table holds on the heap (slots, free list, both indexes).
+    /// Fixed at creation: a flood of new flows cannot grow it.
+    pub fn memory_bytes(&self) -> usize {
+        self.slots.capacity() * core::mem::size_of::<Option<Flow>>()
+            + self.free.capacity() * core::mem::size_of::<u32>()
+            + self.by_client.allocation_size()
+            + self.by_reply.allocation_size()
+    }
+
     fn remove(&mut self, idx: u32) {
         if let Some(f) = self.slots.get_mut(idx as usize).and_then(Option::take) {
             self.by_client.remove(&f.client);

@@ -348,6 +348,11 @@ impl Firewall {
         self.ct.len()
     }
 
+    /// Heap bytes of the connection table (fixed at creation).
+    pub fn conntrack_memory(&self) -> usize {
+        self.ct.memory_bytes()
+    }
+
     /// The MAC the upstream gateway answered with, once resolved.
     pub fn gateway_mac(&self) -> Option<Mac> {
         self.arp_lookup(self.cfg.gateway, 0)
@@ -554,6 +559,9 @@ impl Firewall {
 
     /// Turns the frame into an echo reply from `own_ip`, back out of `port`.
     fn echo_reply(&mut self, buf: &mut [u8], port: usize, info: &Ipv4Info) -> Verdict {
+        if !l4_checksum_ok(buf, info) {
+            return self.drop(DropReason::BadL4Checksum);
+        }
         let l3 = info.l3;
         let own = self.mac(port);
         swap_macs(buf, own);
@@ -691,6 +699,7 @@ impl Firewall {
                 f.touch(now, true, info.tcp_flags);
                 *f
             }
+            None if !l4_checksum_ok(buf, info) => return self.drop(DropReason::BadL4Checksum),
             None => match self.new_flow(now, ci, &tuple, info) {
                 Ok(f) => f,
                 Err(reason) if reason == DropReason::RuleReject => {
@@ -921,6 +930,9 @@ impl Firewall {
     /// An ICMP error from upstream quoting a packet we translated: the
     /// quoted packet and the outer destination are translated back.
     fn icmp_error_from_upstream(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info) -> Verdict {
+        if !l4_checksum_ok(buf, info) {
+            return self.drop(DropReason::BadL4Checksum);
+        }
         let inner = info.l4 + 8;
         let Some(ihl) = get_u8(buf, inner).map(|v| usize::from(v & 0x0f) * 4) else {
             return self.drop(DropReason::BadL4Header);

@@ -196,6 +196,7 @@ pub struct Probe {
 pub struct Ruleset {
     pub rules: Vec<Rule>,
     pub policy: Action,
+    matchers: Vec<Matcher>,
 }
 
 impl Ruleset {
@@ -225,9 +226,13 @@ impl Ruleset {
             }
         }
         numbered.sort_by(|a, b| a.0.cmp(b.0));
+        let policy = policy.ok_or(RuleError::NoPolicy)?;
+        let rules: Vec<Rule> = numbered.into_iter().map(|(_, r)| r).collect();
+        let matchers = rules.iter().map(Matcher::compile).collect();
         Ok(Self {
-            rules: numbered.into_iter().map(|(_, r)| r).collect(),
-            policy: policy.ok_or(RuleError::NoPolicy)?,
+            rules,
+            policy,
+            matchers,
         })
     }
 
@@ -235,60 +240,82 @@ impl Ruleset {
     /// (`None` for the policy). `have_dns` says whether any DNS address is
     /// configured (DNS rules are skipped otherwise, as in Qubes).
     pub fn decide(&self, p: &Probe, have_dns: bool) -> (Action, Option<usize>) {
-        for (i, r) in self.rules.iter().enumerate() {
-            if r.matches(p, have_dns) {
-                return (r.action, Some(i));
-            }
+        match self.matchers.iter().position(|m| m.matches(p, have_dns)) {
+            Some(i) => (self.matchers[i].action, Some(i)),
+            None => (self.policy, None),
         }
-        (self.policy, None)
     }
 }
 
-impl Rule {
-    fn matches(&self, p: &Probe, have_dns: bool) -> bool {
-        if self.dst6.is_some() || self.dsthost.is_some() {
-            // IPv6 rules never match IPv4 packets; unresolved names match
-            // nothing.
-            return false;
-        }
-        let mut ports = self.dstports;
-        if self.dns {
-            if !matches!(ports, None | Some((53, 53))) || !have_dns {
-                return false;
-            }
+/// A rule compiled for matching: small, fixed-size, no options to unwrap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Matcher {
+    /// `ANY_PROTO`, `TCP_OR_UDP`, or a protocol number.
+    proto: u8,
+    net: u32,
+    mask: u32,
+    /// Ports apply (TCP and UDP only).
+    ports: Option<(u16, u16)>,
+    icmp_type: Option<u8>,
+    /// Matches only traffic to the DNS addresses, and only when any exist.
+    dns: bool,
+    /// Can never match an IPv4 packet (`dst6`), or is skipped (a DNS rule
+    /// naming ports other than 53).
+    never: bool,
+    action: Action,
+}
+
+const ANY_PROTO: u8 = 0;
+const TCP_OR_UDP: u8 = 255;
+
+impl Matcher {
+    fn compile(r: &Rule) -> Self {
+        let mut ports = r.dstports;
+        let mut never = r.dst6.is_some() || r.dsthost.is_some();
+        if r.dns {
+            never |= !matches!(ports, None | Some((53, 53)));
             ports = Some((53, 53));
-            if !p.to_dns {
-                return false;
-            }
         }
-        match self.proto {
-            Some(proto) if proto.number() != p.proto => return false,
-            None if ports.is_some() && p.proto != PROTO_TCP && p.proto != PROTO_UDP => {
-                return false
-            }
-            _ => {}
+        let proto = match (r.proto, ports) {
+            (Some(p), _) => p.number(),
+            (None, Some(_)) => TCP_OR_UDP,
+            (None, None) => ANY_PROTO,
+        };
+        let (net, len) = r.dst4.map_or((0, 0), |(a, l)| (u32::from(a), l));
+        let mask = if len == 0 {
+            0
+        } else {
+            u32::MAX << (32 - u32::from(len))
+        };
+        Self {
+            proto,
+            net: net & mask,
+            mask,
+            ports,
+            icmp_type: r.icmptype,
+            dns: r.dns,
+            never,
+            action: r.action,
         }
-        if let Some((net, len)) = self.dst4 {
-            let mask = if len == 0 {
-                0
-            } else {
-                u32::MAX << (32 - u32::from(len))
-            };
-            if u32::from(p.dst) & mask != u32::from(net) & mask {
-                return false;
+    }
+
+    #[inline]
+    fn matches(&self, p: &Probe, have_dns: bool) -> bool {
+        let tcp_udp = p.proto == PROTO_TCP || p.proto == PROTO_UDP;
+        !self.never
+            && (!self.dns || (have_dns && p.to_dns))
+            && match self.proto {
+                ANY_PROTO => true,
+                TCP_OR_UDP => tcp_udp,
+                n => n == p.proto,
             }
-        }
-        if let Some((lo, hi)) = ports {
-            if !(p.proto == PROTO_TCP || p.proto == PROTO_UDP) || p.dport < lo || p.dport > hi {
-                return false;
-            }
-        }
-        if let Some(t) = self.icmptype {
-            if p.proto != PROTO_ICMP || p.icmp_type != t {
-                return false;
-            }
-        }
-        true
+            && u32::from(p.dst) & self.mask == self.net
+            && self
+                .ports
+                .is_none_or(|(lo, hi)| tcp_udp && p.dport >= lo && p.dport <= hi)
+            && self
+                .icmp_type
+                .is_none_or(|t| p.proto == PROTO_ICMP && p.icmp_type == t)
     }
 }
 

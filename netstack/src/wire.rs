@@ -192,8 +192,11 @@ pub fn l4_checksum_offset(proto: u8) -> Option<usize> {
 
 /// Validates the IPv4 packet of `frame` (Ethernet type already checked):
 /// header, lengths, header checksum, and for TCP/UDP/ICMP the transport
-/// header (whole datagrams and first fragments) and checksum (whole
-/// datagrams only).
+/// header (whole datagrams and first fragments). The transport checksum is
+/// checked separately (`l4_checksum_ok`): it costs a pass over the payload,
+/// so the firewall checks it where a packet starts something (a new flow, a
+/// reply from the firewall itself), not on every packet of an established
+/// flow, which it forwards with the checksum updated, as routers do.
 pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
     let l3 = ETH_HEADER;
     let vihl = get_u8(frame, l3).ok_or(Malformed::Ipv4Header)?;
@@ -233,9 +236,7 @@ pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
         // Later fragments carry no transport header.
         return Ok(info);
     }
-    // A first fragment must hold the whole transport header; its checksum
-    // covers the whole datagram and is left to the receiver.
-    let verify = !fragment;
+    // A first fragment must hold the whole transport header.
     let l4 = info.l4;
     let seg = frame.get(l4..info.end).ok_or(Malformed::Ipv4Length)?;
     match proto {
@@ -247,32 +248,14 @@ pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
             info.sport = get_u16(seg, 0).ok_or(Malformed::L4Header)?;
             info.dport = get_u16(seg, 2).ok_or(Malformed::L4Header)?;
             info.tcp_flags = get_u8(seg, 13).ok_or(Malformed::L4Header)?;
-            if verify
-                && fold(sum16(
-                    seg,
-                    pseudo_header_sum(info.src, info.dst, proto, seg.len()),
-                )) != 0
-            {
-                return Err(Malformed::L4Checksum);
-            }
         }
         PROTO_UDP => {
             let len = usize::from(get_u16(seg, 4).ok_or(Malformed::L4Header)?);
-            if len < 8 || seg.len() < 8 || (verify && len > seg.len()) {
+            if len < 8 || seg.len() < 8 || (!fragment && len > seg.len()) {
                 return Err(Malformed::L4Header);
             }
             info.sport = get_u16(seg, 0).ok_or(Malformed::L4Header)?;
             info.dport = get_u16(seg, 2).ok_or(Malformed::L4Header)?;
-            let sent = get_u16(seg, 6).ok_or(Malformed::L4Header)?;
-            if verify
-                && sent != 0
-                && fold(sum16(
-                    seg.get(..len).ok_or(Malformed::L4Header)?,
-                    pseudo_header_sum(info.src, info.dst, proto, len),
-                )) != 0
-            {
-                return Err(Malformed::L4Checksum);
-            }
         }
         PROTO_ICMP => {
             if seg.len() < 8 {
@@ -280,13 +263,45 @@ pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
             }
             info.sport = u16::from(get_u8(seg, 0).ok_or(Malformed::L4Header)?);
             info.dport = u16::from(get_u8(seg, 1).ok_or(Malformed::L4Header)?);
-            if verify && checksum(seg) != 0 {
-                return Err(Malformed::L4Checksum);
-            }
         }
         _ => {}
     }
     Ok(info)
+}
+
+/// Whether the transport checksum of a whole (unfragmented) TCP, UDP or
+/// ICMP datagram is right. Fragments and other protocols pass: their
+/// checksum is for the receiver.
+pub fn l4_checksum_ok(frame: &[u8], info: &Ipv4Info) -> bool {
+    if info.fragment {
+        return true;
+    }
+    let Some(seg) = frame.get(info.l4..info.end) else {
+        return false;
+    };
+    match info.proto {
+        PROTO_TCP => {
+            fold(sum16(
+                seg,
+                pseudo_header_sum(info.src, info.dst, PROTO_TCP, seg.len()),
+            )) == 0
+        }
+        PROTO_UDP => {
+            let len = usize::from(get_u16(seg, 4).unwrap_or(0));
+            match (get_u16(seg, 6), seg.get(..len)) {
+                (Some(0), _) => true,
+                (Some(_), Some(udp)) => {
+                    fold(sum16(
+                        udp,
+                        pseudo_header_sum(info.src, info.dst, PROTO_UDP, len),
+                    )) == 0
+                }
+                _ => false,
+            }
+        }
+        PROTO_ICMP => checksum(seg) == 0,
+        _ => true,
+    }
 }
 
 /// An ARP packet for IPv4 over Ethernet.
@@ -429,7 +444,9 @@ mod tests {
         assert_eq!(parse_ipv4(&bad), Err(Malformed::Ipv4Checksum));
         let mut bad = f;
         bad[43] ^= 1;
-        assert_eq!(parse_ipv4(&bad), Err(Malformed::L4Checksum));
+        let i = parse_ipv4(&bad).unwrap();
+        assert!(!l4_checksum_ok(&bad, &i));
+        assert!(l4_checksum_ok(&f, &parse_ipv4(&f).unwrap()));
         assert_eq!(parse_ipv4(&f[..30]), Err(Malformed::Ipv4Header));
         assert_eq!(parse_ipv4(&f[..40]), Err(Malformed::Ipv4Length));
         let mut bad = f;
