@@ -11,6 +11,7 @@
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 
 use std::path::PathBuf;
@@ -35,6 +36,9 @@ commands:
       --qubesdb FILE   QubesDB snapshot (default config/demo.qubesdb; none: no snapshot)
   test               every test: host unit tests, then QEMU boot tests
   lint               rustfmt check and clippy (host crates and the kernel target)
+  fuzz [--seconds N] [TARGET...]
+                     run the netstack fuzz targets (nightly + cargo-fuzz), N seconds each
+                     (default 30), growing the corpus in netstack/fuzz/corpus
   bench boot [--runs N] [--accel tcg|kvm]
                      time from QEMU start to the kernel's first console line
   bench netstack [criterion args]
@@ -51,6 +55,7 @@ fn main() -> ExitCode {
         }),
         Some("run") => run(&args[1..]),
         Some("demo") => demo::run().map(|()| ExitCode::SUCCESS),
+        Some("fuzz") => fuzz::run(&args[1..]).map(|()| ExitCode::SUCCESS),
         Some("test") => test(),
         Some("lint") => lint().map(|()| ExitCode::SUCCESS),
         Some("bench") => bench::run(&args[1..]).map(|()| ExitCode::SUCCESS),

@@ -302,6 +302,11 @@ fn swap_macs(buf: &mut [u8], new_src: Mac) {
 impl Firewall {
     /// `macs[0]` is the uplink's MAC, `macs[i]` downlink `i`'s.
     pub fn new(cfg: NetConfig, macs: Vec<Mac>) -> Self {
+        Self::with_capacity(cfg, macs, CONNTRACK_CAPACITY)
+    }
+
+    /// As `new`, with room for `flows` tracked flows.
+    pub fn with_capacity(cfg: NetConfig, macs: Vec<Mac>, flows: usize) -> Self {
         let clients: Vec<Client> = cfg
             .clients
             .iter()
@@ -314,7 +319,7 @@ impl Firewall {
             })
             .collect();
         let client_index = clients.iter().enumerate().map(|(i, c)| (c.ip, i)).collect();
-        let ct = Conntrack::new(cfg.uplink_ip, CONNTRACK_CAPACITY);
+        let ct = Conntrack::new(cfg.uplink_ip, flows);
         let wanted = alloc::vec![ArpWanted {
             ip: cfg.gateway,
             last_sent: None

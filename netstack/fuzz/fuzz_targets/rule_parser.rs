@@ -1,0 +1,31 @@
+//! Any text as a QubesDB snapshot and as rule values: no panic; a rule set
+//! either parses or is an error (which closes the client).
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use netstack::config::{NetConfig, QubesDb};
+use netstack::rules::{Probe, Rule, Ruleset};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = core::str::from_utf8(data) else {
+        return;
+    };
+    let _ = Rule::parse(text);
+    let entries = text.lines().filter_map(|l| l.split_once(' '));
+    if let Ok(rs) = Ruleset::from_entries(entries, true) {
+        for proto in [1u8, 6, 17, 47] {
+            let p = Probe {
+                proto,
+                dst: [192, 0, 2, 1].into(),
+                dport: 53,
+                icmp_type: 8,
+                to_dns: proto == 17,
+            };
+            let (_, hit) = rs.decide(&p, true);
+            assert!(hit.is_none_or(|i| i < rs.rules.len()));
+        }
+    }
+    if let Ok(db) = QubesDb::parse_snapshot(text) {
+        let _ = NetConfig::from_db(&db);
+    }
+});
