@@ -1,0 +1,411 @@
+//! Differential test of the rule semantics against Linux nftables, the way
+//! the Qubes firewall agent (`qubesagent/firewall.py`, `prepare_rules`)
+//! turns QubesDB rules into nftables rules. Needs root.
+//!
+//! For each rule set, a Linux router namespace between a client and a
+//! server namespace is loaded with the agent's nftables rules, and every
+//! probe (TCP SYN, UDP datagram, ICMP echo to several addresses and ports)
+//! is sent from the client; the server's input counter says whether Linux
+//! forwarded it. The same probe, as a frame, goes through Portcullis's
+//! `Firewall` (the code the kernel runs); forwarded upstream means accept.
+//! Every disagreement is listed; the test fails on any.
+
+use std::net::Ipv4Addr;
+use std::process::{Command, Stdio};
+
+use netstack::config::{NetConfig, QubesDb};
+use netstack::firewall::{Firewall, Verdict, UPLINK};
+use netstack::wire::*;
+use qemu_tests::netns::is_root;
+
+const CLIENT: &str = "10.137.0.10";
+const DNS: [&str; 2] = ["10.139.1.1", "10.139.1.2"];
+const DESTINATIONS: [&str; 5] = [
+    "192.0.2.80",
+    "192.0.2.200",
+    "198.51.100.7",
+    "10.139.1.1",
+    "203.0.113.5",
+];
+const PORTS: [u16; 6] = [22, 53, 80, 443, 1000, 5201];
+
+/// Rule sets as dom0 writes them: (`policy`, [rule values in order]).
+const RULESETS: &[(&str, &[&str])] = &[
+    (
+        "drop",
+        &[
+            "action=accept proto=tcp dstports=443-443",
+            "action=accept specialtarget=dns",
+        ],
+    ),
+    (
+        "accept",
+        &[
+            "action=drop dst4=192.0.2.0/24",
+            "action=drop proto=udp dstports=1-100",
+        ],
+    ),
+    (
+        "drop",
+        &["action=accept dstports=80-1000", "action=accept proto=icmp"],
+    ),
+    (
+        "drop",
+        &[
+            "action=accept dst4=198.51.100.7",
+            "action=accept specialtarget=dns dstports=5201-5201",
+        ],
+    ),
+    (
+        "accept",
+        &[
+            "action=drop proto=icmp icmptype=8",
+            "action=accept proto=tcp dst4=192.0.2.80/32 dstports=22-22",
+            "action=drop proto=tcp",
+        ],
+    ),
+    (
+        "drop",
+        &[
+            "action=accept proto=udp specialtarget=dns",
+            "action=drop dst4=10.139.1.0/24",
+            "action=accept dst4=10.0.0.0/8",
+        ],
+    ),
+];
+
+struct Namespaces;
+
+fn sh(args: &[&str]) -> bool {
+    Command::new(args[0])
+        .args(&args[1..])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+fn must(args: &[&str]) {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .expect("run");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn ns(name: &str, args: &[&str]) -> Vec<String> {
+    let mut v = vec!["ip".to_string(), "netns".into(), "exec".into(), name.into()];
+    v.extend(args.iter().map(|s| s.to_string()));
+    v
+}
+
+fn must_ns(name: &str, args: &[&str]) {
+    let v = ns(name, args);
+    must(&v.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+const CL: &str = "pcl-diff-cl";
+const RT: &str = "pcl-diff-rt";
+const SV: &str = "pcl-diff-sv";
+
+impl Namespaces {
+    fn create() -> Self {
+        Self::destroy();
+        for n in [CL, RT, SV] {
+            must(&["ip", "netns", "add", n]);
+            must_ns(n, &["ip", "link", "set", "lo", "up"]);
+        }
+        must(&[
+            "ip", "link", "add", "pcldcl", "netns", CL, "type", "veth", "peer", "name", "pcldrt0",
+            "netns", RT,
+        ]);
+        must(&[
+            "ip", "link", "add", "pcldrt1", "netns", RT, "type", "veth", "peer", "name", "pcldsv",
+            "netns", SV,
+        ]);
+        must_ns(
+            CL,
+            &["ip", "addr", "add", "10.137.0.10/32", "dev", "pcldcl"],
+        );
+        must_ns(CL, &["ip", "link", "set", "pcldcl", "up"]);
+        must_ns(CL, &["ip", "route", "add", "10.137.0.1", "dev", "pcldcl"]);
+        must_ns(CL, &["ip", "route", "add", "default", "via", "10.137.0.1"]);
+        must_ns(
+            RT,
+            &["ip", "addr", "add", "10.137.0.1/32", "dev", "pcldrt0"],
+        );
+        must_ns(RT, &["ip", "link", "set", "pcldrt0", "up"]);
+        must_ns(RT, &["ip", "route", "add", "10.137.0.10", "dev", "pcldrt0"]);
+        must_ns(RT, &["ip", "addr", "add", "10.0.2.15/24", "dev", "pcldrt1"]);
+        must_ns(RT, &["ip", "link", "set", "pcldrt1", "up"]);
+        must_ns(RT, &["ip", "route", "add", "default", "via", "10.0.2.2"]);
+        must_ns(RT, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        // Every reject must be answered at once, or a rejected probe waits
+        // for a retransmission.
+        must_ns(RT, &["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"]);
+        must_ns(SV, &["ip", "addr", "add", "10.0.2.2/24", "dev", "pcldsv"]);
+        must_ns(SV, &["ip", "link", "set", "pcldsv", "up"]);
+        for d in DESTINATIONS.iter().chain(DNS.iter()) {
+            let _ = sh(
+                &ns(SV, &["ip", "addr", "add", &format!("{d}/32"), "dev", "lo"])
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>(),
+            );
+        }
+        must_ns(
+            SV,
+            &["ip", "route", "add", "10.137.0.0/24", "via", "10.0.2.15"],
+        );
+        must_ns(SV, &["nft", "add table inet probe; add chain inet probe input { type filter hook input priority 0; policy accept; }; add rule inet probe input ip saddr 10.137.0.10 counter"]);
+        Namespaces
+    }
+
+    fn destroy() {
+        for n in [CL, RT, SV] {
+            let _ = sh(&["ip", "netns", "del", n]);
+        }
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        Self::destroy();
+    }
+}
+
+/// The nftables rules the Qubes agent writes for one client.
+fn qubes_nft(policy: &str, rules: &[&str]) -> String {
+    let mut out = Vec::new();
+    let dns = DNS
+        .iter()
+        .map(|d| format!("{d}/32"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let all: Vec<String> = rules
+        .iter()
+        .map(|r| r.to_string())
+        .chain([format!("action={policy}")])
+        .collect();
+    for rule in &all {
+        let kv: Vec<(&str, &str)> = rule.split(' ').filter_map(|w| w.split_once('=')).collect();
+        let get = |k: &str| kv.iter().find(|(key, _)| *key == k).map(|(_, v)| *v);
+        let action = if get("action") == Some("accept") {
+            "accept"
+        } else {
+            "reject with icmp type admin-prohibited"
+        };
+        let mut r = String::new();
+        if let Some(p) = get("proto") {
+            r += &format!(" ip protocol {p}");
+        }
+        if let Some(d) = get("dst4") {
+            r += &format!(" ip daddr {d}");
+        }
+        let mut ports = get("dstports").map(|p| match p.split_once('-') {
+            Some((a, b)) if a == b => a.to_string(),
+            _ => p.to_string(),
+        });
+        if get("specialtarget") == Some("dns") {
+            if !matches!(ports.as_deref(), None | Some("53")) {
+                continue;
+            }
+            ports = Some("53".into());
+            r += &format!(" ip daddr {{ {dns} }}");
+        }
+        if let Some(t) = get("icmptype") {
+            r += &format!(" icmp type {t}");
+        }
+        match (ports, get("proto")) {
+            (Some(p), None) => {
+                out.push(format!("{r} tcp dport {p} {action}"));
+                out.push(format!("{r} udp dport {p} {action}"));
+            }
+            (Some(p), Some(proto)) => out.push(format!("{r} {proto} dport {p} {action}")),
+            (None, _) => out.push(format!("{r} {action}")),
+        }
+    }
+    format!(
+        "table ip qubes-firewall {{\n  chain qbs-client {{\n{}\n  }}\n  chain forward {{\n    type filter hook forward priority 0; policy drop;\n    ct state established,related accept\n    meta iifname != \"pcldrt0\" accept\n    ip saddr {CLIENT} jump qbs-client\n  }}\n}}\n",
+        out.iter().map(|r| format!("   {}", r.trim())).collect::<Vec<_>>().join("\n")
+    )
+}
+
+fn load_router(nft: &str) {
+    let _ = sh(&ns(RT, &["nft", "delete table ip qubes-firewall"])
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>());
+    let path = std::env::temp_dir().join(format!("pcl-diff-{}.nft", std::process::id()));
+    std::fs::write(&path, nft).unwrap();
+    must_ns(RT, &["nft", "-f", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(path);
+}
+
+fn server_count() -> u64 {
+    let out = Command::new("ip")
+        .args([
+            "netns", "exec", SV, "nft", "list", "chain", "inet", "probe", "input",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split("packets ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Probe {
+    Tcp(&'static str, u16),
+    Udp(&'static str, u16),
+    Ping(&'static str),
+}
+
+/// Sends the probe from the client namespace; true if it reached the server.
+fn linux_accepts(p: Probe) -> bool {
+    let before = server_count();
+    let script = match p {
+        Probe::Tcp(d, port) => format!("exec 3<>/dev/tcp/{d}/{port}"),
+        Probe::Udp(d, port) => format!("echo probe > /dev/udp/{d}/{port}"),
+        Probe::Ping(d) => format!("ping -c 1 -W 1 {d}"),
+    };
+    // A rejected SYN is retried by the client after a second; whether the
+    // first one reached the server is known long before that.
+    let _ = Command::new("ip")
+        .args(["netns", "exec", CL, "timeout", "0.5", "bash", "-c", &script])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
+    server_count() > before
+}
+
+fn portcullis(policy: &str, rules: &[&str]) -> Firewall {
+    let mut db = String::from(
+        "/qubes-ip 10.0.2.15\n/qubes-netmask 255.255.255.0\n/qubes-gateway 10.0.2.2\n\
+         /qubes-primary-dns 10.139.1.1\n/qubes-secondary-dns 10.139.1.2\n\
+         /qubes-netvm-gateway 10.137.0.1\n/qubes-netvm-primary-dns 10.139.1.1\n\
+         /qubes-netvm-secondary-dns 10.139.1.2\n/connected-ips 10.137.0.10\n",
+    );
+    db += &format!("/qubes-firewall/10.137.0.10/policy {policy}\n");
+    for (i, r) in rules.iter().enumerate() {
+        db += &format!("/qubes-firewall/10.137.0.10/{i:04} {r}\n");
+    }
+    let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(&db).unwrap()).unwrap();
+    let (up, down, gw) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
+    let mut fw = Firewall::new(cfg, vec![up, down]);
+    let mut buf = [0u8; 2048];
+    fw.poll_emit(0, &mut buf).unwrap();
+    let arp = Arp {
+        op: ARP_REPLY,
+        sender_mac: gw,
+        sender_ip: Ipv4Addr::new(10, 0, 2, 2),
+        target_mac: up,
+        target_ip: Ipv4Addr::new(10, 0, 2, 15),
+    };
+    let n = arp.emit(&mut buf, gw, up);
+    assert_eq!(fw.handle(0, UPLINK, &mut buf, n), Verdict::Consumed);
+    fw
+}
+
+fn portcullis_accepts(fw: &mut Firewall, p: Probe, sport: u16) -> bool {
+    let client = Ipv4Addr::new(10, 137, 0, 10);
+    let (proto, dst, l4): (u8, &str, Vec<u8>) = match p {
+        Probe::Tcp(d, port) => {
+            let mut s = vec![0u8; 20];
+            put_u16(&mut s, 0, sport);
+            put_u16(&mut s, 2, port);
+            s[12] = 5 << 4;
+            s[13] = TCP_SYN;
+            (PROTO_TCP, d, s)
+        }
+        Probe::Udp(d, port) => {
+            let mut s = vec![0u8; 14];
+            put_u16(&mut s, 0, sport);
+            put_u16(&mut s, 2, port);
+            put_u16(&mut s, 4, 14);
+            (PROTO_UDP, d, s)
+        }
+        Probe::Ping(d) => {
+            let mut s = vec![8u8, 0, 0, 0, 0, 0, 0, 1];
+            put_u16(&mut s, 4, sport);
+            (PROTO_ICMP, d, s)
+        }
+    };
+    let dst: Ipv4Addr = dst.parse().unwrap();
+    let mut f = vec![0u8; 34 + l4.len()];
+    put_eth(
+        &mut f,
+        [2, 0, 0, 0, 0, 2],
+        [2, 0, 0, 0, 0, 0x10],
+        ETHERTYPE_IPV4,
+    );
+    put_ipv4_header(&mut f, 14, 20 + l4.len(), 64, proto, client, dst);
+    put_bytes(&mut f, 34, &l4);
+    let c = match proto {
+        PROTO_ICMP => checksum(&f[34..]),
+        _ => fold(sum16(
+            &f[34..],
+            pseudo_header_sum(client, dst, proto, l4.len()),
+        )),
+    };
+    put_u16(&mut f, 34 + l4_checksum_offset(proto).unwrap(), c);
+    let mut buf = [0u8; 2048];
+    buf[..f.len()].copy_from_slice(&f);
+    matches!(
+        fw.handle(1, 1, &mut buf, f.len()),
+        Verdict::Forward { port: UPLINK, .. }
+    )
+}
+
+#[test]
+fn qubes_rules_decide_as_linux_nftables_does() {
+    assert!(is_root(), "needs root: it creates network namespaces");
+    let _n = Namespaces::create();
+    let mut probes = Vec::new();
+    for d in DESTINATIONS {
+        for p in PORTS {
+            probes.push(Probe::Tcp(d, p));
+            probes.push(Probe::Udp(d, p));
+        }
+        probes.push(Probe::Ping(d));
+    }
+    // Linux must be able to forward at all: a permissive rule set first.
+    load_router(&qubes_nft("accept", &[]));
+    assert!(
+        linux_accepts(Probe::Ping("192.0.2.80")),
+        "the Linux router does not forward"
+    );
+
+    let mut disagreements = Vec::new();
+    let mut compared = 0;
+    for (policy, rules) in RULESETS {
+        load_router(&qubes_nft(policy, rules));
+        let mut fw = portcullis(policy, rules);
+        for (i, p) in probes.iter().enumerate() {
+            let linux = linux_accepts(*p);
+            let ours = portcullis_accepts(&mut fw, *p, 20000 + i as u16);
+            compared += 1;
+            if linux != ours {
+                disagreements.push(format!(
+                    "policy={policy} rules={rules:?} probe={p:?}: linux={linux} portcullis={ours}"
+                ));
+            }
+        }
+    }
+    println!(
+        "nft differential: {compared} probes compared, {} disagreements",
+        disagreements.len()
+    );
+    assert!(
+        disagreements.is_empty(),
+        "disagreements:\n{}",
+        disagreements.join("\n")
+    );
+}
