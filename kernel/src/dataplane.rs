@@ -120,11 +120,12 @@ impl<N: Nic> Dataplane<N> {
         }
         let f = self.firewall.stats();
         println!(
-            "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={}",
+            "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={}",
             f.to_upstream,
             f.to_clients,
             self.firewall.flows(),
             f.flows_created,
+            self.firewall.conntrack_evictions(),
             f.dns_redirected,
             f.arp_replies,
             f.echo_replies,

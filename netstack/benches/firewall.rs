@@ -225,12 +225,38 @@ fn icmp_error(c: &mut Criterion) {
     g.finish();
 }
 
-/// A flood of new flows: the table never grows past its capacity, and new
-/// flows are refused (counted) once it is full of live flows.
+/// A flood of new flows: the table never grows past its capacity; new
+/// unanswered flows displace the oldest unanswered ones, and an answered
+/// flow set up before the flood survives it.
 fn flood(c: &mut Criterion) {
     let mut fw = firewall(10);
     let mut buf = [0u8; 2048];
     let before = fw.conntrack_memory();
+    // One answered flow before the flood.
+    let out = frame(
+        PROTO_UDP,
+        CLIENT,
+        999,
+        SERVER,
+        5201,
+        (CLIENT_MAC, DOWN_MAC),
+        18,
+    );
+    run(&mut fw, 1, 1, &out, &mut buf);
+    let nat_port = get_u16(&buf, 34).unwrap();
+    let back = frame(
+        PROTO_UDP,
+        SERVER,
+        5201,
+        UPLINK_IP,
+        nat_port,
+        (GW_MAC, UP_MAC),
+        18,
+    );
+    assert!(matches!(
+        run(&mut fw, 2, UPLINK, &back, &mut buf),
+        Verdict::Forward { port: 1, .. }
+    ));
     for n in 0..1_000_000u64 {
         let dst = Ipv4Addr::from(0xc000_0200u32 + (n % 250) as u32);
         let f = frame(
@@ -244,13 +270,19 @@ fn flood(c: &mut Criterion) {
         );
         run(&mut fw, 5, 1, &f, &mut buf);
     }
-    let s = fw.stats();
+    let refused = fw.stats().drop_count(netstack::firewall::DropReason::ConntrackFull);
+    let survived = matches!(
+        run(&mut fw, 6, UPLINK, &back, &mut buf),
+        Verdict::Forward { port: 1, .. }
+    );
     println!(
-        "flood: 1000000 new flows in one second of virtual time: {} tracked (capacity {}), {} refused; \
-         conntrack memory {} KiB before, {} KiB after",
+        "flood: 1000000 new flows in one second of virtual time: {} tracked (capacity {}), {} evicted, {} refused; \
+         the answered flow from before {}; conntrack memory {} KiB before, {} KiB after",
         fw.flows(),
         CONNTRACK_CAPACITY,
-        s.drop_count(netstack::firewall::DropReason::ConntrackFull),
+        fw.conntrack_evictions(),
+        refused,
+        if survived { "survived" } else { "was LOST" },
         before / 1024,
         fw.conntrack_memory() / 1024
     );

@@ -6,14 +6,18 @@
 //! remembers what the client addressed (`orig_dst`, which differs from
 //! `remote` when DNS is redirected) so that replies are rewritten back.
 //!
-//! Bounds and expiry: the table holds at most `capacity` flows. Flows expire
-//! by protocol and state (TCP handshake 60 s, established 2 h, closing 10 s;
-//! UDP 30 s, 180 s once answered; ICMP echo 30 s). Expired flows are
-//! reclaimed lazily when met and by `expire`, which the owner calls with a
-//! budget; a new flow that finds the table full after reclaiming is refused
-//! (counted by the caller), so existing flows are never evicted for new
-//! ones.
+//! Bounds and expiry: the table holds at most `capacity` flows, in memory
+//! allocated at creation. Flows expire by protocol and state (TCP handshake
+//! 60 s, established 2 h, closing 10 s; UDP 30 s, 180 s once answered; ICMP
+//! echo 30 s). Expired flows are reclaimed lazily when met and by `expire`,
+//! which the owner calls with a budget. A new flow that finds the table
+//! full takes the slot of an expired flow, else of the oldest flow never
+//! answered (`make_room`); when every flow has been answered and none has
+//! expired, the new flow is refused (counted by the caller). So a flood of
+//! new flows only ever displaces other unanswered flows, never an
+//! established one.
 
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::net::Ipv4Addr;
 
@@ -66,6 +70,9 @@ pub struct Flow {
     pub nat_port: u16,
     pub state: FlowState,
     pub expires: u64,
+    /// Creation sequence number: tells a reused slot from the flow that
+    /// was queued for eviction.
+    seq: u64,
 }
 
 impl Flow {
@@ -130,6 +137,12 @@ pub struct Conntrack {
     by_reply: HashMap<Tuple, u32>,
     next_port: u16,
     sweep: usize,
+    /// Flows in creation order, to find the oldest one not yet answered
+    /// (slot, sequence number); entries whose flow has since been answered
+    /// or removed are skipped and discarded.
+    unreplied: VecDeque<(u32, u64)>,
+    next_seq: u64,
+    evictions: u64,
 }
 
 impl Conntrack {
@@ -142,6 +155,9 @@ impl Conntrack {
             by_reply: HashMap::with_capacity(capacity),
             next_port: NAT_PORT_FIRST,
             sweep: 0,
+            unreplied: VecDeque::with_capacity(2 * capacity + 1),
+            next_seq: 0,
+            evictions: 0,
         }
         .with_capacity(capacity)
     }
@@ -171,6 +187,7 @@ impl Conntrack {
             + self.free.capacity() * core::mem::size_of::<u32>()
             + self.by_client.allocation_size()
             + self.by_reply.allocation_size()
+            + self.unreplied.capacity() * core::mem::size_of::<(u32, u64)>()
     }
 
     fn remove(&mut self, idx: u32) {
@@ -214,11 +231,13 @@ impl Conntrack {
         now: u64,
     ) -> Result<Flow, CreateError> {
         if self.free.is_empty() {
-            self.expire(now, self.slots.len());
+            self.make_room(now);
         }
         let idx = *self.free.last().ok_or(CreateError::TableFull)?;
         let nat_port = self.allocate_port(client, remote, remote_port, now)?;
         self.free.pop();
+        let seq = self.next_seq;
+        self.next_seq += 1;
         let mut flow = Flow {
             client,
             remote,
@@ -226,6 +245,7 @@ impl Conntrack {
             nat_port,
             state: FlowState::New,
             expires: 0,
+            seq,
         };
         flow.touch(now, true, 0);
         if client.proto == PROTO_TCP {
@@ -235,7 +255,39 @@ impl Conntrack {
         self.by_client.insert(client, idx);
         self.by_reply.insert(flow.reply_tuple(self.uplink), idx);
         self.slots[idx as usize] = Some(flow);
+        if self.unreplied.len() >= 2 * self.slots.len() {
+            let slots = &self.slots;
+            self.unreplied
+                .retain(|&(i, q)| matches!(slots[i as usize], Some(f) if f.seq == q && f.state == FlowState::New));
+        }
+        self.unreplied.push_back((idx, seq));
         Ok(flow)
+    }
+
+    /// Frees a slot in a full table: expired flows first (a bounded look),
+    /// then the oldest flow that was never answered (a half-open TCP
+    /// handshake, an unanswered UDP or ICMP flow), then — only if neither
+    /// exists — a full sweep for expired flows. Answered flows are never
+    /// evicted to make room: a flood of new flows cannot push them out.
+    fn make_room(&mut self, now: u64) {
+        self.expire(now, 64);
+        if !self.free.is_empty() {
+            return;
+        }
+        while let Some((idx, seq)) = self.unreplied.pop_front() {
+            if matches!(self.slots[idx as usize], Some(f) if f.seq == seq && f.state == FlowState::New)
+            {
+                self.remove(idx);
+                self.evictions += 1;
+                return;
+            }
+        }
+        self.expire(now, self.slots.len());
+    }
+
+    /// Unanswered flows evicted to make room for new ones.
+    pub fn evictions(&self) -> u64 {
+        self.evictions
     }
 
     /// Keeps the client's own port when no other flow to the same remote
@@ -337,19 +389,62 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_evicts_unanswered_flows_never_answered_ones() {
+        let mut ct = Conntrack::new(UP, 4);
+        let tuple = |p: u16| t(PROTO_TCP, [10, 137, 0, 10], p, [1, 1, 1, 1], 443);
+        // Two answered flows, two half-open ones.
+        for p in [2000, 2001] {
+            ct.create(tuple(p), Ipv4Addr::new(1, 1, 1, 1), 443, 0)
+                .unwrap();
+            ct.by_client(&tuple(p), 0)
+                .unwrap()
+                .touch(0, false, TCP_SYN | TCP_ACK);
+        }
+        for p in [3000, 3001] {
+            ct.create(tuple(p), Ipv4Addr::new(1, 1, 1, 1), 443, 0)
+                .unwrap();
+        }
+        // A flood: each new flow displaces the oldest unanswered one.
+        for p in 4000..4100 {
+            ct.create(tuple(p), Ipv4Addr::new(1, 1, 1, 1), 443, 1)
+                .unwrap();
+        }
+        assert_eq!(ct.len(), 4);
+        assert!(ct.by_client(&tuple(2000), 1).is_some() && ct.by_client(&tuple(2001), 1).is_some());
+        assert!(ct.by_client(&tuple(3000), 1).is_none());
+        assert!(ct.by_client(&tuple(4099), 1).is_some());
+        assert_eq!(ct.evictions(), 100);
+        // A table of answered flows only: new flows are refused.
+        let mut ct = Conntrack::new(UP, 2);
+        for p in [2000, 2001] {
+            ct.create(tuple(p), Ipv4Addr::new(1, 1, 1, 1), 443, 0)
+                .unwrap();
+            ct.by_client(&tuple(p), 0)
+                .unwrap()
+                .touch(0, false, TCP_SYN | TCP_ACK);
+        }
+        assert_eq!(
+            ct.create(tuple(5000), Ipv4Addr::new(1, 1, 1, 1), 443, 1),
+            Err(CreateError::TableFull)
+        );
+    }
+
+    #[test]
     fn full_table_refuses_new_flows_until_old_ones_expire() {
         let mut ct = Conntrack::new(UP, 2);
         for p in 0..2 {
             let c = t(PROTO_UDP, [10, 137, 0, 10], 2000 + p, [1, 1, 1, 1], 53);
             ct.create(c, c.dst, 53, 0).unwrap();
+            ct.by_client(&c, 0).unwrap().touch(0, false, 0); // answered
         }
         let c = t(PROTO_UDP, [10, 137, 0, 10], 3000, [1, 1, 1, 1], 53);
         assert_eq!(ct.create(c, c.dst, 53, 1000), Err(CreateError::TableFull));
         assert!(
-            ct.create(c, c.dst, 53, UDP_NEW + 1).is_ok(),
+            ct.create(c, c.dst, 53, UDP_REPLIED + 1).is_ok(),
             "expired flows make room"
         );
         assert_eq!(ct.len(), 1);
+        assert_eq!(ct.evictions(), 0);
     }
 
     #[test]

@@ -353,6 +353,11 @@ impl Firewall {
         self.ct.len()
     }
 
+    /// Unanswered flows evicted to make room for new ones.
+    pub fn conntrack_evictions(&self) -> u64 {
+        self.ct.evictions()
+    }
+
     /// Heap bytes of the connection table (fixed at creation).
     pub fn conntrack_memory(&self) -> usize {
         self.ct.memory_bytes()
