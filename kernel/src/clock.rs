@@ -71,3 +71,13 @@ pub fn now_ms() -> u64 {
     let cycles = rdtsc().wrapping_sub(cal.start);
     (u128::from(cycles) * 1000 / u128::from(cal.hz)) as u64
 }
+
+/// Busy-waits at least `us` microseconds.
+pub fn delay_us(us: u64) {
+    let Some(cal) = CLOCK.get() else { return };
+    let cycles = u128::from(us) * u128::from(cal.hz) / 1_000_000;
+    let start = rdtsc();
+    while u128::from(rdtsc().wrapping_sub(start)) < cycles {
+        core::hint::spin_loop();
+    }
+}

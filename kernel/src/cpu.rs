@@ -83,16 +83,7 @@ pub fn init() {
         let tss_sel = gdt.append(Descriptor::tss_segment(tss));
         (gdt, code, data, tss_sel)
     });
-    gdt.load();
-    // SAFETY: the selectors index descriptors of the GDT just loaded, which
-    // is 'static; code and data are flat ring-0 segments as the trampoline's.
-    unsafe {
-        CS::set_reg(*code);
-        DS::set_reg(*data);
-        ES::set_reg(*data);
-        SS::set_reg(*data);
-        load_tss(*tss_sel);
-    }
+    load_gdt(gdt, *code, *data, *tss_sel);
 
     let idt = IDT.call_once(|| {
         let mut idt = Idt([EMPTY_GATE; 256]);
@@ -112,6 +103,28 @@ pub fn init() {
         }
         idt
     });
+    load_idt(idt);
+}
+
+fn load_gdt(
+    gdt: &'static GlobalDescriptorTable,
+    code: SegmentSelector,
+    data: SegmentSelector,
+    tss: SegmentSelector,
+) {
+    gdt.load();
+    // SAFETY: the selectors index descriptors of the GDT just loaded, which
+    // is 'static; code and data are flat ring-0 segments as the trampoline's.
+    unsafe {
+        CS::set_reg(code);
+        DS::set_reg(data);
+        ES::set_reg(data);
+        SS::set_reg(data);
+        load_tss(tss);
+    }
+}
+
+fn load_idt(idt: &'static Idt) {
     let ptr = DescriptorTablePointer {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
         base: VirtAddr::from_ptr(idt as *const Idt),
@@ -119,6 +132,27 @@ pub fn init() {
     // SAFETY: the IDT is 'static and every present gate points at a stub
     // that never returns to the faulting code.
     unsafe { lidt(&ptr) };
+}
+
+/// Descriptor tables for an application processor: its own GDT, TSS and
+/// IST stack (from the heap, kept for the kernel's life) and the shared IDT.
+/// The GDT has the boot CPU's layout, so the IDT's selectors fit.
+pub fn init_ap() {
+    let stack: &'static mut [u8] = alloc::vec![0u8; EXCEPTION_STACK_SIZE].leak();
+    let mut tss = TaskStateSegment::new();
+    let top = VirtAddr::from_ptr(stack.as_ptr()) + EXCEPTION_STACK_SIZE as u64;
+    tss.interrupt_stack_table[usize::from(EXCEPTION_IST - 1)] = top.align_down(16u64);
+    let tss: &'static TaskStateSegment = alloc::boxed::Box::leak(alloc::boxed::Box::new(tss));
+    let mut gdt = GlobalDescriptorTable::new();
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
+    let tss_sel = gdt.append(Descriptor::tss_segment(tss));
+    let gdt: &'static GlobalDescriptorTable = alloc::boxed::Box::leak(alloc::boxed::Box::new(gdt));
+    load_gdt(gdt, code, data, tss_sel);
+    match IDT.get() {
+        Some(idt) => load_idt(idt),
+        None => panic!("an application processor started before the boot CPU's IDT"),
+    }
 }
 
 /// What `exception_common` leaves on the stack, lowest address first.

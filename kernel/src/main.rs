@@ -22,6 +22,7 @@ mod fw_cfg;
 mod heap;
 mod pci_bus;
 mod phys;
+mod smp;
 mod virtio_hal;
 
 use core::panic::PanicInfo;
@@ -41,6 +42,7 @@ use xen_shim::pvh::{MemmapEntry, StartInfo, MEMMAP_ENTRY_SIZE, START_INFO_SIZE};
 
 core::arch::global_asm!(include_str!("boot.S"), options(att_syntax));
 core::arch::global_asm!(include_str!("exceptions.S"), options(att_syntax));
+core::arch::global_asm!(include_str!("ap_boot.S"), options(att_syntax));
 
 /// The fw_cfg file that carries the QubesDB snapshot under QEMU.
 const QUBESDB_FW_CFG: &str = "opt/portcullis/qubesdb";
@@ -129,6 +131,22 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
             "no PIT; assumed"
         }
     );
+    let apic_ids = acpi.as_ref().map(|a| a.cpus.clone()).unwrap_or_default();
+    if apic_ids.len() > 1 {
+        let smp = smp::start_aps(&apic_ids);
+        print!(
+            "smp: {} of {} cpus online (apic ids",
+            smp::online(),
+            apic_ids.len()
+        );
+        for id in &smp.online {
+            print!(" {id}");
+        }
+        println!(")");
+        if !smp.failed.is_empty() {
+            println!("smp: {} cpus did not start", smp.failed.len());
+        }
+    }
     println!("portcullis: boot complete");
 
     if nics.is_empty() {

@@ -270,7 +270,9 @@ fn flood(c: &mut Criterion) {
         );
         run(&mut fw, 5, 1, &f, &mut buf);
     }
-    let refused = fw.stats().drop_count(netstack::firewall::DropReason::ConntrackFull);
+    let refused = fw
+        .stats()
+        .drop_count(netstack::firewall::DropReason::ConntrackFull);
     let survived = matches!(
         run(&mut fw, 6, UPLINK, &back, &mut buf),
         Verdict::Forward { port: 1, .. }

@@ -457,6 +457,9 @@ pub struct PciFunctionLine {
 pub struct BootReport {
     pub ram_kib: Option<u64>,
     pub cpus: Option<u32>,
+    /// CPUs running after the APs were started (`smp:` line; absent with
+    /// one CPU).
+    pub cpus_online: Option<u32>,
     pub pci: Vec<PciFunctionLine>,
     pub fatal: Option<String>,
 }
@@ -467,6 +470,10 @@ impl BootReport {
         for line in console.lines() {
             if let Some(rest) = line.strip_prefix("memory: ram ") {
                 r.ram_kib = rest.split_whitespace().next().and_then(|n| n.parse().ok());
+            } else if let Some(rest) = line.strip_prefix("smp: ") {
+                if rest.contains(" cpus online") {
+                    r.cpus_online = rest.split_whitespace().next().and_then(|n| n.parse().ok());
+                }
             } else if let Some(rest) = line.strip_prefix("cpus: ") {
                 r.cpus = rest.split_whitespace().next().and_then(|n| n.parse().ok());
             } else if let Some(rest) = line.strip_prefix("pci ") {

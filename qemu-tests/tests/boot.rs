@@ -42,12 +42,27 @@ fn reports_the_memory_it_was_given() {
 }
 
 #[test]
-fn counts_cpus_from_the_madt() {
+fn counts_cpus_from_the_madt_and_starts_them_all() {
     for n in [1u32, 2, 4] {
         let boot = machine().cpus(n).run(TIMEOUT);
         boot.expect(Outcome::Success);
-        assert_eq!(boot.report().cpus, Some(n), "-smp {n}:\n{}", boot.console);
+        let r = boot.report();
+        assert_eq!(r.cpus, Some(n), "-smp {n}:\n{}", boot.console);
+        let online = if n == 1 { None } else { Some(n) };
+        assert_eq!(r.cpus_online, online, "-smp {n}:\n{}", boot.console);
     }
+    // CPUs the MADT lists as possible but not enabled are not started.
+    let mut m = machine();
+    m.extra
+        .extend(["-smp".to_string(), "2,maxcpus=4".to_string()]);
+    let boot = m.run(TIMEOUT);
+    boot.expect(Outcome::Success);
+    assert_eq!(
+        (boot.report().cpus, boot.report().cpus_online),
+        (Some(2), Some(2)),
+        "{}",
+        boot.console
+    );
 }
 
 #[test]
