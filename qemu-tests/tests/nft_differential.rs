@@ -108,65 +108,143 @@ fn must_ns(name: &str, args: &[&str]) {
     must(&v.iter().map(String::as_str).collect::<Vec<_>>());
 }
 
-const CL: &str = "pcl-diff-cl";
-const RT: &str = "pcl-diff-rt";
-const SV: &str = "pcl-diff-sv";
+/// Names unique to this process, so parallel runs do not collide.
+struct Names {
+    cl: String,
+    rt: String,
+    sv: String,
+    /// veth names: client, router-client, router-server, server.
+    veth: [String; 4],
+}
+
+fn names() -> &'static Names {
+    static N: std::sync::OnceLock<Names> = std::sync::OnceLock::new();
+    N.get_or_init(|| {
+        let t = format!("{:x}", std::process::id() % 0xffff);
+        Names {
+            cl: format!("pcl-diff-{t}-cl"),
+            rt: format!("pcl-diff-{t}-rt"),
+            sv: format!("pcl-diff-{t}-sv"),
+            veth: [
+                format!("pcd{t}c"),
+                format!("pcd{t}r0"),
+                format!("pcd{t}r1"),
+                format!("pcd{t}s"),
+            ],
+        }
+    })
+}
 
 impl Namespaces {
     fn create() -> Self {
         Self::destroy();
-        for n in [CL, RT, SV] {
+        for n in [&names().cl, &names().rt, &names().sv] {
             must(&["ip", "netns", "add", n]);
             must_ns(n, &["ip", "link", "set", "lo", "up"]);
         }
         must(&[
-            "ip", "link", "add", "pcldcl", "netns", CL, "type", "veth", "peer", "name", "pcldrt0",
-            "netns", RT,
+            "ip",
+            "link",
+            "add",
+            &names().veth[0],
+            "netns",
+            &names().cl,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &names().veth[1],
+            "netns",
+            &names().rt,
         ]);
         must(&[
-            "ip", "link", "add", "pcldrt1", "netns", RT, "type", "veth", "peer", "name", "pcldsv",
-            "netns", SV,
+            "ip",
+            "link",
+            "add",
+            &names().veth[2],
+            "netns",
+            &names().rt,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &names().veth[3],
+            "netns",
+            &names().sv,
         ]);
         must_ns(
-            CL,
-            &["ip", "addr", "add", "10.137.0.10/32", "dev", "pcldcl"],
+            &names().cl,
+            &[
+                "ip",
+                "addr",
+                "add",
+                "10.137.0.10/32",
+                "dev",
+                &names().veth[0],
+            ],
         );
-        must_ns(CL, &["ip", "link", "set", "pcldcl", "up"]);
-        must_ns(CL, &["ip", "route", "add", "10.137.0.1", "dev", "pcldcl"]);
-        must_ns(CL, &["ip", "route", "add", "default", "via", "10.137.0.1"]);
+        must_ns(&names().cl, &["ip", "link", "set", &names().veth[0], "up"]);
         must_ns(
-            RT,
-            &["ip", "addr", "add", "10.137.0.1/32", "dev", "pcldrt0"],
+            &names().cl,
+            &["ip", "route", "add", "10.137.0.1", "dev", &names().veth[0]],
         );
-        must_ns(RT, &["ip", "link", "set", "pcldrt0", "up"]);
-        must_ns(RT, &["ip", "route", "add", "10.137.0.10", "dev", "pcldrt0"]);
-        must_ns(RT, &["ip", "addr", "add", "10.0.2.15/24", "dev", "pcldrt1"]);
-        must_ns(RT, &["ip", "link", "set", "pcldrt1", "up"]);
-        must_ns(RT, &["ip", "route", "add", "default", "via", "10.0.2.2"]);
-        must_ns(RT, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+        must_ns(
+            &names().cl,
+            &["ip", "route", "add", "default", "via", "10.137.0.1"],
+        );
+        must_ns(
+            &names().rt,
+            &[
+                "ip",
+                "addr",
+                "add",
+                "10.137.0.1/32",
+                "dev",
+                &names().veth[1],
+            ],
+        );
+        must_ns(&names().rt, &["ip", "link", "set", &names().veth[1], "up"]);
+        must_ns(
+            &names().rt,
+            &["ip", "route", "add", "10.137.0.10", "dev", &names().veth[1]],
+        );
+        must_ns(
+            &names().rt,
+            &["ip", "addr", "add", "10.0.2.15/24", "dev", &names().veth[2]],
+        );
+        must_ns(&names().rt, &["ip", "link", "set", &names().veth[2], "up"]);
+        must_ns(
+            &names().rt,
+            &["ip", "route", "add", "default", "via", "10.0.2.2"],
+        );
+        must_ns(&names().rt, &["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
         // Every reject must be answered at once, or a rejected probe waits
         // for a retransmission.
-        must_ns(RT, &["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"]);
-        must_ns(SV, &["ip", "addr", "add", "10.0.2.2/24", "dev", "pcldsv"]);
-        must_ns(SV, &["ip", "link", "set", "pcldsv", "up"]);
+        must_ns(&names().rt, &["sysctl", "-qw", "net.ipv4.icmp_ratelimit=0"]);
+        must_ns(
+            &names().sv,
+            &["ip", "addr", "add", "10.0.2.2/24", "dev", &names().veth[3]],
+        );
+        must_ns(&names().sv, &["ip", "link", "set", &names().veth[3], "up"]);
         for d in DESTINATIONS.iter().chain(DNS.iter()) {
-            let _ = sh(
-                &ns(SV, &["ip", "addr", "add", &format!("{d}/32"), "dev", "lo"])
-                    .iter()
-                    .map(String::as_str)
-                    .collect::<Vec<_>>(),
-            );
+            let _ = sh(&ns(
+                &names().sv,
+                &["ip", "addr", "add", &format!("{d}/32"), "dev", "lo"],
+            )
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>());
         }
         must_ns(
-            SV,
+            &names().sv,
             &["ip", "route", "add", "10.137.0.0/24", "via", "10.0.2.15"],
         );
-        must_ns(SV, &["nft", "add table inet probe; add chain inet probe input { type filter hook input priority 0; policy accept; }; add rule inet probe input ip saddr 10.137.0.10 counter"]);
+        must_ns(&names().sv, &["nft", "add table inet probe; add chain inet probe input { type filter hook input priority 0; policy accept; }; add rule inet probe input ip saddr 10.137.0.10 counter"]);
         Namespaces
     }
 
     fn destroy() {
-        for n in [CL, RT, SV] {
+        for n in [&names().cl, &names().rt, &names().sv] {
             let _ = sh(&["ip", "netns", "del", n]);
         }
     }
@@ -230,26 +308,35 @@ fn qubes_nft(policy: &str, rules: &[&str]) -> String {
         }
     }
     format!(
-        "table ip qubes-firewall {{\n  chain qbs-client {{\n{}\n  }}\n  chain forward {{\n    type filter hook forward priority 0; policy drop;\n    ct state established,related accept\n    meta iifname != \"pcldrt0\" accept\n    ip saddr {CLIENT} jump qbs-client\n  }}\n}}\n",
-        out.iter().map(|r| format!("   {}", r.trim())).collect::<Vec<_>>().join("\n")
+        "table ip qubes-firewall {{\n  chain qbs-client {{\n{}\n  }}\n  chain forward {{\n    type filter hook forward priority 0; policy drop;\n    ct state established,related accept\n    meta iifname != \"{rt0}\" accept\n    ip saddr {CLIENT} jump qbs-client\n  }}\n}}\n",
+        out.iter().map(|r| format!("   {}", r.trim())).collect::<Vec<_>>().join("\n"),
+        rt0 = names().veth[1]
     )
 }
 
 fn load_router(nft: &str) {
-    let _ = sh(&ns(RT, &["nft", "delete table ip qubes-firewall"])
+    let _ = sh(&ns(&names().rt, &["nft", "delete table ip qubes-firewall"])
         .iter()
         .map(String::as_str)
         .collect::<Vec<_>>());
     let path = std::env::temp_dir().join(format!("pcl-diff-{}.nft", std::process::id()));
     std::fs::write(&path, nft).unwrap();
-    must_ns(RT, &["nft", "-f", path.to_str().unwrap()]);
+    must_ns(&names().rt, &["nft", "-f", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(path);
 }
 
 fn server_count() -> u64 {
     let out = Command::new("ip")
         .args([
-            "netns", "exec", SV, "nft", "list", "chain", "inet", "probe", "input",
+            "netns",
+            "exec",
+            &names().sv,
+            "nft",
+            "list",
+            "chain",
+            "inet",
+            "probe",
+            "input",
         ])
         .output()
         .unwrap();
@@ -279,7 +366,16 @@ fn linux_accepts(p: Probe) -> bool {
     // A rejected SYN is retried by the client after a second; whether the
     // first one reached the server is known long before that.
     let _ = Command::new("ip")
-        .args(["netns", "exec", CL, "timeout", "0.5", "bash", "-c", &script])
+        .args([
+            "netns",
+            "exec",
+            &names().cl,
+            "timeout",
+            "0.5",
+            "bash",
+            "-c",
+            &script,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status();
