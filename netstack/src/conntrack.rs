@@ -151,8 +151,10 @@ impl Conntrack {
             uplink,
             slots: Vec::with_capacity(capacity),
             free: Vec::new(),
-            by_client: HashMap::with_capacity(capacity),
-            by_reply: HashMap::with_capacity(capacity),
+            // Twice the flows: with churn, hashbrown then rehashes in place
+            // instead of growing, so the memory stays what it was at start.
+            by_client: HashMap::with_capacity(2 * capacity),
+            by_reply: HashMap::with_capacity(2 * capacity),
             next_port: NAT_PORT_FIRST,
             sweep: 0,
             unreplied: VecDeque::with_capacity(2 * capacity + 1),
@@ -427,6 +429,24 @@ mod tests {
             ct.create(tuple(5000), Ipv4Addr::new(1, 1, 1, 1), 443, 1),
             Err(CreateError::TableFull)
         );
+    }
+
+    #[test]
+    fn memory_is_fixed_under_churn() {
+        let mut ct = Conntrack::new(UP, 256);
+        let before = ct.memory_bytes();
+        for n in 0..200_000u32 {
+            let c = t(
+                PROTO_UDP,
+                [10, 137, 0, 10],
+                1024 + (n % 60_000) as u16,
+                [1, 1, (n >> 8) as u8, n as u8],
+                53,
+            );
+            ct.create(c, c.dst, 53, u64::from(n)).unwrap();
+        }
+        assert_eq!(ct.len(), 256);
+        assert_eq!(ct.memory_bytes(), before);
     }
 
     #[test]

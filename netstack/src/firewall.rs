@@ -1043,55 +1043,65 @@ impl Firewall {
 /// Rewrites the IPv4 addresses and decrements the TTL, updating the header
 /// checksum incrementally.
 fn rewrite_ip(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, dst: Ipv4Addr) {
-    let l3 = info.l3;
-    let old_ttl = get_u16(buf, l3 + 8).unwrap_or(0);
+    let Some(h) = buf.get_mut(info.l3..info.l3 + IPV4_MIN_HEADER) else {
+        return;
+    };
+    let old_ttl = u16::from_be_bytes([h[8], h[9]]);
     let new_ttl = old_ttl.wrapping_sub(0x100);
-    let mut ipc = get_u16(buf, l3 + 10).unwrap_or(0);
-    ipc = update32(ipc, u32::from(info.src), u32::from(src));
-    ipc = update32(ipc, u32::from(info.dst), u32::from(dst));
-    ipc = update16(ipc, old_ttl, new_ttl);
-    put_ip(buf, l3 + 12, src);
-    put_ip(buf, l3 + 16, dst);
-    put_u16(buf, l3 + 8, new_ttl);
-    put_u16(buf, l3 + 10, ipc);
+    let delta = ChecksumDelta::default()
+        .dword(u32::from(info.src), u32::from(src))
+        .dword(u32::from(info.dst), u32::from(dst))
+        .word(old_ttl, new_ttl);
+    let ipc = delta.apply(u16::from_be_bytes([h[10], h[11]]));
+    h[8..10].copy_from_slice(&new_ttl.to_be_bytes());
+    h[10..12].copy_from_slice(&ipc.to_be_bytes());
+    h[12..16].copy_from_slice(&src.octets());
+    h[16..20].copy_from_slice(&dst.octets());
 }
 
 /// Rewrites addresses and ports (for ICMP echo: `sport` is the identifier)
 /// with incremental checksum updates, and decrements the TTL.
 fn rewrite(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) {
-    let l4 = info.l4;
-    let (old_src, old_dst) = (u32::from(info.src), u32::from(info.dst));
-    let (new_src, new_dst) = (u32::from(src), u32::from(dst));
     rewrite_ip(buf, info, src, dst);
+    let addresses = ChecksumDelta::default()
+        .dword(u32::from(info.src), u32::from(src))
+        .dword(u32::from(info.dst), u32::from(dst));
+    let l4 = info.l4;
     match info.proto {
         PROTO_TCP | PROTO_UDP => {
-            let Some(off) = l4_checksum_offset(info.proto) else {
+            let off = if info.proto == PROTO_TCP { 16 } else { 6 };
+            let Some(seg) = buf.get_mut(l4..l4 + off + 2) else {
                 return;
             };
-            let old = get_u16(buf, l4 + off).unwrap_or(0);
+            let old = u16::from_be_bytes([seg[off], seg[off + 1]]);
             let (old_sport, old_dport) = (
-                get_u16(buf, l4).unwrap_or(0),
-                get_u16(buf, l4 + 2).unwrap_or(0),
+                u16::from_be_bytes([seg[0], seg[1]]),
+                u16::from_be_bytes([seg[2], seg[3]]),
             );
-            put_u16(buf, l4, sport);
-            put_u16(buf, l4 + 2, dport);
+            seg[0..2].copy_from_slice(&sport.to_be_bytes());
+            seg[2..4].copy_from_slice(&dport.to_be_bytes());
             if info.proto == PROTO_UDP && old == 0 {
                 return; // no checksum sent, none to keep
             }
-            let mut c = update32(old, old_src, new_src);
-            c = update32(c, old_dst, new_dst);
-            c = update16(c, old_sport, sport);
-            c = update16(c, old_dport, dport);
+            let mut c = addresses
+                .word(old_sport, sport)
+                .word(old_dport, dport)
+                .apply(old);
             if info.proto == PROTO_UDP && c == 0 {
                 c = 0xffff;
             }
-            put_u16(buf, l4 + off, c);
+            seg[off..off + 2].copy_from_slice(&c.to_be_bytes());
         }
         PROTO_ICMP => {
-            let old_id = get_u16(buf, l4 + 4).unwrap_or(0);
-            put_u16(buf, l4 + 4, sport);
-            let c = update16(get_u16(buf, l4 + 2).unwrap_or(0), old_id, sport);
-            put_u16(buf, l4 + 2, c);
+            let Some(seg) = buf.get_mut(l4..l4 + 6) else {
+                return;
+            };
+            let old_id = u16::from_be_bytes([seg[4], seg[5]]);
+            let c = ChecksumDelta::default()
+                .word(old_id, sport)
+                .apply(u16::from_be_bytes([seg[2], seg[3]]));
+            seg[2..4].copy_from_slice(&c.to_be_bytes());
+            seg[4..6].copy_from_slice(&sport.to_be_bytes());
         }
         _ => {}
     }

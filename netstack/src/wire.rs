@@ -99,6 +99,16 @@ pub fn sum16(data: &[u8], initial: u32) -> u32 {
     sum as u32
 }
 
+/// The one's-complement sum of a 20-byte IPv4 header, unrolled.
+#[inline]
+fn header_sum(h: &[u8; IPV4_MIN_HEADER]) -> u32 {
+    let mut sum = 0u32;
+    for i in 0..IPV4_MIN_HEADER / 2 {
+        sum += u32::from(u16::from_be_bytes([h[2 * i], h[2 * i + 1]]));
+    }
+    sum
+}
+
 /// Folds a sum to 16 bits and inverts it: the Internet checksum.
 pub fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
@@ -126,6 +136,36 @@ pub fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) ->
 pub fn update16(hc: u16, old: u16, new: u16) -> u16 {
     let sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
     fold(sum)
+}
+
+/// Several field changes folded into one checksum update: the sum of
+/// `~old + new` over every changed 16-bit word (RFC 1624, eqn. 3), applied
+/// with a single fold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ChecksumDelta(u64);
+
+impl ChecksumDelta {
+    #[inline]
+    pub fn word(mut self, old: u16, new: u16) -> Self {
+        self.0 += u64::from(!old) + u64::from(new);
+        self
+    }
+
+    #[inline]
+    pub fn dword(self, old: u32, new: u32) -> Self {
+        self.word((old >> 16) as u16, (new >> 16) as u16)
+            .word(old as u16, new as u16)
+    }
+
+    /// The checksum `hc` after every recorded change.
+    #[inline]
+    pub fn apply(self, hc: u16) -> u16 {
+        let mut sum = u64::from(!hc) + self.0;
+        while sum > 0xffff {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        !(sum as u16)
+    }
 }
 
 /// Incremental update for a 32-bit field (an IPv4 address).
@@ -199,35 +239,43 @@ pub fn l4_checksum_offset(proto: u8) -> Option<usize> {
 /// flow, which it forwards with the checksum updated, as routers do.
 pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
     let l3 = ETH_HEADER;
-    let vihl = get_u8(frame, l3).ok_or(Malformed::Ipv4Header)?;
-    let ihl = usize::from(vihl & 0x0f) * 4;
-    if vihl >> 4 != 4 || ihl < IPV4_MIN_HEADER || frame.len() < l3 + ihl {
+    // The fixed 20 bytes as an array: every field below is in bounds.
+    let h: &[u8; IPV4_MIN_HEADER] = frame
+        .get(l3..l3 + IPV4_MIN_HEADER)
+        .and_then(|s| s.try_into().ok())
+        .ok_or(Malformed::Ipv4Header)?;
+    let ihl = usize::from(h[0] & 0x0f) * 4;
+    if h[0] >> 4 != 4 || ihl < IPV4_MIN_HEADER || frame.len() < l3 + ihl {
         return Err(Malformed::Ipv4Header);
     }
-    let total = usize::from(get_u16(frame, l3 + 2).ok_or(Malformed::Ipv4Header)?);
+    let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
     if total < ihl || l3 + total > frame.len() {
         return Err(Malformed::Ipv4Length);
     }
-    let header = frame.get(l3..l3 + ihl).ok_or(Malformed::Ipv4Header)?;
-    if checksum(header) != 0 {
+    let sum = if ihl == IPV4_MIN_HEADER {
+        header_sum(h)
+    } else {
+        sum16(frame.get(l3..l3 + ihl).ok_or(Malformed::Ipv4Header)?, 0)
+    };
+    if fold(sum) != 0 {
         return Err(Malformed::Ipv4Checksum);
     }
-    let frag = get_u16(frame, l3 + 6).ok_or(Malformed::Ipv4Header)?;
+    let frag = u16::from_be_bytes([h[6], h[7]]);
     let fragment = frag & 0x3fff != 0;
     let frag_offset = usize::from(frag & 0x1fff) * 8;
-    let proto = get_u8(frame, l3 + 9).ok_or(Malformed::Ipv4Header)?;
+    let proto = h[9];
     let mut info = Ipv4Info {
         l3,
         l4: l3 + ihl,
         end: l3 + total,
         proto,
-        ttl: get_u8(frame, l3 + 8).ok_or(Malformed::Ipv4Header)?,
-        src: get_ip(frame, l3 + 12).ok_or(Malformed::Ipv4Header)?,
-        dst: get_ip(frame, l3 + 16).ok_or(Malformed::Ipv4Header)?,
+        ttl: h[8],
+        src: Ipv4Addr::new(h[12], h[13], h[14], h[15]),
+        dst: Ipv4Addr::new(h[16], h[17], h[18], h[19]),
         fragment,
         frag_offset,
         more_fragments: frag & 0x2000 != 0,
-        ip_id: get_u16(frame, l3 + 4).ok_or(Malformed::Ipv4Header)?,
+        ip_id: u16::from_be_bytes([h[4], h[5]]),
         sport: 0,
         dport: 0,
         tcp_flags: 0,
@@ -413,6 +461,22 @@ mod tests {
         let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(fold(sum16(&data, 0)), !0xddf2);
         assert_eq!(checksum(&[0xff]), !0xff00);
+    }
+
+    #[test]
+    fn checksum_delta_matches_single_updates() {
+        let hc = 0x1c46;
+        let d = ChecksumDelta::default()
+            .dword(0x0a89_000a, 0xc0a8_014d)
+            .word(0x4011, 0x3f11)
+            .word(1234, 40000);
+        let step = update16(
+            update16(update32(hc, 0x0a89_000a, 0xc0a8_014d), 0x4011, 0x3f11),
+            1234,
+            40000,
+        );
+        assert_eq!(d.apply(hc), step);
+        assert_eq!(ChecksumDelta::default().apply(hc), hc);
     }
 
     #[test]
