@@ -18,6 +18,7 @@
 extern crate alloc;
 
 pub mod pool;
+pub mod spsc;
 pub mod virtio_net;
 pub mod virtqueue;
 

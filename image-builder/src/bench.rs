@@ -17,7 +17,10 @@ pub fn run(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
         Some("boot") => boot(&args[1..]),
         Some("netstack") => netstack(&args[1..]),
-        _ => Err("usage: cargo xtask bench boot [--runs N] [--accel tcg|kvm] | bench netstack [criterion args]".into()),
+        Some("rings") => crate::check(
+            crate::cargo().args(["bench", "--package", "drivers", "--bench", "rings", "--"]).args(&args[1..]),
+        ),
+        _ => Err("usage: cargo xtask bench boot [--runs N] [--accel tcg|kvm] | bench netstack | bench rings [criterion args]".into()),
     }
 }
 

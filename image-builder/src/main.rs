@@ -43,6 +43,8 @@ commands:
                      time from QEMU start to the kernel's first console line
   bench netstack [criterion args]
                      the firewall stage per packet on the host (ns/packet, Mpps)
+  bench rings [criterion args]
+                     core-to-core handle rings: our SPSC ring vs crossbeam's ArrayQueue
 ";
 
 fn main() -> ExitCode {
