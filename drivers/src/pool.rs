@@ -7,6 +7,7 @@
 //! header in front of it and lets a received buffer be transmitted on
 //! another NIC without moving the frame.
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use crate::DmaRegion;
@@ -35,27 +36,79 @@ pub struct Packet {
     pub len: usize,
 }
 
+/// The buffer slots themselves, shareable between cores: a slot is reached
+/// only through `&mut BufId`, and there is one `BufId` per slot, so two
+/// cores never reach the same slot at once.
 #[derive(Debug)]
-pub struct PacketPool {
+pub struct PacketMemory {
     region: DmaRegion,
     count: usize,
+}
+
+// SAFETY: the region is only accessed through `slot`, which needs the
+// slot's unique `BufId` borrowed mutably; DMA memory has no thread affinity.
+unsafe impl Sync for PacketMemory {}
+// SAFETY: as above.
+unsafe impl Send for PacketMemory {}
+
+impl PacketMemory {
+    /// Physical address of the slot's first byte.
+    pub fn paddr(&self, b: &BufId) -> u64 {
+        self.region.paddr() + (b.index() * BUF_SIZE) as u64
+    }
+
+    /// The whole slot.
+    pub fn slot<'a>(&'a self, b: &'a mut BufId) -> &'a mut [u8] {
+        assert!(b.index() < self.count, "a BufId of another pool");
+        // SAFETY: the index is below `count`, so the slot lies inside the
+        // region, which this memory owns alone (`DmaRegion::new`'s
+        // contract). `b` is the slot's only id and is borrowed mutably for
+        // the slice's life, so no other slice of this slot exists, and no
+        // device ring holds the slot while its id is outside the ring.
+        unsafe {
+            core::slice::from_raw_parts_mut(
+                self.region.ptr().as_ptr().add(b.index() * BUF_SIZE),
+                BUF_SIZE,
+            )
+        }
+    }
+
+    /// Room for a frame: everything after the headroom.
+    pub fn frame_room<'a>(&'a self, b: &'a mut BufId) -> &'a mut [u8] {
+        &mut self.slot(b)[HEADROOM..]
+    }
+
+    /// The frame of `p`.
+    pub fn frame<'a>(&'a self, p: &'a mut Packet) -> &'a mut [u8] {
+        let len = p.len.min(MAX_FRAME);
+        &mut self.frame_room(&mut p.buf)[..len]
+    }
+}
+
+/// The free list over a `PacketMemory`; owned by one core.
+#[derive(Debug)]
+pub struct PacketPool {
+    memory: &'static PacketMemory,
     free: Vec<BufId>,
 }
 
 impl PacketPool {
-    /// Cuts `region` into `BUF_SIZE` slots (at most 65536).
+    /// Cuts `region` into `BUF_SIZE` slots (at most 65536). The slots are
+    /// kept for the kernel's life.
     pub fn new(region: DmaRegion) -> Self {
         let count = (region.len() / BUF_SIZE).min(1 << 16);
         let free = (0..count).rev().map(|i| BufId(i as u16)).collect();
-        Self {
-            region,
-            count,
-            free,
-        }
+        let memory = Box::leak(Box::new(PacketMemory { region, count }));
+        Self { memory, free }
+    }
+
+    /// The slots, for a core that holds buffers but not the free list.
+    pub fn memory(&self) -> &'static PacketMemory {
+        self.memory
     }
 
     pub fn capacity(&self) -> usize {
-        self.count
+        self.memory.count
     }
 
     pub fn available(&self) -> usize {
@@ -70,35 +123,20 @@ impl PacketPool {
         self.free.push(b);
     }
 
-    /// Physical address of the slot's first byte.
     pub fn paddr(&self, b: &BufId) -> u64 {
-        self.region.paddr() + (b.index() * BUF_SIZE) as u64
+        self.memory.paddr(b)
     }
 
-    /// The whole slot.
-    pub fn slot_mut(&mut self, b: &BufId) -> &mut [u8] {
-        debug_assert!(b.index() < self.count);
-        // SAFETY: the index is below `count`, so the slot lies inside the
-        // region, which this pool owns alone (`DmaRegion::new`'s contract).
-        // Holding `b` means no device ring holds this slot, and `&mut self`
-        // means no other slice of the pool is alive.
-        unsafe {
-            core::slice::from_raw_parts_mut(
-                self.region.ptr().as_ptr().add(b.index() * BUF_SIZE),
-                BUF_SIZE,
-            )
-        }
+    pub fn slot<'a>(&self, b: &'a mut BufId) -> &'a mut [u8] {
+        self.memory.slot(b)
     }
 
-    /// Room for a frame: everything after the headroom.
-    pub fn frame_room(&mut self, b: &BufId) -> &mut [u8] {
-        &mut self.slot_mut(b)[HEADROOM..]
+    pub fn frame_room<'a>(&self, b: &'a mut BufId) -> &'a mut [u8] {
+        self.memory.frame_room(b)
     }
 
-    /// The frame of `p`.
-    pub fn frame(&mut self, p: &Packet) -> &mut [u8] {
-        let len = p.len.min(MAX_FRAME);
-        &mut self.frame_room(&p.buf)[..len]
+    pub fn frame<'a>(&self, p: &'a mut Packet) -> &'a mut [u8] {
+        self.memory.frame(p)
     }
 }
 
@@ -123,20 +161,20 @@ pub(crate) mod tests {
         let (_mem, r) = region(4 * BUF_SIZE);
         let mut pool = PacketPool::new(r);
         assert_eq!(pool.capacity(), 4);
-        let a = pool.alloc().unwrap();
-        let b = pool.alloc().unwrap();
-        pool.frame_room(&a).fill(0xaa);
-        pool.frame_room(&b).fill(0xbb);
-        assert!(pool.slot_mut(&a)[HEADROOM..].iter().all(|&x| x == 0xaa));
+        let mut a = pool.alloc().unwrap();
+        let mut b = pool.alloc().unwrap();
+        pool.frame_room(&mut a).fill(0xaa);
+        pool.frame_room(&mut b).fill(0xbb);
+        assert!(pool.slot(&mut a)[HEADROOM..].iter().all(|&x| x == 0xaa));
         assert_eq!(pool.paddr(&b) - pool.paddr(&a), BUF_SIZE as u64);
         pool.free(a);
         assert_eq!(pool.available(), 3);
-        let p = Packet {
+        let mut p = Packet {
             buf: pool.alloc().unwrap(),
             len: 5000,
         };
         assert_eq!(
-            pool.frame(&p).len(),
+            pool.frame(&mut p).len(),
             MAX_FRAME,
             "lengths are clamped to the slot"
         );

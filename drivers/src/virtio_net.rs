@@ -156,10 +156,10 @@ impl<T: Transport> Nic for VirtioNet<T> {
         if room < batch.len() {
             self.stats.tx_ring_full += 1;
         }
-        for p in batch.drain(..room) {
+        for mut p in batch.drain(..room) {
             let len = p.len.min(MAX_FRAME);
             // The header sits right before the frame: all zero, no offloads.
-            pool.slot_mut(&p.buf)[HEADROOM - NET_HDR..HEADROOM].fill(0);
+            pool.slot(&mut p.buf)[HEADROOM - NET_HDR..HEADROOM].fill(0);
             let addr = pool.paddr(&p.buf) + (HEADROOM - NET_HDR) as u64;
             match self.tx.push(p.buf, addr, (NET_HDR + len) as u32, false) {
                 Ok(()) => {

@@ -51,7 +51,19 @@ fn describe(cmd: &Command, ns: &str) -> String {
     args.join(" ")
 }
 
-pub fn run() -> Result<(), String> {
+pub fn run(args: &[String]) -> Result<(), String> {
+    let o = crate::parse_options(
+        args,
+        crate::MachineOptions {
+            nics: 2,
+            cpus: 1,
+            memory_mib: 64,
+            accel: qemu_tests::Accel::Tcg,
+            append: String::new(),
+            runs: 1,
+            qubesdb: None,
+        },
+    )?;
     if !netns::is_root() {
         return Err("the demo needs root: it creates network namespaces and tap devices".into());
     }
@@ -80,7 +92,13 @@ pub fn run() -> Result<(), String> {
     );
 
     step("boot Portcullis between them");
-    let mut vm = RunningMachine::spawn(&topo.machine(&kernel, &db))?;
+    let machine = topo
+        .machine(&kernel, &db)
+        .cpus(o.cpus)
+        .memory_mib(o.memory_mib)
+        .accel(o.accel)
+        .append(&o.append);
+    let mut vm = RunningMachine::spawn(&machine)?;
     let ready = vm
         .wait_for(Duration::from_secs(30), |l| {
             l.starts_with("portcullis: ready")

@@ -25,7 +25,8 @@ usage: cargo xtask <command> [options]
 commands:
   setup              install what is missing (QEMU >= 10, the Rust target)
   build              build the kernel ELF (target/x86_64-unknown-none/release/portcullis)
-  demo               (root) the main job: Portcullis between a client and an upstream
+  demo [--cpus N] [--memory MIB] [--accel tcg|kvm] [--append STR]
+                     (root) the main job: Portcullis between a client and an upstream
                      network namespace; allowed traffic passes with NAT, blocked is refused
   run [options]      boot the kernel in QEMU, console on stdout (keys: s = counters, q = quit)
       --nics N         virtio-net NICs (default 2; the first is the uplink)
@@ -56,7 +57,7 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }),
         Some("run") => run(&args[1..]),
-        Some("demo") => demo::run().map(|()| ExitCode::SUCCESS),
+        Some("demo") => demo::run(&args[1..]).map(|()| ExitCode::SUCCESS),
         Some("fuzz") => fuzz::run(&args[1..]).map(|()| ExitCode::SUCCESS),
         Some("test") => test(),
         Some("lint") => lint().map(|()| ExitCode::SUCCESS),

@@ -19,6 +19,25 @@ pub enum TestFault {
     Panic,
 }
 
+/// How the dataplane is spread over the CPUs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// Everything on the boot CPU.
+    Single,
+    /// NICs on the boot CPU, the firewall stage on a second CPU, joined by
+    /// rings.
+    Pipeline,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Single => "single",
+            Self::Pipeline => "pipeline",
+        }
+    }
+}
+
 /// What the command line configures.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BootConfig {
@@ -26,6 +45,8 @@ pub struct BootConfig {
     pub test_fault: Option<TestFault>,
     /// Print the counters every this many seconds (0: only on demand).
     pub stats_interval_s: u32,
+    /// `None`: chosen by the CPUs online.
+    pub layout: Option<Layout>,
 }
 
 impl Default for BootConfig {
@@ -34,6 +55,7 @@ impl Default for BootConfig {
             log_level: LevelFilter::Info,
             test_fault: None,
             stats_interval_s: 0,
+            layout: None,
         }
     }
 }
@@ -127,6 +149,17 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
                     }),
                 )?;
             }
+            "layout" => {
+                config.layout = Some(match value {
+                    "single" => Layout::Single,
+                    "pipeline" => Layout::Pipeline,
+                    _ => {
+                        return Err(err(CmdlineErrorKind::BadValue {
+                            expected: "single|pipeline",
+                        }))
+                    }
+                })
+            }
             "test-fault" => {
                 config.test_fault = Some(match value {
                     "page-fault" => TestFault::PageFault,
@@ -209,6 +242,11 @@ mod tests {
     fn qubesdb_tokens_and_stats_interval() {
         let line = "/qubes-ip=10.0.2.15 stats-interval=5 /connected-ips=10.137.0.10";
         assert_eq!(parse(line).unwrap().stats_interval_s, 5);
+        assert_eq!(
+            parse("layout=pipeline").unwrap().layout,
+            Some(Layout::Pipeline)
+        );
+        assert!(parse("layout=rtc").is_err());
         let o: Vec<_> = qubesdb_overrides(line).collect();
         assert_eq!(
             o,

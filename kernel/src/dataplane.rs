@@ -1,10 +1,22 @@
-//! The forwarding loop on the boot CPU: poll every NIC, run each received
-//! batch through the firewall, transmit each NIC's batch with one
-//! notification. No interrupts, no locks, no allocation on this path.
+//! The forwarding loops. No interrupts, no locks, no allocation on the
+//! packet path.
+//!
+//! - `single`: one loop on the boot CPU polls every NIC, runs each received
+//!   batch through the firewall and transmits each NIC's batch with one
+//!   notification.
+//! - `pipeline`: the boot CPU owns the NICs and the buffer pool; a second
+//!   CPU owns the firewall. Received packets go to the firewall core over
+//!   an SPSC ring; verdicts come back over another (a port to send on, or
+//!   "free this buffer"), so buffers are only ever freed by the core that
+//!   owns the pool. A third ring keeps the firewall core supplied with a
+//!   few spare buffers for the ARP requests it makes.
 
 use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, Ordering};
 
-use drivers::{Nic, Packet, PacketPool};
+use drivers::pool::PacketMemory;
+use drivers::spsc::{self, Consumer, Producer};
+use drivers::{BufId, Nic, Packet, PacketPool};
 use netstack::firewall::{DropReason, Firewall, Verdict};
 
 use crate::{clock, console, exit};
@@ -16,92 +28,63 @@ const RX_BATCH: usize = 64;
 const TX_BACKLOG: usize = 1024;
 /// How often queued ARP requests and flow expiry are looked at.
 const HOUSEKEEPING_MS: u64 = 10;
+/// Slots of each inter-core ring.
+const RING_SLOTS: usize = 1024;
+/// Spare buffers the firewall core is kept supplied with.
+const SPARES: usize = 8;
 
-pub struct Dataplane<N: Nic> {
+/// What the NIC side of the dataplane owns, in either layout.
+pub struct Nics<N: Nic> {
     pub nics: Vec<N>,
     pub pool: PacketPool,
-    pub firewall: Firewall,
-    pub stats_interval_ms: u64,
     /// Packets dropped because a TX backlog was full, per NIC.
     pub tx_backlog_drops: Vec<u64>,
+    /// Packets dropped because the ring to the firewall core was full.
+    pub ring_full_drops: u64,
+    tx: Vec<Vec<Packet>>,
 }
 
-impl<N: Nic> Dataplane<N> {
-    pub fn run(mut self) -> ! {
-        let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
-        let mut tx: Vec<Vec<Packet>> = self
-            .nics
+impl<N: Nic> Nics<N> {
+    pub fn new(nics: Vec<N>, pool: PacketPool) -> Self {
+        let tx = nics
             .iter()
             .map(|_| Vec::with_capacity(TX_BACKLOG))
             .collect();
-        let mut last_housekeeping = 0;
-        let mut last_stats = clock::now_ms();
-        for nic in &mut self.nics {
-            nic.maintain(&mut self.pool);
-        }
-        loop {
-            let now = clock::now_ms();
-            let mut busy = false;
-            for i in 0..self.nics.len() {
-                self.nics[i].rx_batch(&mut self.pool, &mut rx, RX_BATCH);
-                busy |= !rx.is_empty();
-                for p in rx.drain(..) {
-                    let room = self.pool.frame_room(&p.buf);
-                    match self.firewall.handle(now, i, room, p.len) {
-                        Verdict::Forward { port, len }
-                            if port < tx.len() && tx[port].len() < TX_BACKLOG =>
-                        {
-                            tx[port].push(Packet { buf: p.buf, len })
-                        }
-                        Verdict::Forward { port, .. } if port < tx.len() => {
-                            self.tx_backlog_drops[port] += 1;
-                            self.pool.free(p.buf);
-                        }
-                        _ => self.pool.free(p.buf),
-                    }
-                }
-            }
-            if now.wrapping_sub(last_housekeeping) >= HOUSEKEEPING_MS {
-                last_housekeeping = now;
-                self.firewall.expire(now, 256);
-                if let Some(buf) = self.pool.alloc() {
-                    match self.firewall.poll_emit(now, self.pool.frame_room(&buf)) {
-                        Some((port, len)) if port < tx.len() => tx[port].push(Packet { buf, len }),
-                        _ => self.pool.free(buf),
-                    }
-                }
-                if self.stats_interval_ms > 0
-                    && now.wrapping_sub(last_stats) >= self.stats_interval_ms
-                {
-                    last_stats = now;
-                    self.print_stats();
-                }
-                match console::read_key() {
-                    Some(b's') => self.print_stats(),
-                    Some(b'q') => {
-                        println!("portcullis: shutdown requested");
-                        self.print_stats();
-                        exit::success();
-                    }
-                    _ => {}
-                }
-            }
-            for (i, batch) in tx.iter_mut().enumerate() {
-                if !batch.is_empty() {
-                    self.nics[i].tx_batch(&mut self.pool, batch);
-                }
-            }
-            for nic in &mut self.nics {
-                nic.maintain(&mut self.pool);
-            }
-            if !busy {
-                core::hint::spin_loop();
-            }
+        Self {
+            tx_backlog_drops: alloc::vec![0; nics.len()],
+            ring_full_drops: 0,
+            nics,
+            pool,
+            tx,
         }
     }
 
-    /// Counters, one `stats:` line each, in a form tests can parse.
-    pub fn print_stats(&self) {
+    /// Queues a packet for `port`, or frees it if that backlog is full.
+    fn queue(&mut self, port: usize, p: Packet) {
+        match self.tx.get_mut(port) {
+            Some(q) if q.len() < TX_BACKLOG => q.push(p),
+            Some(_) => {
+                self.tx_backlog_drops[port] += 1;
+                self.pool.free(p.buf);
+            }
+            None => self.pool.free(p.buf),
+        }
+    }
+
+    /// Transmits every backlog (one notification per NIC at most), then
+    /// reclaims finished TX buffers and refills the RX rings.
+    fn flush(&mut self) {
+        for (i, batch) in self.tx.iter_mut().enumerate() {
+            if !batch.is_empty() {
+                self.nics[i].tx_batch(&mut self.pool, batch);
+            }
+        }
+        for nic in &mut self.nics {
+            nic.maintain(&mut self.pool);
+        }
+    }
+
+    fn print_stats(&self) {
         for (i, nic) in self.nics.iter().enumerate() {
             let s = nic.stats();
             let role = if i == 0 { "uplink" } else { "downlink" };
@@ -113,54 +96,293 @@ impl<N: Nic> Dataplane<N> {
                 s.tx_bytes,
                 s.rx_errors,
                 s.tx_ring_full,
-                self.tx_backlog_drops.get(i).copied().unwrap_or(0),
+                self.tx_backlog_drops[i],
                 s.ring_errors,
                 s.notifications
             );
         }
-        let f = self.firewall.stats();
+    }
+
+    fn print_pool(&self) {
         println!(
-            "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={}",
-            f.to_upstream,
-            f.to_clients,
-            self.firewall.flows(),
-            f.flows_created,
-            self.firewall.conntrack_evictions(),
-            f.dns_redirected,
-            f.arp_replies,
-            f.echo_replies,
-            f.icmp_errors_sent,
-            f.icmp_errors_suppressed,
-            f.arp_requests_sent
-        );
-        print!("stats: drops");
-        for r in DropReason::ALL {
-            let n = f.drop_count(*r);
-            if n > 0 {
-                print!(" {}={n}", r.name());
-            }
-        }
-        println!(" total={}", f.dropped());
-        for (ip, hits) in self.firewall.rule_hits() {
-            match hits {
-                Ok(h) => {
-                    print!("stats: rules {ip}");
-                    for (i, n) in h.iter().enumerate() {
-                        if i + 1 == h.len() {
-                            print!(" policy={n}");
-                        } else {
-                            print!(" {i:04}={n}");
-                        }
-                    }
-                    println!();
-                }
-                Err(e) => println!("stats: rules {ip} invalid ({e}): all traffic dropped"),
-            }
-        }
-        println!(
-            "stats: pool free={} of {}",
+            "stats: pool free={} of {} core_ring_full_drops={}",
             self.pool.available(),
-            self.pool.capacity()
+            self.pool.capacity(),
+            self.ring_full_drops
         );
+    }
+}
+
+fn print_firewall_stats(fw: &Firewall) {
+    let f = fw.stats();
+    println!(
+        "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={}",
+        f.to_upstream,
+        f.to_clients,
+        fw.flows(),
+        f.flows_created,
+        fw.conntrack_evictions(),
+        f.dns_redirected,
+        f.arp_replies,
+        f.echo_replies,
+        f.icmp_errors_sent,
+        f.icmp_errors_suppressed,
+        f.arp_requests_sent
+    );
+    print!("stats: drops");
+    for r in DropReason::ALL {
+        let n = f.drop_count(*r);
+        if n > 0 {
+            print!(" {}={n}", r.name());
+        }
+    }
+    println!(" total={}", f.dropped());
+    for (ip, hits) in fw.rule_hits() {
+        match hits {
+            Ok(h) => {
+                print!("stats: rules {ip}");
+                for (i, n) in h.iter().enumerate() {
+                    if i + 1 == h.len() {
+                        print!(" policy={n}");
+                    } else {
+                        print!(" {i:04}={n}");
+                    }
+                }
+                println!();
+            }
+            Err(e) => println!("stats: rules {ip} invalid ({e}): all traffic dropped"),
+        }
+    }
+}
+
+/// What the console asks of the loop.
+enum Request {
+    None,
+    Stats,
+    Quit,
+}
+
+/// Console keys and the stats interval; checked every `HOUSEKEEPING_MS`.
+struct Console {
+    interval_ms: u64,
+    last: u64,
+}
+
+impl Console {
+    fn poll(&mut self, now: u64) -> Request {
+        if self.interval_ms > 0 && now.wrapping_sub(self.last) >= self.interval_ms {
+            self.last = now;
+            return Request::Stats;
+        }
+        match console::read_key() {
+            Some(b's') => Request::Stats,
+            Some(b'q') => Request::Quit,
+            _ => Request::None,
+        }
+    }
+}
+
+/// Everything on the boot CPU.
+pub fn run_single<N: Nic>(mut nics: Nics<N>, mut firewall: Firewall, stats_interval_ms: u64) -> ! {
+    let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
+    let mut last_housekeeping = 0;
+    let mut console = Console {
+        interval_ms: stats_interval_ms,
+        last: clock::now_ms(),
+    };
+    nics.flush();
+    loop {
+        let now = clock::now_ms();
+        let mut busy = false;
+        for i in 0..nics.nics.len() {
+            nics.nics[i].rx_batch(&mut nics.pool, &mut rx, RX_BATCH);
+            busy |= !rx.is_empty();
+            for mut p in rx.drain(..) {
+                let room = nics.pool.frame_room(&mut p.buf);
+                match firewall.handle(now, i, room, p.len) {
+                    Verdict::Forward { port, len } => nics.queue(port, Packet { buf: p.buf, len }),
+                    _ => nics.pool.free(p.buf),
+                }
+            }
+        }
+        if now.wrapping_sub(last_housekeeping) >= HOUSEKEEPING_MS {
+            last_housekeeping = now;
+            firewall.expire(now, 256);
+            if let Some(mut buf) = nics.pool.alloc() {
+                match firewall.poll_emit(now, nics.pool.frame_room(&mut buf)) {
+                    Some((port, len)) => nics.queue(port, Packet { buf, len }),
+                    None => nics.pool.free(buf),
+                }
+            }
+            let request = console.poll(now);
+            if !matches!(request, Request::None) {
+                nics.print_stats();
+                print_firewall_stats(&firewall);
+                nics.print_pool();
+            }
+            if let Request::Quit = request {
+                println!("portcullis: shutdown requested");
+                exit::success();
+            }
+        }
+        nics.flush();
+        if !busy {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// A verdict travelling back to the NIC core: the port to send on, or
+/// `None` to free the buffer.
+type Back = (Option<usize>, Packet);
+
+/// Set by the NIC core to ask the firewall core for its counters; cleared
+/// by the firewall core when it has printed them.
+static STATS_REQUEST: AtomicBool = AtomicBool::new(false);
+
+/// The firewall core's half of the pipeline.
+struct FirewallCore {
+    firewall: Firewall,
+    memory: &'static PacketMemory,
+    from_nics: Consumer<(usize, Packet)>,
+    to_nics: Producer<Back>,
+    spares: Consumer<BufId>,
+}
+
+impl FirewallCore {
+    fn run(mut self) -> ! {
+        let mut batch: Vec<(usize, Packet)> = Vec::with_capacity(RX_BATCH);
+        let mut out: Vec<Back> = Vec::with_capacity(2 * RX_BATCH);
+        let mut spare: Vec<BufId> = Vec::with_capacity(SPARES);
+        let mut last_housekeeping = 0;
+        loop {
+            let now = clock::now_ms();
+            self.from_nics.pop_batch(&mut batch, RX_BATCH);
+            let busy = !batch.is_empty();
+            for (port, mut p) in batch.drain(..) {
+                let room = self.memory.frame_room(&mut p.buf);
+                match self.firewall.handle(now, port, room, p.len) {
+                    Verdict::Forward { port, len } => {
+                        out.push((Some(port), Packet { buf: p.buf, len }))
+                    }
+                    _ => out.push((None, p)),
+                }
+            }
+            if now.wrapping_sub(last_housekeeping) >= HOUSEKEEPING_MS {
+                last_housekeeping = now;
+                self.firewall.expire(now, 256);
+                if spare.is_empty() {
+                    self.spares.pop_batch(&mut spare, SPARES);
+                }
+                if let Some(mut buf) = spare.pop() {
+                    match self
+                        .firewall
+                        .poll_emit(now, self.memory.frame_room(&mut buf))
+                    {
+                        Some((port, len)) => out.push((Some(port), Packet { buf, len })),
+                        None => spare.push(buf),
+                    }
+                }
+                if STATS_REQUEST.load(Ordering::Acquire) {
+                    print_firewall_stats(&self.firewall);
+                    STATS_REQUEST.store(false, Ordering::Release);
+                }
+            }
+            // The NIC core always drains this ring, so waiting for room
+            // ends; the packets are never dropped here.
+            while !out.is_empty() {
+                if self.to_nics.push_batch(&mut out) == 0 {
+                    core::hint::spin_loop();
+                }
+            }
+            if !busy {
+                core::hint::spin_loop();
+            }
+        }
+    }
+}
+
+/// NICs and the pool on the boot CPU, the firewall on the AP at MADT
+/// position `ap`. Falls back to `single` if the AP does not take the work.
+pub fn run_pipeline<N: Nic>(
+    mut nics: Nics<N>,
+    firewall: Firewall,
+    stats_interval_ms: u64,
+    ap: usize,
+) -> ! {
+    let (mut to_fw, from_nics) = spsc::ring::<(usize, Packet)>(RING_SLOTS);
+    let (to_nics, mut from_fw) = spsc::ring::<Back>(RING_SLOTS);
+    let (mut spares_tx, spares) = spsc::ring::<BufId>(2 * SPARES);
+    let core = FirewallCore {
+        firewall,
+        memory: nics.pool.memory(),
+        from_nics,
+        to_nics,
+        spares,
+    };
+    if !crate::smp::run_on(ap, alloc::boxed::Box::new(move || core.run())) {
+        println!("dataplane: cpu {ap} did not take the firewall stage; stopping");
+        exit::failure();
+    }
+    crate::smp::park_idle();
+    let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
+    let mut to_ring: Vec<(usize, Packet)> = Vec::with_capacity(RX_BATCH);
+    let mut back: Vec<Back> = Vec::with_capacity(2 * RX_BATCH);
+    let mut refill: Vec<BufId> = Vec::with_capacity(SPARES);
+    let mut last_housekeeping = 0;
+    let mut console = Console {
+        interval_ms: stats_interval_ms,
+        last: clock::now_ms(),
+    };
+    nics.flush();
+    loop {
+        let now = clock::now_ms();
+        let mut busy = false;
+        for i in 0..nics.nics.len() {
+            nics.nics[i].rx_batch(&mut nics.pool, &mut rx, RX_BATCH);
+            busy |= !rx.is_empty();
+            to_ring.extend(rx.drain(..).map(|p| (i, p)));
+            to_fw.push_batch(&mut to_ring);
+            for (_, p) in to_ring.drain(..) {
+                nics.ring_full_drops += 1;
+                nics.pool.free(p.buf);
+            }
+        }
+        from_fw.pop_batch(&mut back, 4 * RX_BATCH);
+        busy |= !back.is_empty();
+        for (port, p) in back.drain(..) {
+            match port {
+                Some(port) => nics.queue(port, p),
+                None => nics.pool.free(p.buf),
+            }
+        }
+        if now.wrapping_sub(last_housekeeping) >= HOUSEKEEPING_MS {
+            last_housekeeping = now;
+            while refill.len() < SPARES {
+                match nics.pool.alloc() {
+                    Some(b) => refill.push(b),
+                    None => break,
+                }
+            }
+            spares_tx.push_batch(&mut refill);
+            let request = console.poll(now);
+            if !matches!(request, Request::None) {
+                nics.print_stats();
+                STATS_REQUEST.store(true, Ordering::Release);
+                let deadline = now + 1000;
+                while STATS_REQUEST.load(Ordering::Acquire) && clock::now_ms() < deadline {
+                    core::hint::spin_loop();
+                }
+                nics.print_pool();
+            }
+            if let Request::Quit = request {
+                println!("portcullis: shutdown requested");
+                exit::success();
+            }
+        }
+        nics.flush();
+        if !busy {
+            core::hint::spin_loop();
+        }
     }
 }

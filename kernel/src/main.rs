@@ -33,7 +33,7 @@ use alloc::vec::Vec;
 
 use drivers::virtio_net::VirtioNet;
 use drivers::{Nic, PacketPool};
-use kernel::cmdline::{self, BootConfig, TestFault};
+use kernel::cmdline::{self, BootConfig, Layout, TestFault};
 use kernel::memmap::{PhysMemory, Range};
 use netstack::config::{NetConfig, QubesDb};
 use netstack::firewall::Firewall;
@@ -216,14 +216,28 @@ fn start_dataplane(
     let macs: Vec<[u8; 6]> = devices.iter().map(|d| d.mac()).collect();
     print_ready(&net, &macs);
     let firewall = Firewall::new(net, macs);
-    dataplane::Dataplane {
-        tx_backlog_drops: alloc::vec![0; devices.len()],
-        nics: devices,
-        pool,
-        firewall,
-        stats_interval_ms: u64::from(config.stats_interval_s) * 1000,
+    let nics = dataplane::Nics::new(devices, pool);
+    let stats_interval_ms = u64::from(config.stats_interval_s) * 1000;
+    let aps = smp::online_aps();
+    // `single` unless asked: on the 2-core development host the pipeline's
+    // second polling vCPU costs QEMU's I/O threads more than it gains
+    // (docs/benchmarks.md).
+    let layout = config.layout.unwrap_or(Layout::Single);
+    match (layout, aps.first()) {
+        (Layout::Pipeline, Some(&ap)) => {
+            println!("dataplane: layout pipeline (nics on cpu 0, firewall on cpu {ap})");
+            dataplane::run_pipeline(nics, firewall, stats_interval_ms, ap)
+        }
+        (Layout::Pipeline, None) => {
+            println!("config error: layout=pipeline needs a second CPU, and only one is online");
+            exit::failure();
+        }
+        (Layout::Single, _) => {
+            smp::park_idle();
+            println!("dataplane: layout single (everything on cpu 0)");
+            dataplane::run_single(nics, firewall, stats_interval_ms)
+        }
     }
-    .run()
 }
 
 /// QubesDB keys: the fw_cfg snapshot, then command-line overrides.

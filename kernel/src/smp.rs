@@ -6,12 +6,14 @@
 //! trampoline's data words; each gets its own stack, GDT, TSS and IST stack
 //! and reports itself online. One that does not report within
 //! `START_TIMEOUT_MS` is reported and left out, never waited on forever.
-//! Online APs park in `hlt` until the per-core scheduler gives them work.
+//! Online APs wait for a task (`run_on`) — the dataplane's firewall core,
+//! say — and those left without one are parked in `hlt` (`park_idle`).
 //! (Xen PVH starts vCPUs with `VCPUOP_up` instead; that comes with the Xen
 //! work.)
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use x86_64::registers::control::Cr3;
 
@@ -42,6 +44,18 @@ extern "C" {
 static STARTED: AtomicBool = AtomicBool::new(false);
 /// CPUs running, the boot CPU included.
 static ONLINE: AtomicU32 = AtomicU32::new(1);
+/// Most CPUs the kernel drives (by MADT position).
+pub const MAX_CPUS: usize = 64;
+/// Bit `i` set: the CPU at MADT position `i` is an online AP.
+static ONLINE_APS: AtomicU64 = AtomicU64::new(0);
+/// Work handed to each AP: null (none yet), `PARK`, or a leaked
+/// `Box<Task>`.
+static WORK: [AtomicPtr<()>; MAX_CPUS] =
+    [const { AtomicPtr::new(core::ptr::null_mut()) }; MAX_CPUS];
+const PARK: *mut () = core::ptr::dangling_mut::<()>();
+
+/// A job an AP runs once it is handed it.
+pub type Task = Box<dyn FnOnce() + Send>;
 
 fn lapic_read(reg: u64) -> u32 {
     // SAFETY: an xAPIC register inside the identity-mapped APIC page,
@@ -124,7 +138,11 @@ pub fn start_aps(apic_ids: &[u32]) -> SmpReport {
     );
     put_data(core::ptr::addr_of!(ap_entry), ap_main as *const () as u64);
 
-    for (index, &apic) in apic_ids.iter().enumerate().filter(|(_, &id)| id != bsp) {
+    for (index, &apic) in apic_ids
+        .iter()
+        .enumerate()
+        .filter(|(i, &id)| id != bsp && *i < MAX_CPUS)
+    {
         let stack: &'static mut [u8] = alloc::vec![0u8; AP_STACK_SIZE].leak();
         let top = (stack.as_ptr() as u64 + AP_STACK_SIZE as u64) & !0xf;
         put_data(core::ptr::addr_of!(ap_stack), top);
@@ -141,6 +159,7 @@ pub fn start_aps(apic_ids: &[u32]) -> SmpReport {
             core::hint::spin_loop();
         }
         if STARTED.load(Ordering::Acquire) {
+            ONLINE_APS.fetch_or(1 << index, Ordering::AcqRel);
             report.online.push(apic);
         } else {
             println!("smp: cpu {index} (apic id {apic}) did not start; left out");
@@ -155,14 +174,75 @@ pub fn online() -> u32 {
     ONLINE.load(Ordering::Acquire)
 }
 
+/// MADT positions of the online APs.
+pub fn online_aps() -> Vec<usize> {
+    let set = ONLINE_APS.load(Ordering::Acquire);
+    (0..MAX_CPUS).filter(|i| set & (1 << i) != 0).collect()
+}
+
+/// Hands `task` to the AP at MADT position `index`, which runs it at once;
+/// false if that AP is not online or already has work.
+pub fn run_on(index: usize, task: Task) -> bool {
+    if index >= MAX_CPUS || ONLINE_APS.load(Ordering::Acquire) & (1 << index) == 0 {
+        return false;
+    }
+    let raw = Box::into_raw(Box::new(task)) as *mut ();
+    // Release: the task's captured state is visible to the AP before the
+    // pointer it will take.
+    match WORK[index].compare_exchange(
+        core::ptr::null_mut(),
+        raw,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    ) {
+        Ok(_) => true,
+        Err(_) => {
+            // SAFETY: `raw` came from `Box::into_raw` just above and was not
+            // handed over.
+            drop(unsafe { Box::from_raw(raw as *mut Task) });
+            false
+        }
+    }
+}
+
+/// Sends every AP that has no work to sleep (`hlt`), so that idle CPUs do
+/// not spin.
+pub fn park_idle() {
+    for i in online_aps() {
+        let _ = WORK[i].compare_exchange(
+            core::ptr::null_mut(),
+            PARK,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+}
+
 /// First Rust code on an AP, on its own stack, with the kernel's page
 /// tables; `index` is its position in the MADT's list.
-extern "C" fn ap_main(_index: u64) -> ! {
+extern "C" fn ap_main(index: u64) -> ! {
     cpu::init_ap();
     ONLINE.fetch_add(1, Ordering::AcqRel);
     // Release: the boot CPU sees this CPU's set-up done before it moves on
     // and reuses the trampoline's data words.
     STARTED.store(true, Ordering::Release);
+    let slot = &WORK[(index as usize).min(MAX_CPUS - 1)];
+    loop {
+        // Acquire: pairs with the release in `run_on`.
+        let w = slot.load(Ordering::Acquire);
+        if w == PARK {
+            break;
+        }
+        if !w.is_null() {
+            // SAFETY: a non-null, non-PARK pointer was stored by `run_on`
+            // from `Box::into_raw(Box<Task>)`, exactly once per slot, and
+            // only this CPU takes it.
+            let task = unsafe { Box::from_raw(w as *mut Task) };
+            task();
+            break;
+        }
+        core::hint::spin_loop();
+    }
     loop {
         x86_64::instructions::interrupts::disable();
         x86_64::instructions::hlt();

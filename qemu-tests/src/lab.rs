@@ -91,6 +91,8 @@ pub struct Lab {
     pub uplink: Wire,
     pub downlink: Wire,
     pub ready_line: String,
+    /// The `dataplane: layout ...` line.
+    pub layout_line: String,
     dir: PathBuf,
 }
 
@@ -144,6 +146,11 @@ impl Lab {
     }
 
     pub fn start_with(qubesdb: &str, cmdline: &str) -> Lab {
+        Self::start_on(qubesdb, cmdline, 1)
+    }
+
+    /// As `start_with`, on `cpus` CPUs.
+    pub fn start_on(qubesdb: &str, cmdline: &str, cpus: u32) -> Lab {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = std::env::temp_dir().join(format!("portcullis-lab-{}-{n}", std::process::id()));
@@ -168,6 +175,7 @@ impl Lab {
         let machine = Machine::new(kernel())
             .qubesdb(&db)
             .append(cmdline)
+            .cpus(cpus)
             .nic(up_backend)
             .nic(down_backend);
         let machine = RunningMachine::spawn(&machine).unwrap_or_else(|e| panic!("{e}"));
@@ -177,11 +185,17 @@ impl Lab {
             })
             .expect("kernel printed its ready line");
         assert!(ready_line.starts_with("portcullis: ready"), "{ready_line}");
+        let layout_line = machine
+            .wait_for(Duration::from_secs(10), |l| {
+                l.starts_with("dataplane: layout")
+            })
+            .expect("kernel printed its layout");
         let lab = Lab {
             machine,
             uplink,
             downlink,
             ready_line,
+            layout_line,
             dir,
         };
         let req = lab

@@ -19,13 +19,23 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 
 #[test]
 fn iperf3_tcp_and_udp_cross_the_firewall_and_blocked_ports_are_refused() {
-    let topo =
-        Topology::create(&format!("t{}", std::process::id() % 100_000)).expect("network topology");
-    let dir = std::env::temp_dir().join(format!("portcullis-iperf-{}", std::process::id()));
+    run_through_firewall("s", 1, "");
+}
+
+#[test]
+fn iperf3_crosses_the_pipeline_layout_on_two_cpus() {
+    run_through_firewall("p", 2, "layout=pipeline");
+}
+
+fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str) {
+    let topo = Topology::create(&format!("{tag}{}", std::process::id() % 100_000))
+        .expect("network topology");
+    let dir = std::env::temp_dir().join(format!("portcullis-iperf-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("qubesdb");
     std::fs::write(&db, QUBESDB).unwrap();
-    let mut vm = RunningMachine::spawn(&topo.machine(kernel(), &db)).expect("QEMU");
+    let machine = topo.machine(kernel(), &db).cpus(cpus).append(cmdline);
+    let mut vm = RunningMachine::spawn(&machine).expect("QEMU");
     vm.wait_for(Duration::from_secs(30), |l| {
         l.starts_with("portcullis: ready")
     })

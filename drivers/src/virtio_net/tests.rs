@@ -186,11 +186,11 @@ fn receives_and_transmits_batches() {
     let mut got = Vec::new();
     r.nic.rx_batch(&mut r.pool, &mut got, 64);
     assert_eq!(got.iter().map(|p| p.len).collect::<Vec<_>>(), [60, 60]);
-    assert!(r.pool.frame(&got[1]).iter().all(|&b| b == 0xa1));
+    assert!(r.pool.frame(&mut got[1]).iter().all(|&b| b == 0xa1));
     assert_eq!(r.nic.stats().rx_errors, 1);
 
     // Transmit both: one publish, one notification, header zeroed in front.
-    r.pool.slot_mut(&got[0].buf)[HEADROOM - NET_HDR..HEADROOM].fill(0xee);
+    r.pool.slot(&mut got[0].buf)[HEADROOM - NET_HDR..HEADROOM].fill(0xee);
     r.nic.tx_batch(&mut r.pool, &mut got);
     assert!(got.is_empty());
     assert_eq!(r.nic.transport.notified, [RX_QUEUE, TX_QUEUE]);
