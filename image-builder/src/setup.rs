@@ -1,7 +1,8 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks for
 //! building, running and testing Portcullis (QEMU, the bare-metal Rust
-//! target, and iproute2, iperf3 and ping for the network tests and the
-//! demo), and says what it installs.
+//! target, iproute2, iperf3, ping and nftables for the network tests and
+//! the demo, debootstrap and cpio for the nested-Xen images), and says what
+//! it installs.
 //!
 //! QEMU must be version 10 or later; on Debian bookworm that comes from
 //! bookworm-backports, whose apt source is derived from the machine's own

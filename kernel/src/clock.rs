@@ -26,10 +26,21 @@ fn rdtsc() -> u64 {
     unsafe { _rdtsc() }
 }
 
-/// Calibrates the TSC; returns its frequency in Hz and whether the PIT
-/// answered.
-pub fn init() -> (u64, bool) {
+/// Where the TSC frequency came from.
+pub enum Source {
+    Pit,
+    Xen,
+    Assumed,
+}
+
+/// Calibrates the TSC; returns its frequency in Hz and its source.
+pub fn init() -> (u64, Source) {
     let mut measured = true;
+    if let Some(hz) = crate::xen::tsc_hz() {
+        // Xen has no PIT for PVH guests, and says the frequency itself.
+        let cal = CLOCK.call_once(|| Calibration { start: rdtsc(), hz });
+        return (cal.hz, Source::Xen);
+    }
     let cal = CLOCK.call_once(|| {
         let ticks = PIT_HZ * CALIBRATION_MS / 1000;
         // SAFETY: PIT channel 2 and the speaker-gate port; channel 2 drives
@@ -62,7 +73,14 @@ pub fn init() -> (u64, bool) {
         };
         Calibration { start: rdtsc(), hz }
     });
-    (cal.hz, measured)
+    (
+        cal.hz,
+        if measured {
+            Source::Pit
+        } else {
+            Source::Assumed
+        },
+    )
 }
 
 /// Milliseconds since `init`.

@@ -54,8 +54,10 @@ pub fn init() {
         outb(COM1 + 2, 0xc7); // FIFO on, cleared
         outb(COM1 + 4, 0x03); // DTR, RTS
     }
-    // QEMU's and Bochs's debug console reads back its own port number.
-    c.debugcon = inb(DEBUGCON) == 0xe9;
+    // QEMU's and Bochs's debug console reads back its own port number;
+    // Xen's (for HVM and PVH guests) only takes writes, which it prints on
+    // its own console when `guest_loglvl` allows.
+    c.debugcon = inb(DEBUGCON) == 0xe9 || crate::xen::present();
     drop(c);
     // A second call would only find the logger already set.
     let _ = log::set_logger(&LOGGER);

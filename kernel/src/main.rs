@@ -24,6 +24,7 @@ mod pci_bus;
 mod phys;
 mod smp;
 mod virtio_hal;
+mod xen;
 
 use core::panic::PanicInfo;
 
@@ -52,8 +53,13 @@ const MAX_CMDLINE: usize = 2048;
 /// Rust entry, called once by the trampoline on the boot CPU.
 #[no_mangle]
 pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
+    let under_xen = xen::init();
     console::init();
     println!("portcullis: booting (start info at {start_info_paddr:#x})");
+    if under_xen {
+        let (major, minor) = xen::version();
+        println!("xen: running under Xen {major}.{minor}");
+    }
     cpu::init();
 
     let info = read_start_info(u64::from(start_info_paddr));
@@ -121,16 +127,13 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     }
     println!();
     phys::set_free_memory(mem);
-    let (tsc_hz, calibrated) = clock::init();
-    println!(
-        "clock: tsc {} MHz ({})",
-        tsc_hz / 1_000_000,
-        if calibrated {
-            "calibrated against the PIT"
-        } else {
-            "no PIT; assumed"
-        }
-    );
+    let (tsc_hz, source) = clock::init();
+    let source = match source {
+        clock::Source::Pit => "calibrated against the PIT",
+        clock::Source::Xen => "from Xen",
+        clock::Source::Assumed => "no PIT; assumed",
+    };
+    println!("clock: tsc {} MHz ({source})", tsc_hz / 1_000_000);
     let apic_ids = acpi.as_ref().map(|a| a.cpus.clone()).unwrap_or_default();
     if apic_ids.len() > 1 {
         let smp = smp::start_aps(&apic_ids);

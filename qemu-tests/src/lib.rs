@@ -507,6 +507,7 @@ impl BootReport {
 
 pub mod lab;
 pub mod netns;
+pub mod xen;
 
 #[cfg(test)]
 mod tests {

@@ -11,4 +11,5 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+pub mod hypercall;
 pub mod pvh;

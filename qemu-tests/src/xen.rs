@@ -1,0 +1,355 @@
+//! A real Xen 4.17 with a Linux dom0, nested in QEMU TCG, to run Portcullis
+//! as a PVH domU (see `shared/xen-in-qemu.md` in the steering notes).
+//!
+//! `XenImages::ensure` builds, once, under `/var/cache/portcullis/xen`: the
+//! Xen hypervisor (from Debian's package, decompressed for QEMU's multiboot
+//! loader), the dom0 kernel and the few modules dom0 needs, and a dom0 root
+//! filesystem (debootstrap + Xen tools from the security suite, matching
+//! the hypervisor) packed as an initramfs. `run` appends a small archive
+//! with the kernel under test, an `xl` config and a test script, boots the
+//! whole thing and returns what came out of the serial port: Xen's console,
+//! where a PVH guest's port-0xe9 output appears as `(dN) ...` lines. Needs
+//! root and the Debian package mirrors.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::RunningMachine;
+
+/// Bumped when the recipe changes, so old caches are rebuilt.
+const RECIPE: &str = "portcullis-xen-v1";
+pub const CACHE: &str = "/var/cache/portcullis/xen";
+
+/// The built images.
+pub struct XenImages {
+    pub dir: PathBuf,
+}
+
+fn run(cmd: &mut Command) -> Result<String, String> {
+    let out = cmd
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| format!("{cmd:?}: {e}"))?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(format!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// The machine's Debian mirror for the main and the security suites, read
+/// from its own apt sources.
+fn mirrors() -> Result<(String, String), String> {
+    let mut main = None;
+    let mut security = None;
+    let mut texts = Vec::new();
+    if let Ok(d) = std::fs::read_dir("/etc/apt/sources.list.d") {
+        for e in d.flatten() {
+            if e.path()
+                .extension()
+                .is_some_and(|x| x == "sources" || x == "list")
+            {
+                texts.push(std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+    }
+    texts.push(std::fs::read_to_string("/etc/apt/sources.list").unwrap_or_default());
+    for text in &texts {
+        for stanza in text.split("\n\n") {
+            let field = |k: &str| {
+                stanza
+                    .lines()
+                    .find_map(|l| l.strip_prefix(k))
+                    .map(|v| v.trim().to_string())
+            };
+            if let (Some(uri), Some(suites)) = (field("URIs:"), field("Suites:")) {
+                let uri = uri.split_whitespace().next().unwrap_or("").to_string();
+                if suites.split_whitespace().any(|s| s == "bookworm") {
+                    main.get_or_insert(uri.clone());
+                }
+                if suites.split_whitespace().any(|s| s == "bookworm-security") {
+                    security.get_or_insert(uri);
+                }
+            }
+        }
+        for l in text.lines() {
+            let w: Vec<&str> = l
+                .split_whitespace()
+                .filter(|w| !w.starts_with('['))
+                .collect();
+            match w.as_slice() {
+                ["deb", uri, "bookworm", ..] => {
+                    main.get_or_insert(uri.to_string());
+                }
+                ["deb", uri, "bookworm-security", ..] => {
+                    security.get_or_insert(uri.to_string());
+                }
+                _ => {}
+            }
+        }
+    }
+    match (main, security) {
+        (Some(m), Some(s)) => Ok((m, s)),
+        _ => {
+            Err("no bookworm and bookworm-security apt sources to build the dom0 image from".into())
+        }
+    }
+}
+
+const INIT: &str = r#"#!/bin/sh
+# dom0 init for Portcullis's nested-Xen tests: start the Xen tools, make a
+# bridge, run /test.sh, power off.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin:/usr/lib/xen-4.17/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mkdir -p /dev/pts /run /tmp
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmp /run
+mount -t tmpfs tmp /tmp
+mkdir -p /run/xen /run/xenstored /var/lib/xen /var/log/xen/console
+for m in xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xenfs xen-netback bridge; do modprobe $m; done
+mount -t xenfs xenfs /proc/xen
+xenstored --pid-file /run/xenstored.pid
+xen-init-dom0
+xenconsoled --log=guest --log-dir=/var/log/xen/console
+ip link set lo up
+ip link add br0 type bridge
+ip addr add 10.0.2.2/24 dev br0
+ip link set br0 up
+echo "dom0: ready"
+if [ -x /test.sh ]; then /test.sh; echo "dom0: test exit $?"; fi
+echo o > /proc/sysrq-trigger
+sleep 10
+"#;
+
+impl XenImages {
+    /// The images, built first if the cache lacks them.
+    pub fn ensure() -> Result<Self, String> {
+        let dir = PathBuf::from(CACHE);
+        let stamp = dir.join("stamp");
+        if std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == RECIPE)
+            && ["xen", "vmlinuz", "base.cpio"]
+                .iter()
+                .all(|f| dir.join(f).is_file())
+        {
+            return Ok(Self { dir });
+        }
+        if !crate::netns::is_root() {
+            return Err("building the Xen images needs root (debootstrap, chroot)".into());
+        }
+        eprintln!("xen: building the nested-Xen images in {CACHE} (once; a few minutes)");
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("debs")).map_err(|e| e.to_string())?;
+        let (main, security) = mirrors()?;
+        let kernel_pkg = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?
+            .split_whitespace()
+            .find(|w| w.starts_with("linux-image-6"))
+            .map(str::to_string)
+            .ok_or("no linux-image-6.* behind linux-image-amd64")?;
+        let kver = kernel_pkg.trim_start_matches("linux-image-").to_string();
+        run(Command::new("apt-get").current_dir(dir.join("debs")).args([
+            "download",
+            "xen-hypervisor-4.17-amd64",
+            &kernel_pkg,
+        ]))?;
+        for (pattern, into) in [("xen-hypervisor", "x"), ("linux-image", "k")] {
+            let deb = std::fs::read_dir(dir.join("debs"))
+                .map_err(|e| e.to_string())?
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with(pattern))
+                })
+                .ok_or(format!("no {pattern} package downloaded"))?;
+            run(Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(dir.join(into)))?;
+        }
+        // QEMU's multiboot loader needs the plain ELF.
+        let out = std::fs::File::create(dir.join("xen")).map_err(|e| e.to_string())?;
+        let status = Command::new("zcat")
+            .arg(dir.join("x/boot/xen-4.17-amd64.gz"))
+            .stdout(out)
+            .status();
+        if !status.is_ok_and(|s| s.success()) {
+            return Err("decompressing Xen failed".into());
+        }
+        std::fs::copy(
+            dir.join(format!("k/boot/vmlinuz-{kver}")),
+            dir.join("vmlinuz"),
+        )
+        .map_err(|e| e.to_string())?;
+        let root = dir.join("rootfs");
+        run(Command::new("debootstrap")
+            .args([
+                "--variant=minbase",
+                "--include=xen-utils-4.17,xenstore-utils,iproute2,bridge-utils,kmod,busybox,procps",
+                "bookworm",
+            ])
+            .arg(&root)
+            .arg(&main))?;
+        // The tools must match the hypervisor, which comes from the
+        // security suite.
+        std::fs::write(
+            root.join("etc/apt/sources.list.d/security.list"),
+            format!("deb {security} bookworm-security main\n"),
+        )
+        .map_err(|e| e.to_string())?;
+        let _ = std::fs::copy("/etc/resolv.conf", root.join("etc/resolv.conf"));
+        run(Command::new("chroot")
+            .arg(&root)
+            .args(["apt-get", "update", "-q"]))?;
+        run(Command::new("chroot")
+            .arg(&root)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args([
+                "apt-get",
+                "install",
+                "-y",
+                "-q",
+                "--only-upgrade",
+                "xen-utils-4.17",
+                "xen-utils-common",
+                "libxenmisc4.17",
+                "xenstore-utils",
+            ]))?;
+        let modules = dir.join(format!("k/lib/modules/{kver}/kernel"));
+        let target = root.join(format!("lib/modules/{kver}/kernel"));
+        for sub in [
+            "drivers/xen",
+            "drivers/net/xen-netback",
+            "net/bridge",
+            "net/802",
+            "net/llc",
+        ] {
+            let to = target.join(sub);
+            std::fs::create_dir_all(to.parent().unwrap_or(&target)).map_err(|e| e.to_string())?;
+            run(Command::new("cp").arg("-r").arg(modules.join(sub)).arg(&to))?;
+        }
+        run(Command::new("chroot").arg(&root).args(["depmod", &kver]))?;
+        std::fs::write(root.join("init"), INIT).map_err(|e| e.to_string())?;
+        run(Command::new("chmod").arg("+x").arg(root.join("init")))?;
+        std::fs::write(root.join("etc/xen/xl.conf"), "autoballoon=\"off\"\n")
+            .map_err(|e| e.to_string())?;
+        for junk in [
+            "usr/share/doc",
+            "usr/share/locale",
+            "usr/share/man",
+            "var/cache/apt",
+            "var/lib/apt/lists",
+        ] {
+            let _ = std::fs::remove_dir_all(root.join(junk));
+        }
+        cpio(&root, &dir.join("base.cpio"))?;
+        for scratch in ["x", "k", "debs", "rootfs"] {
+            let _ = std::fs::remove_dir_all(dir.join(scratch));
+        }
+        std::fs::write(&stamp, RECIPE).map_err(|e| e.to_string())?;
+        Ok(Self { dir })
+    }
+}
+
+/// Packs `root` as an uncompressed newc cpio archive at `out`.
+fn cpio(root: &Path, out: &Path) -> Result<(), String> {
+    let file = std::fs::File::create(out).map_err(|e| e.to_string())?;
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg("find . | cpio -o -H newc --quiet")
+        .current_dir(root)
+        .stdout(file)
+        .status()
+        .map_err(|e| e.to_string())?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("cpio of {} failed", root.display()))
+    }
+}
+
+/// What a nested-Xen run printed.
+pub struct XenRun {
+    /// The serial console: Xen's log, dom0's, and `(dN)` guest lines.
+    pub console: String,
+    pub elapsed: Duration,
+}
+
+impl XenRun {
+    /// The lines domain `domid` printed through port 0xe9, without prefix.
+    pub fn guest_lines(&self, domid: u32) -> Vec<String> {
+        let prefix = format!("(d{domid}) ");
+        self.console
+            .lines()
+            .filter_map(|l| l.strip_prefix(&prefix))
+            .map(|l| l.trim_end().to_string())
+            .collect()
+    }
+}
+
+impl XenImages {
+    /// Boots Xen and dom0 with the kernel under test at `/portcullis`, the
+    /// `xl` config at `/etc/xen/portcullis.cfg`, and `script` as
+    /// `/test.sh`; returns the console once dom0 has powered off.
+    pub fn run(
+        &self,
+        kernel: &Path,
+        xl_cfg: &str,
+        script: &str,
+        timeout: Duration,
+    ) -> Result<XenRun, String> {
+        let work = std::env::temp_dir().join(format!("portcullis-xen-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&work);
+        let overlay = work.join("overlay");
+        std::fs::create_dir_all(overlay.join("etc/xen")).map_err(|e| e.to_string())?;
+        std::fs::copy(kernel, overlay.join("portcullis")).map_err(|e| e.to_string())?;
+        std::fs::write(overlay.join("etc/xen/portcullis.cfg"), xl_cfg)
+            .map_err(|e| e.to_string())?;
+        std::fs::write(overlay.join("test.sh"), script).map_err(|e| e.to_string())?;
+        run(Command::new("chmod").arg("+x").arg(overlay.join("test.sh")))?;
+        // Two cpio archives back to back are one initramfs to Linux.
+        cpio(&overlay, &work.join("overlay.cpio"))?;
+        let dom0 = work.join("dom0.cpio");
+        let mut out = std::fs::File::create(&dom0).map_err(|e| e.to_string())?;
+        for part in [self.dir.join("base.cpio"), work.join("overlay.cpio")] {
+            let mut f = std::fs::File::open(part).map_err(|e| e.to_string())?;
+            std::io::copy(&mut f, &mut out).map_err(|e| e.to_string())?;
+        }
+        drop(out);
+        let mut m = crate::Machine::new(self.dir.join("xen"));
+        m.memory_mib = 3072;
+        m.cpus = 2;
+        m.append =
+            "console=com1 com1=115200,8n1 dom0_mem=1536M,max:1536M dom0_max_vcpus=1 loglvl=all \
+                    guest_loglvl=all noreboot"
+                .into();
+        m.extra = vec![
+            "-cpu".into(),
+            "max".into(),
+            "-initrd".into(),
+            format!(
+                "{} console=hvc0 earlyprintk=xen loglevel=4,{}",
+                self.dir.join("vmlinuz").display(),
+                dom0.display()
+            ),
+        ];
+        let start = Instant::now();
+        let mut vm = RunningMachine::spawn(&m)?;
+        let (status, console) = vm.drain_until_exit(start + timeout);
+        let _ = std::fs::remove_dir_all(&work);
+        if status.is_none() {
+            return Err(format!(
+                "nested Xen did not power off within {timeout:?}:\n{console}"
+            ));
+        }
+        Ok(XenRun {
+            console,
+            elapsed: start.elapsed(),
+        })
+    }
+}
