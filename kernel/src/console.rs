@@ -92,6 +92,7 @@ impl Write for Console {
             }
             self.put(b);
         }
+        crate::xen::console_ring_write(s.as_bytes());
         Ok(())
     }
 }

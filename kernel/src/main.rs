@@ -58,7 +58,14 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     println!("portcullis: booting (start info at {start_info_paddr:#x})");
     if under_xen {
         let (major, minor) = xen::version();
-        println!("xen: running under Xen {major}.{minor}");
+        println!(
+            "xen: running under Xen {major}.{minor}; console on the debug port{}",
+            if xen::has_console_ring() {
+                " and the PV console ring"
+            } else {
+                ""
+            }
+        );
     }
     cpu::init();
 

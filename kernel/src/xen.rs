@@ -1,14 +1,15 @@
 //! Running under Xen: detection, the hypercall page, and the few
-//! hypercalls the kernel needs before the Xen drivers exist: shutting the
-//! domain down. (Console output goes to Xen's debug port 0xe9, see
-//! `console`.)
+//! hypercalls the kernel needs before the Xen drivers exist: the PV
+//! console ring (what `xl console` and xenconsoled's logs show), and
+//! shutting the domain down. Console output also goes to Xen's debug port
+//! 0xe9 (see `console`), which works before anything is set up.
 //!
 //! Detection reads Xen's CPUID leaves; the hypercall page is a page of the
 //! kernel image whose physical address is written to the MSR that Xen's
 //! leaf `base + 2` names, after which Xen fills it with one 32-byte stub per
 //! hypercall.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use x86_64::registers::model_specific::Msr;
 use xen_shim::hypercall::*;
@@ -20,6 +21,9 @@ struct HypercallPage([u8; 4096]);
 static mut HYPERCALL_PAGE: HypercallPage = HypercallPage([0xc3; 4096]); // ret
 static PRESENT: AtomicBool = AtomicBool::new(false);
 static BASE_LEAF: AtomicU32 = AtomicU32::new(0);
+/// The PV console: ring page address (0: none) and event channel.
+static CONSOLE_RING: AtomicU64 = AtomicU64::new(0);
+static CONSOLE_EVTCHN: AtomicU32 = AtomicU32::new(0);
 
 fn cpuid(leaf: u32, sub: u32) -> [u32; 4] {
     // CPUID has no side effects; leaves beyond the maximum return harmless
@@ -41,6 +45,7 @@ pub fn init() -> bool {
             unsafe { Msr::new(msr).write(page) };
             BASE_LEAF.store(leaf, Ordering::Relaxed);
             PRESENT.store(true, Ordering::Release);
+            init_console();
             return true;
         }
         leaf += 0x100;
@@ -110,6 +115,114 @@ pub fn shutdown(crashed: bool) {
             HYPERVISOR_SCHED_OP,
             u64::from(SCHEDOP_SHUTDOWN),
             &reason as *const u32 as u64,
+        )
+    };
+}
+
+#[repr(C)]
+struct HvmParam {
+    domid: u16,
+    pad: u16,
+    index: u32,
+    value: u64,
+}
+
+fn hvm_param(index: u32) -> Option<u64> {
+    let mut p = HvmParam {
+        domid: DOMID_SELF,
+        pad: 0,
+        index,
+        value: 0,
+    };
+    // SAFETY: HVMOP_get_param reads and writes one `xen_hvm_param` at the
+    // pointer, a live local.
+    let rc = unsafe {
+        hypercall2(
+            HYPERVISOR_HVM_OP,
+            u64::from(HVMOP_GET_PARAM),
+            &mut p as *mut HvmParam as u64,
+        )
+    };
+    (rc == 0).then_some(p.value)
+}
+
+/// Finds the PV console ring (what `xl console` and xenconsoled's logs
+/// read) and remembers it if its page is in the identity map.
+fn init_console() {
+    let (Some(pfn), Some(port)) = (
+        hvm_param(HVM_PARAM_CONSOLE_PFN),
+        hvm_param(HVM_PARAM_CONSOLE_EVTCHN),
+    ) else {
+        return;
+    };
+    let page = pfn << 12;
+    if pfn != 0 && port != 0 && port <= u64::from(u32::MAX) && crate::phys::is_mapped(page, 4096) {
+        CONSOLE_EVTCHN.store(port as u32, Ordering::Relaxed);
+        CONSOLE_RING.store(page, Ordering::Release);
+    }
+}
+
+/// Whether the PV console ring is in use.
+pub fn has_console_ring() -> bool {
+    CONSOLE_RING.load(Ordering::Acquire) != 0
+}
+
+fn ring_index(page: u64, off: usize) -> &'static core::sync::atomic::AtomicU32 {
+    // SAFETY: `off` is one of the 4-aligned index fields inside the console
+    // page, which Xen placed in our memory for this domain and which stays
+    // there; the other side (xenconsoled) accesses it concurrently, hence
+    // atomics.
+    unsafe { core::sync::atomic::AtomicU32::from_ptr((page as usize + off) as *mut u32) }
+}
+
+/// Writes `bytes` to the PV console ring and notifies the backend once.
+/// When the ring stays full (no backend reading), bytes are dropped after a
+/// bounded wait: the console must never hang the kernel.
+pub fn console_ring_write(bytes: &[u8]) {
+    use xen_shim::hypercall::console_ring::*;
+    let page = CONSOLE_RING.load(Ordering::Acquire);
+    if page == 0 {
+        return;
+    }
+    let (prod_ix, cons_ix) = (ring_index(page, OUT_PROD), ring_index(page, OUT_CONS));
+    let mut prod = prod_ix.load(Ordering::Relaxed);
+    for &b in bytes {
+        let mut spins = 0u32;
+        // Acquire: the backend's reads of the slots it freed are done.
+        while room(prod, cons_ix.load(Ordering::Acquire)) == 0 {
+            if spins == 0 {
+                prod_ix.store(prod, Ordering::Release);
+                notify(CONSOLE_EVTCHN.load(Ordering::Relaxed));
+            }
+            spins += 1;
+            if spins > 1_000_000 {
+                return;
+            }
+            core::hint::spin_loop();
+        }
+        let slot = page as usize + OUT + (prod % OUT_SIZE) as usize;
+        // SAFETY: `slot` lies in the output ring of the console page; the
+        // slot is free (room > 0), so the backend is not reading it.
+        unsafe { (slot as *mut u8).write_volatile(b) };
+        prod = prod.wrapping_add(1);
+    }
+    // Release: the bytes are visible before the index that publishes them.
+    prod_ix.store(prod, Ordering::Release);
+    // The index store must be visible before the backend is woken.
+    fence(Ordering::SeqCst);
+    notify(CONSOLE_EVTCHN.load(Ordering::Relaxed));
+}
+
+/// `EVTCHNOP_send` on `port`.
+fn notify(port: u32) {
+    let send = port;
+    // SAFETY: EVTCHNOP_send reads one `evtchn_send { u32 port }` at the
+    // pointer, a live local.
+    unsafe {
+        hypercall2(
+            HYPERVISOR_EVENT_CHANNEL_OP,
+            u64::from(EVTCHNOP_SEND),
+            &send as *const u32 as u64,
         )
     };
 }

@@ -35,6 +35,9 @@ run() {
     xl destroy portcullis
 }
 run
+echo "test: console log begins"
+cat /var/log/xen/console/guest-portcullis.log
+echo "test: console log ends"
 run 'extra="bogus"'
 "#;
 
@@ -60,7 +63,27 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "no boot line from the domU:\n{}",
         run.console
     );
-    assert!(has("xen: running under Xen 4.17"), "{guest:#?}");
+    assert!(
+        has("xen: running under Xen 4.17; console on the debug port and the PV console ring"),
+        "{guest:#?}"
+    );
+    // The same lines reached xenconsoled through the PV console ring: what
+    // `xl console` and Qubes's console logs show.
+    let log: Vec<&str> = run
+        .console
+        .lines()
+        .skip_while(|l| !l.starts_with("test: console log begins"))
+        .take_while(|l| !l.starts_with("test: console log ends"))
+        .collect();
+    assert!(
+        log.iter().any(|l| l.contains("portcullis: booting")),
+        "console log: {log:#?}"
+    );
+    assert!(
+        log.iter()
+            .any(|l| l.contains("portcullis: no network devices")),
+        "console log: {log:#?}"
+    );
     assert!(
         has("clock: tsc") && guest.iter().any(|l| l.contains("(from Xen)")),
         "{guest:#?}"
