@@ -25,6 +25,7 @@ mod phys;
 mod smp;
 mod virtio_hal;
 mod xen;
+mod xenstore;
 
 use core::panic::PanicInfo;
 
@@ -141,6 +142,15 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
         clock::Source::Assumed => "no PIT; assumed",
     };
     println!("clock: tsc {} MHz ({source})", tsc_hz / 1_000_000);
+    if xen::present() {
+        match xenstore::XenStore::open() {
+            Some(mut store) => match (store.read("name"), store.read("domid")) {
+                (Ok(name), Ok(domid)) => println!("xenstore: domain \"{name}\", domid {domid}"),
+                (Err(e), _) | (_, Err(e)) => println!("xenstore: read failed: {e:?}"),
+            },
+            None => println!("xenstore: no ring"),
+        }
+    }
     let apic_ids = acpi.as_ref().map(|a| a.cpus.clone()).unwrap_or_default();
     if apic_ids.len() > 1 {
         let smp = smp::start_aps(&apic_ids);

@@ -127,7 +127,8 @@ struct HvmParam {
     value: u64,
 }
 
-fn hvm_param(index: u32) -> Option<u64> {
+/// An HVM parameter of this domain (`HVMOP_get_param`).
+pub fn hvm_param(index: u32) -> Option<u64> {
     let mut p = HvmParam {
         domid: DOMID_SELF,
         pad: 0,
@@ -214,7 +215,7 @@ pub fn console_ring_write(bytes: &[u8]) {
 }
 
 /// `EVTCHNOP_send` on `port`.
-fn notify(port: u32) {
+pub fn notify(port: u32) {
     let send = port;
     // SAFETY: EVTCHNOP_send reads one `evtchn_send { u32 port }` at the
     // pointer, a live local.

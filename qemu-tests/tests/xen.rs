@@ -89,6 +89,11 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "{guest:#?}"
     );
     assert!(has("memory: ram 65536 KiB"), "{guest:#?}");
+    // XenStore, read over the shared ring: the domain's own name and id.
+    assert!(
+        has("xenstore: domain \"portcullis\", domid 1"),
+        "{guest:#?}"
+    );
     assert!(
         has("portcullis: no network devices; nothing to forward"),
         "{guest:#?}"

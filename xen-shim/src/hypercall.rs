@@ -9,6 +9,8 @@ pub const HYPERVISOR_HVM_OP: u32 = 34;
 
 /// `HVMOP_get_param`, the parameters read with it, and `DOMID_SELF`.
 pub const HVMOP_GET_PARAM: u32 = 1;
+pub const HVM_PARAM_STORE_PFN: u32 = 1;
+pub const HVM_PARAM_STORE_EVTCHN: u32 = 2;
 pub const HVM_PARAM_CONSOLE_PFN: u32 = 17;
 pub const HVM_PARAM_CONSOLE_EVTCHN: u32 = 18;
 pub const DOMID_SELF: u16 = 0x7ff0;

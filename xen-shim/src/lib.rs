@@ -11,5 +11,8 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+extern crate alloc;
+
 pub mod hypercall;
 pub mod pvh;
+pub mod xenstore;

@@ -1,0 +1,118 @@
+//! A polling XenStore client over the shared ring Xen gives the domain
+//! (`HVM_PARAM_STORE_PFN` / `HVM_PARAM_STORE_EVTCHN`). One request at a
+//! time; every index and reply header from xenstored is checked
+//! (`xen_shim::xenstore`) and a bad one is an error, never a panic or a
+//! hang: each wait has a deadline.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::sync::atomic::{fence, AtomicU32, Ordering};
+
+use xen_shim::hypercall::{HVM_PARAM_STORE_EVTCHN, HVM_PARAM_STORE_PFN};
+use xen_shim::xenstore::{self as xs, XsError};
+
+use crate::{clock, phys, xen};
+
+/// How long one request may wait for room or for its reply.
+const TIMEOUT_MS: u64 = 2000;
+
+pub struct XenStore {
+    page: u64,
+    port: u32,
+    next_id: u32,
+}
+
+fn index(page: u64, off: usize) -> &'static AtomicU32 {
+    // SAFETY: `off` is one of the four 4-aligned index fields inside the
+    // XenStore page, which Xen placed in this domain's memory for its life;
+    // xenstored updates them concurrently, hence atomics.
+    unsafe { AtomicU32::from_ptr((page as usize + off) as *mut u32) }
+}
+
+impl XenStore {
+    /// The domain's XenStore ring, if Xen gave one in mapped memory.
+    pub fn open() -> Option<Self> {
+        let pfn = xen::hvm_param(HVM_PARAM_STORE_PFN)?;
+        let port = u32::try_from(xen::hvm_param(HVM_PARAM_STORE_EVTCHN)?).ok()?;
+        let page = pfn << 12;
+        (pfn != 0 && port != 0 && phys::is_mapped(page, 4096)).then_some(Self {
+            page,
+            port,
+            next_id: 1,
+        })
+    }
+
+    fn send(&mut self, msg: &[u8]) -> Result<(), XsError> {
+        let (prod_ix, cons_ix) = (
+            index(self.page, xs::REQ_PROD),
+            index(self.page, xs::REQ_CONS),
+        );
+        let mut prod = prod_ix.load(Ordering::Relaxed);
+        let deadline = clock::now_ms() + TIMEOUT_MS;
+        for &b in msg {
+            // Acquire: xenstored finished reading the slots it released.
+            while xs::used(prod, cons_ix.load(Ordering::Acquire))? >= xs::RING_SIZE {
+                if clock::now_ms() > deadline {
+                    return Err(XsError::Timeout);
+                }
+                core::hint::spin_loop();
+            }
+            let slot = self.page as usize + xs::REQ + (prod % xs::RING_SIZE) as usize;
+            // SAFETY: a free slot of the request ring inside the page.
+            unsafe { (slot as *mut u8).write_volatile(b) };
+            prod = prod.wrapping_add(1);
+        }
+        // Release: the message bytes before the index that publishes them;
+        // then a full fence before the notification.
+        prod_ix.store(prod, Ordering::Release);
+        fence(Ordering::SeqCst);
+        xen::notify(self.port);
+        Ok(())
+    }
+
+    fn receive(&mut self, out: &mut [u8], deadline: u64) -> Result<(), XsError> {
+        let (prod_ix, cons_ix) = (
+            index(self.page, xs::RSP_PROD),
+            index(self.page, xs::RSP_CONS),
+        );
+        let mut cons = cons_ix.load(Ordering::Relaxed);
+        for b in out.iter_mut() {
+            // Acquire: the reply bytes are read after the index covering them.
+            while xs::used(prod_ix.load(Ordering::Acquire), cons)? == 0 {
+                if clock::now_ms() > deadline {
+                    return Err(XsError::Timeout);
+                }
+                core::hint::spin_loop();
+            }
+            let slot = self.page as usize + xs::RSP + (cons % xs::RING_SIZE) as usize;
+            // SAFETY: a filled slot of the response ring inside the page.
+            *b = unsafe { (slot as *const u8).read_volatile() };
+            cons = cons.wrapping_add(1);
+        }
+        // Release: our reads are done before xenstored may reuse the slots.
+        cons_ix.store(cons, Ordering::Release);
+        fence(Ordering::SeqCst);
+        xen::notify(self.port);
+        Ok(())
+    }
+
+    /// Reads `path` (relative to the domain's own node unless absolute).
+    pub fn read(&mut self, path: &str) -> Result<String, XsError> {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        self.send(&xs::read(id, path)?)?;
+        let deadline = clock::now_ms() + TIMEOUT_MS;
+        loop {
+            let mut raw = [0u8; xs::HEADER];
+            self.receive(&mut raw, deadline)?;
+            let h = xs::Header::parse(&raw)?;
+            let mut payload: Vec<u8> = alloc::vec![0; h.len as usize];
+            self.receive(&mut payload, deadline)?;
+            if h.req_id != id {
+                continue; // a watch event or a stale reply: not ours
+            }
+            let value = xs::check_reply(&h, &payload, xs::XS_READ, id)?;
+            return String::from_utf8(value).map_err(|_| XsError::NotText);
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! The XenStore wire protocol (`xen/include/public/io/xs_wire.h`): the
+//! message header, the requests the kernel sends, and the validation of the
+//! replies and ring indices the other side (xenstored, in dom0) writes.
+//!
+//! Ring page layout: request ring (1024 bytes), response ring (1024 bytes),
+//! then `req_cons, req_prod, rsp_cons, rsp_prod` (u32 each). A message is a
+//! 16-byte header `{type, req_id, tx_id, len}` followed by `len` bytes of
+//! payload, at most 4096.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+pub const RING_SIZE: u32 = 1024;
+pub const REQ: usize = 0;
+pub const RSP: usize = 1024;
+pub const REQ_CONS: usize = 2048;
+pub const REQ_PROD: usize = 2052;
+pub const RSP_CONS: usize = 2056;
+pub const RSP_PROD: usize = 2060;
+pub const HEADER: usize = 16;
+pub const PAYLOAD_MAX: u32 = 4096;
+
+pub const XS_DIRECTORY: u32 = 1;
+pub const XS_READ: u32 = 2;
+pub const XS_WRITE: u32 = 11;
+pub const XS_ERROR: u32 = 16;
+
+/// Why a reply or the ring state was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum XsError {
+    /// xenstored answered with an error string (`ENOENT`, `EACCES`, ...).
+    Remote(String),
+    /// The ring indices are impossible (more than a ring apart).
+    BadIndices,
+    /// The reply's header is not for our request or is oversized.
+    BadReply,
+    /// The request is larger than the protocol allows.
+    TooLarge,
+    /// No reply came in time.
+    Timeout,
+    /// The reply is not UTF-8 where text was expected.
+    NotText,
+}
+
+/// Encodes one request message.
+pub fn request(kind: u32, req_id: u32, parts: &[&[u8]]) -> Result<Vec<u8>, XsError> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > PAYLOAD_MAX as usize {
+        return Err(XsError::TooLarge);
+    }
+    let mut m = Vec::with_capacity(HEADER + len);
+    for v in [kind, req_id, 0, len as u32] {
+        m.extend_from_slice(&v.to_le_bytes());
+    }
+    for p in parts {
+        m.extend_from_slice(p);
+    }
+    Ok(m)
+}
+
+/// A `READ` of `path` (relative paths are under the domain's own node).
+pub fn read(req_id: u32, path: &str) -> Result<Vec<u8>, XsError> {
+    request(XS_READ, req_id, &[path.as_bytes(), b"\0"])
+}
+
+/// A decoded reply header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub kind: u32,
+    pub req_id: u32,
+    pub tx_id: u32,
+    pub len: u32,
+}
+
+impl Header {
+    pub fn parse(raw: &[u8; HEADER]) -> Result<Self, XsError> {
+        let w = |i: usize| u32::from_le_bytes([raw[i], raw[i + 1], raw[i + 2], raw[i + 3]]);
+        let h = Header {
+            kind: w(0),
+            req_id: w(4),
+            tx_id: w(8),
+            len: w(12),
+        };
+        if h.len > PAYLOAD_MAX {
+            return Err(XsError::BadReply);
+        }
+        Ok(h)
+    }
+}
+
+/// Checks a reply to request `req_id` of type `kind` and returns its
+/// payload; an `XS_ERROR` reply becomes `XsError::Remote`.
+pub fn check_reply(h: &Header, payload: &[u8], kind: u32, req_id: u32) -> Result<Vec<u8>, XsError> {
+    if h.req_id != req_id || payload.len() != h.len as usize {
+        return Err(XsError::BadReply);
+    }
+    if h.kind == XS_ERROR {
+        let text = payload.split(|&b| b == 0).next().unwrap_or(&[]);
+        return Err(XsError::Remote(String::from_utf8_lossy(text).into()));
+    }
+    if h.kind != kind {
+        return Err(XsError::BadReply);
+    }
+    Ok(payload.to_vec())
+}
+
+/// Bytes of ring readable or writable now, from a producer and consumer
+/// index written (in part) by the other side; indices more than a ring
+/// apart are refused.
+pub fn used(prod: u32, cons: u32) -> Result<u32, XsError> {
+    let used = prod.wrapping_sub(cons);
+    if used > RING_SIZE {
+        Err(XsError::BadIndices)
+    } else {
+        Ok(used)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_a_read() {
+        let m = read(7, "name").unwrap();
+        assert_eq!(&m[..16], &[2, 0, 0, 0, 7, 0, 0, 0, 0, 0, 0, 0, 5, 0, 0, 0]);
+        assert_eq!(&m[16..], b"name\0");
+        assert_eq!(
+            request(XS_WRITE, 1, &[&[0u8; 5000]]),
+            Err(XsError::TooLarge)
+        );
+    }
+
+    #[test]
+    fn checks_replies() {
+        let h = Header {
+            kind: XS_READ,
+            req_id: 7,
+            tx_id: 0,
+            len: 10,
+        };
+        assert_eq!(
+            check_reply(&h, b"portcullis", XS_READ, 7).unwrap(),
+            b"portcullis"
+        );
+        assert_eq!(
+            check_reply(&h, b"portcullis", XS_READ, 8),
+            Err(XsError::BadReply),
+            "someone else's reply"
+        );
+        assert_eq!(
+            check_reply(&h, b"short", XS_READ, 7),
+            Err(XsError::BadReply),
+            "length mismatch"
+        );
+        let e = Header {
+            kind: XS_ERROR,
+            req_id: 7,
+            tx_id: 0,
+            len: 7,
+        };
+        assert_eq!(
+            check_reply(&e, b"ENOENT\0", XS_READ, 7),
+            Err(XsError::Remote("ENOENT".into()))
+        );
+        let odd = Header {
+            kind: XS_WRITE,
+            ..h
+        };
+        assert_eq!(
+            check_reply(&odd, b"portcullis", XS_READ, 7),
+            Err(XsError::BadReply)
+        );
+        let mut raw = [0u8; HEADER];
+        raw[12..16].copy_from_slice(&100_000u32.to_le_bytes());
+        assert_eq!(Header::parse(&raw), Err(XsError::BadReply), "oversized");
+    }
+
+    #[test]
+    fn ring_indices_are_validated() {
+        assert_eq!(used(10, 4), Ok(6));
+        assert_eq!(used(3, u32::MAX - 2), Ok(6), "wraps");
+        assert_eq!(used(2000, 0), Err(XsError::BadIndices));
+        assert_eq!(used(0, 1), Err(XsError::BadIndices), "consumer ahead");
+    }
+}
