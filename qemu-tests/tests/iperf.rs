@@ -27,7 +27,12 @@ fn iperf3_crosses_the_pipeline_layout_on_two_cpus() {
     run_through_firewall("p", 2, "layout=pipeline");
 }
 
+/// The two runs take the machine's CPUs (QEMU, polling vCPUs, iperf3):
+/// one at a time.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str) {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let topo = Topology::create(&format!("{tag}{}", std::process::id() % 100_000))
         .expect("network topology");
     let dir = std::env::temp_dir().join(format!("portcullis-iperf-{tag}-{}", std::process::id()));
