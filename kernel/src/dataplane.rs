@@ -169,6 +169,29 @@ struct Console {
 }
 
 impl Console {
+    fn new(interval_ms: u64) -> Self {
+        Self {
+            interval_ms,
+            last: clock::now_ms(),
+        }
+    }
+
+    /// Prints the counters when asked (NICs, then `firewall_stats`, then
+    /// the pool), and shuts down on `q`.
+    fn serve<N: Nic>(&mut self, now: u64, nics: &Nics<N>, firewall_stats: impl FnOnce()) {
+        let request = self.poll(now);
+        if matches!(request, Request::None) {
+            return;
+        }
+        nics.print_stats();
+        firewall_stats();
+        nics.print_pool();
+        if let Request::Quit = request {
+            println!("portcullis: shutdown requested");
+            exit::success();
+        }
+    }
+
     fn poll(&mut self, now: u64) -> Request {
         if self.interval_ms > 0 && now.wrapping_sub(self.last) >= self.interval_ms {
             self.last = now;
@@ -186,10 +209,7 @@ impl Console {
 pub fn run_single<N: Nic>(mut nics: Nics<N>, mut firewall: Firewall, stats_interval_ms: u64) -> ! {
     let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
     let mut last_housekeeping = 0;
-    let mut console = Console {
-        interval_ms: stats_interval_ms,
-        last: clock::now_ms(),
-    };
+    let mut console = Console::new(stats_interval_ms);
     nics.flush();
     loop {
         let now = clock::now_ms();
@@ -214,16 +234,7 @@ pub fn run_single<N: Nic>(mut nics: Nics<N>, mut firewall: Firewall, stats_inter
                     None => nics.pool.free(buf),
                 }
             }
-            let request = console.poll(now);
-            if !matches!(request, Request::None) {
-                nics.print_stats();
-                print_firewall_stats(&firewall);
-                nics.print_pool();
-            }
-            if let Request::Quit = request {
-                println!("portcullis: shutdown requested");
-                exit::success();
-            }
+            console.serve(now, &nics, || print_firewall_stats(&firewall));
         }
         nics.flush();
         if !busy {
@@ -330,10 +341,7 @@ pub fn run_pipeline<N: Nic>(
     let mut back: Vec<Back> = Vec::with_capacity(2 * RX_BATCH);
     let mut refill: Vec<BufId> = Vec::with_capacity(SPARES);
     let mut last_housekeeping = 0;
-    let mut console = Console {
-        interval_ms: stats_interval_ms,
-        last: clock::now_ms(),
-    };
+    let mut console = Console::new(stats_interval_ms);
     nics.flush();
     loop {
         let now = clock::now_ms();
@@ -365,20 +373,15 @@ pub fn run_pipeline<N: Nic>(
                 }
             }
             spares_tx.push_batch(&mut refill);
-            let request = console.poll(now);
-            if !matches!(request, Request::None) {
-                nics.print_stats();
+            // The firewall core prints its own counters when asked; a
+            // firewall core that does not answer within a second is skipped.
+            console.serve(now, &nics, || {
                 STATS_REQUEST.store(true, Ordering::Release);
                 let deadline = now + 1000;
                 while STATS_REQUEST.load(Ordering::Acquire) && clock::now_ms() < deadline {
                     core::hint::spin_loop();
                 }
-                nics.print_pool();
-            }
-            if let Request::Quit = request {
-                println!("portcullis: shutdown requested");
-                exit::success();
-            }
+            });
         }
         nics.flush();
         if !busy {

@@ -149,8 +149,8 @@ impl Conntrack {
     pub fn new(uplink: Ipv4Addr, capacity: usize) -> Self {
         Self {
             uplink,
-            slots: Vec::with_capacity(capacity),
-            free: Vec::new(),
+            slots: alloc::vec![None; capacity],
+            free: (0..capacity as u32).rev().collect(),
             // Twice the flows: with churn, hashbrown then rehashes in place
             // instead of growing, so the memory stays what it was at start.
             by_client: HashMap::with_capacity(2 * capacity),
@@ -161,13 +161,6 @@ impl Conntrack {
             next_seq: 0,
             evictions: 0,
         }
-        .with_capacity(capacity)
-    }
-
-    fn with_capacity(mut self, capacity: usize) -> Self {
-        self.slots.resize(capacity, None);
-        self.free = (0..capacity as u32).rev().collect();
-        self
     }
 
     pub fn len(&self) -> usize {
@@ -250,10 +243,6 @@ impl Conntrack {
             seq,
         };
         flow.touch(now, true, 0);
-        if client.proto == PROTO_TCP {
-            flow.state = FlowState::New;
-            flow.expires = now.saturating_add(TCP_HANDSHAKE);
-        }
         self.by_client.insert(client, idx);
         self.by_reply.insert(flow.reply_tuple(self.uplink), idx);
         self.slots[idx as usize] = Some(flow);

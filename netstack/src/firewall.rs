@@ -541,14 +541,10 @@ impl Firewall {
     pub fn poll_emit(&mut self, now: u64, buf: &mut [u8]) -> Option<(usize, usize)> {
         let uplink_mac = self.mac(UPLINK);
         let uplink_ip = self.cfg.uplink_ip;
-        let resolved: Vec<Ipv4Addr> = self
-            .wanted
-            .iter()
-            .filter(|w| self.arp_lookup(w.ip, now).is_some())
-            .map(|w| w.ip)
-            .collect();
+        let arp = &self.arp;
         let w = self.wanted.iter_mut().find(|w| {
-            !resolved.contains(&w.ip)
+            let resolved = arp.iter().any(|e| e.ip == w.ip && e.expires > now);
+            !resolved
                 && w.last_sent
                     .is_none_or(|t| now.saturating_sub(t) >= ARP_RETRY_MS)
         })?;

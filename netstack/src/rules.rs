@@ -282,11 +282,7 @@ impl Matcher {
             (None, None) => ANY_PROTO,
         };
         let (net, len) = r.dst4.map_or((0, 0), |(a, l)| (u32::from(a), l));
-        let mask = if len == 0 {
-            0
-        } else {
-            u32::MAX << (32 - u32::from(len))
-        };
+        let mask = crate::wire::prefix_mask(len);
         Self {
             proto,
             net: net & mask,

@@ -134,8 +134,7 @@ pub fn pseudo_header_sum(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) ->
 /// RFC 1624 incremental update: the checksum `hc` after a 16-bit field
 /// changed from `old` to `new` (HC' = ~(~HC + ~m + m')).
 pub fn update16(hc: u16, old: u16, new: u16) -> u16 {
-    let sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
-    fold(sum)
+    ChecksumDelta::default().word(old, new).apply(hc)
 }
 
 /// Several field changes folded into one checksum update: the sum of
@@ -170,8 +169,15 @@ impl ChecksumDelta {
 
 /// Incremental update for a 32-bit field (an IPv4 address).
 pub fn update32(hc: u16, old: u32, new: u32) -> u16 {
-    let hc = update16(hc, (old >> 16) as u16, (new >> 16) as u16);
-    update16(hc, old as u16, new as u16)
+    ChecksumDelta::default().dword(old, new).apply(hc)
+}
+
+/// The netmask of a prefix length (0..=32; longer is treated as 32).
+pub fn prefix_mask(len: u8) -> u32 {
+    match len {
+        0 => 0,
+        n => u32::MAX << (32 - u32::from(n.min(32))),
+    }
 }
 
 /// Why a frame was refused at parse time.
