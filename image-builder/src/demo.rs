@@ -4,16 +4,16 @@
 //! It creates two network namespaces joined to the kernel's NICs by taps
 //! (see `qemu_tests::netns`), boots the kernel with `config/demo.qubesdb`
 //! (client 10.137.0.10 may use TCP/UDP 5201, DNS and ICMP; everything else
-//! is rejected), then shows allowed traffic passing with NAT, blocked
-//! traffic refused, upstream-initiated traffic dropped, and the counters.
+//! is rejected; the same over IPv6 for fd09:24ef:4179::a89:a), then shows
+//! allowed traffic passing with NAT, blocked traffic refused,
+//! upstream-initiated traffic dropped, IPv6 passing and blocked, and the
+//! counters.
 //! Everything it made is removed at the end, on error, and on Ctrl-C.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use qemu_tests::netns::{self, Names, Topology, CLIENT_GATEWAY, SERVER, UPLINK};
+use qemu_tests::netns::{self, Names, Topology, CLIENT_GATEWAY, SERVER, SERVER6, UPLINK};
 use qemu_tests::{RunningMachine, EXIT_SUCCESS};
 
 const QUBESDB: &str = "config/demo.qubesdb";
@@ -113,19 +113,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     topo.attach()?;
 
     let (up, cl) = (names.upstream_ns.as_str(), names.client_ns.as_str());
-    let mut server = topo
-        .in_upstream("iperf3", &["-s", "-B", SERVER, "--forceflush"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .map_err(|e| format!("iperf3 server: {e}"))?;
-    let (tx, server_lines) = mpsc::channel();
-    let stdout = server.stdout.take().ok_or("iperf3 server output")?;
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut server, server_lines) = topo.iperf_server(SERVER)?;
     // Let the firewall resolve the upstream gateway (it asks every second).
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline {
@@ -203,6 +191,32 @@ pub fn run(args: &[String]) -> Result<(), String> {
         topo.in_upstream("ping", &["-c", "2", "-W", "1", netns::CLIENT]),
     );
     ok &= !inbound.status.success();
+
+    step("IPv6 allowed: the client pings the server over IPv6 (masqueraded to the uplink's IPv6 address)");
+    ok &= run_shown(
+        cl,
+        "client",
+        topo.in_client("ping", &["-6", "-c", "2", "-W", "2", SERVER6]),
+    )
+    .status
+    .success();
+    step(
+        "IPv6 blocked: TCP to port 22 is rejected (ICMPv6 admin-prohibited: \"Permission denied\")",
+    );
+    let blocked6 = run_shown(
+        cl,
+        "client",
+        topo.in_client(
+            "timeout",
+            &[
+                "5",
+                "bash",
+                "-c",
+                &format!("exec 3<>/dev/tcp/{SERVER6}/22 && echo connected"),
+            ],
+        ),
+    );
+    ok &= !blocked6.status.success();
 
     step("Portcullis counters (console key 's')");
     vm.send_keys(b"s");

@@ -116,7 +116,7 @@ impl<N: Nic> Nics<N> {
 fn print_firewall_stats(fw: &Firewall) {
     let f = fw.stats();
     println!(
-        "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={}",
+        "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={} nd_solicits_sent={} nd_adverts={}",
         f.to_upstream,
         f.to_clients,
         fw.flows(),
@@ -127,7 +127,9 @@ fn print_firewall_stats(fw: &Firewall) {
         f.echo_replies,
         f.icmp_errors_sent,
         f.icmp_errors_suppressed,
-        f.arp_requests_sent
+        f.arp_requests_sent,
+        f.nd_solicits_sent,
+        f.nd_adverts
     );
     print!("stats: drops");
     for r in DropReason::ALL {

@@ -299,6 +299,12 @@ fn print_ready(net: &NetConfig, macs: &[[u8; 6]]) {
             print!(" dns {v}->{u}");
         }
     }
+    if let Some(v6) = &net.ip6 {
+        print!(
+            " ipv6 {} gateway6 {} client-gateway6 {}",
+            v6.uplink_ip, v6.gateway, v6.client_gateway
+        );
+    }
     print!(" clients");
     for c in &net.clients {
         print!(" {}", c.ip);

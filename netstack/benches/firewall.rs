@@ -175,7 +175,7 @@ fn rule_matching(c: &mut Criterion) {
             .unwrap();
         let probe = Probe {
             proto: PROTO_TCP,
-            dst: SERVER,
+            dst: SERVER.into(),
             dport: 443,
             icmp_type: 0,
             to_dns: false,

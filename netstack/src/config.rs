@@ -11,7 +11,7 @@
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
-use core::net::Ipv4Addr;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::rules::{RuleError, Ruleset};
 
@@ -119,7 +119,9 @@ impl QubesDb {
 /// A client VM behind the firewall.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientConfig {
-    pub ip: Ipv4Addr,
+    /// One of the client's addresses (from `/connected-ips` or
+    /// `/connected-ips6`); each address has its own rules.
+    pub ip: IpAddr,
     /// The client's rules, or why they were refused (then all its traffic
     /// is dropped).
     pub rules: Result<Ruleset, RuleError>,
@@ -140,7 +142,26 @@ pub struct NetConfig {
     pub client_prefix: u8,
     /// Virtual DNS addresses clients query (`/qubes-netvm-*-dns`).
     pub virtual_dns: [Option<Ipv4Addr>; 2],
+    /// IPv6 forwarding, when the keys for it are all present.
+    pub ip6: Option<Ipv6Config>,
     pub clients: Vec<ClientConfig>,
+}
+
+/// The IPv6 addresses of a firewall VM that forwards IPv6: on when
+/// `/qubes-ip6`, `/qubes-gateway6` and `/qubes-netvm-gateway6` are all
+/// set (Qubes writes them when the `ipv6` feature is on for this VM and
+/// its upstream); otherwise IPv6 is off and every IPv6 frame is dropped.
+/// Clients' IPv6 traffic leaves with the uplink address (masquerade), as
+/// Qubes's `ip6 qubes` table does; everything off-link goes through the
+/// gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Config {
+    /// Own address on the uplink (`/qubes-ip6`).
+    pub uplink_ip: Ipv6Addr,
+    /// Upstream gateway (`/qubes-gateway6`).
+    pub gateway: Ipv6Addr,
+    /// Own address towards clients (`/qubes-netvm-gateway6`).
+    pub client_gateway: Ipv6Addr,
 }
 
 /// A configuration key that is missing or does not parse.
@@ -193,23 +214,49 @@ impl NetConfig {
                     .ok_or_else(|| err(key, "not a contiguous IPv4 netmask")),
             }
         };
-        let mut clients = Vec::new();
-        if let Some(list) = db.get("/connected-ips") {
-            for word in list.split_whitespace() {
-                let client: Ipv4Addr = word
+        let ip6 = |key: &str| -> Result<Option<Ipv6Addr>, ConfigError> {
+            match db.get(key) {
+                None | Some("") => Ok(None),
+                Some(v) => v
                     .parse()
-                    .map_err(|_| err("/connected-ips", "not a list of IPv4 addresses"))?;
-                if clients.iter().any(|c: &ClientConfig| c.ip == client) {
+                    .map(Some)
+                    .map_err(|_| err(key, "not an IPv6 address")),
+            }
+        };
+        let mut clients: Vec<ClientConfig> = Vec::new();
+        for (key, problem) in [
+            ("/connected-ips", "not a list of IPv4 addresses"),
+            ("/connected-ips6", "not a list of IPv6 addresses"),
+        ] {
+            let v4 = key == "/connected-ips";
+            for word in db.get(key).unwrap_or("").split_whitespace() {
+                let client: IpAddr = match (v4, word.parse::<IpAddr>()) {
+                    (true, Ok(a @ IpAddr::V4(_))) | (false, Ok(a @ IpAddr::V6(_))) => a,
+                    _ => return Err(err(key, problem)),
+                };
+                if clients.iter().any(|c| c.ip == client) {
                     continue;
                 }
                 let prefix = alloc::format!("/qubes-firewall/{client}/");
                 let entries = db.under(&prefix).map(|(k, v)| (&k[prefix.len()..], v));
                 clients.push(ClientConfig {
                     ip: client,
-                    rules: Ruleset::from_entries(entries, true),
+                    rules: Ruleset::from_entries(entries, v4),
                 });
             }
         }
+        let ip6 = match (
+            ip6("/qubes-ip6")?,
+            ip6("/qubes-gateway6")?,
+            ip6("/qubes-netvm-gateway6")?,
+        ) {
+            (Some(uplink_ip), Some(gateway), Some(client_gateway)) => Some(Ipv6Config {
+                uplink_ip,
+                gateway,
+                client_gateway,
+            }),
+            _ => None,
+        };
         Ok(Self {
             uplink_ip: ip("/qubes-ip")?,
             uplink_prefix: prefix("/qubes-netmask", 32)?,
@@ -224,6 +271,7 @@ impl NetConfig {
                 opt_ip("/qubes-netvm-primary-dns")?,
                 opt_ip("/qubes-netvm-secondary-dns")?,
             ],
+            ip6,
             clients,
         })
     }

@@ -16,14 +16,20 @@
 //! expired, the new flow is refused (counted by the caller). So a flood of
 //! new flows only ever displaces other unanswered flows, never an
 //! established one.
+//!
+//! The table is generic over the address family: the firewall keeps one
+//! for IPv4 and one for IPv6 (`Conntrack<Ipv6Addr>`), with the same rules.
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
-use core::net::Ipv4Addr;
+use core::fmt::Debug;
+use core::hash::Hash;
+use core::net::{Ipv4Addr, Ipv6Addr};
 
 use hashbrown::HashMap;
 
-use crate::wire::{PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::ipv6::PROTO_ICMPV6;
+use crate::wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
 
 const SECOND: u64 = 1000;
 const TCP_HANDSHAKE: u64 = 60 * SECOND;
@@ -37,14 +43,19 @@ pub const NAT_PORT_FIRST: u16 = 1024;
 /// Attempts to find a free NAT port before giving up.
 const PORT_TRIES: u32 = 4096;
 
+/// An address family's address: `Ipv4Addr` or `Ipv6Addr`.
+pub trait Addr: Copy + Eq + Hash + Debug {}
+impl Addr for Ipv4Addr {}
+impl Addr for Ipv6Addr {}
+
 /// A tuple as it appears in one direction on the wire. For ICMP echo the
 /// identifier is `sport` and `dport` is 0.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct Tuple {
+pub struct Tuple<A = Ipv4Addr> {
     pub proto: u8,
-    pub src: Ipv4Addr,
+    pub src: A,
     pub sport: u16,
-    pub dst: Ipv4Addr,
+    pub dst: A,
     pub dport: u16,
 }
 
@@ -60,11 +71,11 @@ pub enum FlowState {
 
 /// One tracked flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Flow {
+pub struct Flow<A = Ipv4Addr> {
     /// The client-side tuple, as the client sends it.
-    pub client: Tuple,
+    pub client: Tuple<A>,
     /// The real destination (after DNS redirection).
-    pub remote: Ipv4Addr,
+    pub remote: A,
     pub remote_port: u16,
     /// Source port (or ICMP id) on the uplink.
     pub nat_port: u16,
@@ -75,15 +86,26 @@ pub struct Flow {
     seq: u64,
 }
 
-impl Flow {
+impl<A: Addr> Flow<A> {
     /// The tuple replies carry on the uplink (remote → us).
-    pub fn reply_tuple(&self, uplink: Ipv4Addr) -> Tuple {
+    pub fn reply_tuple(&self, uplink: A) -> Tuple<A> {
         Tuple {
             proto: self.client.proto,
             src: self.remote,
             sport: self.remote_port,
             dst: uplink,
             dport: self.nat_port,
+        }
+    }
+
+    /// The (source, destination) ports a reply gets on its way back to
+    /// the client; for ICMP echo, (identifier, 0).
+    pub fn ports_back(&self) -> (u16, u16) {
+        let c = &self.client;
+        if c.proto == PROTO_ICMP || c.proto == PROTO_ICMPV6 {
+            (c.sport, 0)
+        } else {
+            (c.dport, c.sport)
         }
     }
 
@@ -94,7 +116,7 @@ impl Flow {
             (PROTO_TCP, FlowState::Closing) => TCP_CLOSING,
             (PROTO_UDP, FlowState::New) => UDP_NEW,
             (PROTO_UDP, _) => UDP_REPLIED,
-            _ => ICMP_TIMEOUT,
+            _ => ICMP_TIMEOUT, // ICMP and ICMPv6 echo
         }
     }
 
@@ -129,12 +151,12 @@ pub enum CreateError {
 
 /// The flow table.
 #[derive(Debug)]
-pub struct Conntrack {
-    uplink: Ipv4Addr,
-    slots: Vec<Option<Flow>>,
+pub struct Conntrack<A = Ipv4Addr> {
+    uplink: A,
+    slots: Vec<Option<Flow<A>>>,
     free: Vec<u32>,
-    by_client: HashMap<Tuple, u32>,
-    by_reply: HashMap<Tuple, u32>,
+    by_client: HashMap<Tuple<A>, u32>,
+    by_reply: HashMap<Tuple<A>, u32>,
     next_port: u16,
     sweep: usize,
     /// Flows in creation order, to find the oldest one not yet answered
@@ -145,8 +167,8 @@ pub struct Conntrack {
     evictions: u64,
 }
 
-impl Conntrack {
-    pub fn new(uplink: Ipv4Addr, capacity: usize) -> Self {
+impl<A: Addr> Conntrack<A> {
+    pub fn new(uplink: A, capacity: usize) -> Self {
         Self {
             uplink,
             slots: alloc::vec![None; capacity],
@@ -178,7 +200,7 @@ impl Conntrack {
     /// Bytes the table holds on the heap (slots, free list, both indexes).
     /// Fixed at creation: a flood of new flows cannot grow it.
     pub fn memory_bytes(&self) -> usize {
-        self.slots.capacity() * core::mem::size_of::<Option<Flow>>()
+        self.slots.capacity() * core::mem::size_of::<Option<Flow<A>>>()
             + self.free.capacity() * core::mem::size_of::<u32>()
             + self.by_client.allocation_size()
             + self.by_reply.allocation_size()
@@ -206,25 +228,33 @@ impl Conntrack {
     }
 
     /// The flow a client packet belongs to.
-    pub fn by_client(&mut self, t: &Tuple, now: u64) -> Option<&mut Flow> {
+    pub fn by_client(&mut self, t: &Tuple<A>, now: u64) -> Option<&mut Flow<A>> {
         let idx = self.live(self.by_client.get(t).copied(), now)?;
         self.slots.get_mut(idx as usize)?.as_mut()
     }
 
     /// The flow a reply arriving on the uplink belongs to.
-    pub fn by_reply(&mut self, t: &Tuple, now: u64) -> Option<&mut Flow> {
+    pub fn by_reply(&mut self, t: &Tuple<A>, now: u64) -> Option<&mut Flow<A>> {
         let idx = self.live(self.by_reply.get(t).copied(), now)?;
         self.slots.get_mut(idx as usize)?.as_mut()
+    }
+
+    /// The flow a reply belongs to, updated for it (answered, TCP state,
+    /// expiry) and copied out.
+    pub fn answer(&mut self, t: &Tuple<A>, now: u64, tcp_flags: u8) -> Option<Flow<A>> {
+        let flow = self.by_reply(t, now)?;
+        flow.touch(now, false, tcp_flags);
+        Some(*flow)
     }
 
     /// Creates a flow for `client`, going to `remote:remote_port`.
     pub fn create(
         &mut self,
-        client: Tuple,
-        remote: Ipv4Addr,
+        client: Tuple<A>,
+        remote: A,
         remote_port: u16,
         now: u64,
-    ) -> Result<Flow, CreateError> {
+    ) -> Result<Flow<A>, CreateError> {
         if self.free.is_empty() {
             self.make_room(now);
         }
@@ -285,8 +315,8 @@ impl Conntrack {
     /// endpoint uses it, else the next free one from a rotating cursor.
     fn allocate_port(
         &mut self,
-        client: Tuple,
-        remote: Ipv4Addr,
+        client: Tuple<A>,
+        remote: A,
         remote_port: u16,
         now: u64,
     ) -> Result<u16, CreateError> {
@@ -454,6 +484,23 @@ mod tests {
         );
         assert_eq!(ct.len(), 1);
         assert_eq!(ct.evictions(), 0);
+    }
+
+    #[test]
+    fn ipv6_flows() {
+        let up: Ipv6Addr = "2001:db8:1::15".parse().unwrap();
+        let mut ct = Conntrack::new(up, 4);
+        let c = Tuple {
+            proto: PROTO_TCP,
+            src: "fd09::a".parse().unwrap(),
+            sport: 5000,
+            dst: "2001:db8:80::5".parse().unwrap(),
+            dport: 443,
+        };
+        let f = ct.create(c, c.dst, 443, 0).unwrap();
+        let reply = f.reply_tuple(up);
+        assert_eq!((reply.dst, reply.dport), (up, 5000));
+        assert_eq!(ct.by_reply(&reply, 1).unwrap().client, c);
     }
 
     #[test]

@@ -9,8 +9,8 @@
 //!
 //! Decisions, in order: frame size and destination MAC; ARP (answered for
 //! own addresses upstream, proxy-answered for connected clients
-//! downstream); IPv4 validation (header, lengths, checksums; fragments are
-//! dropped until reassembly exists); then by direction —
+//! downstream); IPv4 validation (header, lengths, checksums; later
+//! fragments follow their first fragment's verdict); then by direction —
 //! - from a client: anti-spoofing (source must be a connected client, bound
 //!   to the first port it appeared on), ping of own addresses,
 //!   client-to-client drop, TTL, DNS redirection, connection tracking, the
@@ -18,20 +18,26 @@
 //! - from upstream: ping of own address, replies matched through connection
 //!   tracking and rewritten back (ICMP errors quoting a translated packet
 //!   included); anything else is dropped.
+//!
+//! IPv6 (`v6.rs`) takes the same decisions with neighbour discovery in the
+//! place of ARP and its own connection table; it is off unless configured.
 
 use alloc::vec::Vec;
-use core::net::Ipv4Addr;
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hashbrown::HashMap;
 
 use crate::config::NetConfig;
-use crate::conntrack::{Conntrack, CreateError, Flow, Tuple};
+use crate::conntrack::{Addr, Conntrack, CreateError, Flow, Tuple};
+use crate::ipv6::{is_ipv6_multicast_mac, PROTO_ICMPV6};
 use crate::rules::{Action, Probe, RuleError, Ruleset};
 use crate::wire::*;
 
 pub const UPLINK: usize = 0;
 /// Flows tracked at most.
 pub const CONNTRACK_CAPACITY: usize = 16384;
+/// IPv6 flows tracked at most (when IPv6 is on).
+pub const CONNTRACK_CAPACITY6: usize = 4096;
 const ARP_CACHE: usize = 16;
 const ARP_LIFETIME_MS: u64 = 10 * 60 * 1000;
 const ARP_RETRY_MS: u64 = 1000;
@@ -71,7 +77,15 @@ drop_reasons! {
     Giant => "giant",
     NotForUs => "not-for-us",
     UnknownEthertype => "unknown-ethertype",
-    Ipv6 => "ipv6-unsupported",
+    Ipv6Off => "ipv6-off",
+    BadIpv6Header => "bad-ipv6-header",
+    BadIpv6Length => "bad-ipv6-length",
+    BadIpv6ExtHeader => "bad-ipv6-ext-header",
+    Ipv6Fragment => "ipv6-fragment",
+    Ipv6Scope => "ipv6-scope",
+    MalformedNd => "malformed-nd",
+    NdIgnored => "nd-ignored",
+    NeighborUnresolved => "neighbor-unresolved",
     MalformedArp => "malformed-arp",
     ArpIgnored => "arp-ignored",
     BadIpv4Header => "bad-ipv4-header",
@@ -109,12 +123,16 @@ impl From<Malformed> for DropReason {
             Malformed::L4Header => Self::BadL4Header,
             Malformed::L4Checksum => Self::BadL4Checksum,
             Malformed::Arp => Self::MalformedArp,
+            Malformed::Ipv6Header => Self::BadIpv6Header,
+            Malformed::Ipv6Length => Self::BadIpv6Length,
+            Malformed::Ipv6ExtHeader => Self::BadIpv6ExtHeader,
+            Malformed::Nd => Self::MalformedNd,
         }
     }
 }
 
 /// Counters kept by the firewall.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stats {
     pub drops: [u64; DropReason::COUNT],
     /// Client packets forwarded upstream (after NAT).
@@ -126,8 +144,31 @@ pub struct Stats {
     pub icmp_errors_sent: u64,
     pub icmp_errors_suppressed: u64,
     pub arp_requests_sent: u64,
+    /// Neighbour solicitations sent (IPv6's ARP requests) and
+    /// advertisements answered.
+    pub nd_solicits_sent: u64,
+    pub nd_adverts: u64,
     pub flows_created: u64,
     pub dns_redirected: u64,
+}
+
+impl Default for Stats {
+    fn default() -> Self {
+        Self {
+            drops: [0; DropReason::COUNT],
+            to_upstream: 0,
+            to_clients: 0,
+            arp_replies: 0,
+            echo_replies: 0,
+            icmp_errors_sent: 0,
+            icmp_errors_suppressed: 0,
+            arp_requests_sent: 0,
+            nd_solicits_sent: 0,
+            nd_adverts: 0,
+            flows_created: 0,
+            dns_redirected: 0,
+        }
+    }
 }
 
 impl Stats {
@@ -140,7 +181,7 @@ impl Stats {
 }
 
 struct Client {
-    ip: Ipv4Addr,
+    ip: IpAddr,
     rules: Result<Ruleset, RuleError>,
     /// Hits per rule; the last entry counts the policy.
     hits: Vec<u64>,
@@ -284,9 +325,15 @@ pub struct Firewall {
     macs: Vec<Mac>,
     clients: Vec<Client>,
     client_index: HashMap<Ipv4Addr, usize>,
+    client_index6: HashMap<Ipv6Addr, usize>,
     arp: Vec<ArpEntry>,
     wanted: Vec<ArpWanted>,
     ct: Conntrack,
+    ct6: Conntrack<Ipv6Addr>,
+    /// The IPv6 gateway's MAC and when it expires; when a solicitation
+    /// for it was last sent.
+    gateway6: Option<(Mac, u64)>,
+    gateway6_asked: Option<u64>,
     frags: FragmentTable,
     icmp_bucket: TokenBucket,
     stats: Stats,
@@ -318,8 +365,27 @@ impl Firewall {
                 mac: None,
             })
             .collect();
-        let client_index = clients.iter().enumerate().map(|(i, c)| (c.ip, i)).collect();
+        let client_index = clients
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c.ip {
+                IpAddr::V4(a) => Some((a, i)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        let client_index6 = clients
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| match c.ip {
+                IpAddr::V6(a) if cfg.ip6.is_some() => Some((a, i)),
+                _ => None,
+            })
+            .collect();
         let ct = Conntrack::new(cfg.uplink_ip, flows);
+        let ct6 = match cfg.ip6 {
+            Some(v6) => Conntrack::new(v6.uplink_ip, flows.min(CONNTRACK_CAPACITY6)),
+            None => Conntrack::new(Ipv6Addr::UNSPECIFIED, 0),
+        };
         let wanted = alloc::vec![ArpWanted {
             ip: cfg.gateway,
             last_sent: None
@@ -329,9 +395,13 @@ impl Firewall {
             macs,
             clients,
             client_index,
+            client_index6,
             arp: Vec::with_capacity(ARP_CACHE),
             wanted,
             ct,
+            ct6,
+            gateway6: None,
+            gateway6_asked: None,
             frags: FragmentTable::default(),
             icmp_bucket: TokenBucket {
                 tokens: ICMP_ERROR_BURST,
@@ -349,18 +419,19 @@ impl Firewall {
         &self.stats
     }
 
+    /// Flows tracked, IPv4 and IPv6.
     pub fn flows(&self) -> usize {
-        self.ct.len()
+        self.ct.len() + self.ct6.len()
     }
 
     /// Unanswered flows evicted to make room for new ones.
     pub fn conntrack_evictions(&self) -> u64 {
-        self.ct.evictions()
+        self.ct.evictions() + self.ct6.evictions()
     }
 
-    /// Heap bytes of the connection table (fixed at creation).
+    /// Heap bytes of the connection tables (fixed at creation).
     pub fn conntrack_memory(&self) -> usize {
-        self.ct.memory_bytes()
+        self.ct.memory_bytes() + self.ct6.memory_bytes()
     }
 
     /// The MAC the upstream gateway answered with, once resolved.
@@ -370,7 +441,7 @@ impl Firewall {
 
     /// Per-rule hit counts of each client (last entry: the policy), or the
     /// rule error that closed it.
-    pub fn rule_hits(&self) -> impl Iterator<Item = (Ipv4Addr, Result<&[u64], &RuleError>)> {
+    pub fn rule_hits(&self) -> impl Iterator<Item = (IpAddr, Result<&[u64], &RuleError>)> {
         self.clients
             .iter()
             .map(|c| (c.ip, c.rules.as_ref().map(|_| c.hits.as_slice())))
@@ -414,17 +485,19 @@ impl Firewall {
             return self.drop(DropReason::Giant);
         }
         let dst = get_mac(buf, 0).unwrap_or([0; 6]);
-        if dst != self.mac(port) && dst != BROADCAST {
+        // IPv6 multicast frames carry neighbour solicitations.
+        let multicast6 = is_ipv6_multicast_mac(&dst);
+        if dst != self.mac(port) && dst != BROADCAST && !multicast6 {
             return self.drop(DropReason::NotForUs);
         }
         match get_u16(buf, 12) {
-            Some(ETHERTYPE_ARP) => self.handle_arp(now, port, buf, len),
+            Some(ETHERTYPE_ARP) if !multicast6 => self.handle_arp(now, port, buf, len),
             Some(ETHERTYPE_IPV4) => {
                 let info = match parse_ipv4(&buf[..len]) {
                     Ok(i) => i,
                     Err(m) => return self.drop(m.into()),
                 };
-                if dst == BROADCAST {
+                if dst == BROADCAST || multicast6 {
                     return self.drop(DropReason::NotForUs);
                 }
                 if port == UPLINK {
@@ -433,7 +506,8 @@ impl Firewall {
                     self.client_packet(now, port, buf, &info)
                 }
             }
-            Some(ETHERTYPE_IPV6) => self.drop(DropReason::Ipv6),
+            Some(ETHERTYPE_IPV6) if dst != BROADCAST => self.handle_ipv6(now, port, buf, len),
+            Some(ETHERTYPE_ARP | ETHERTYPE_IPV6) => self.drop(DropReason::NotForUs),
             _ => self.drop(DropReason::UnknownEthertype),
         }
     }
@@ -537,8 +611,13 @@ impl Firewall {
         }
     }
 
-    /// An ARP request the firewall wants sent, written into `buf`.
+    /// An ARP request or neighbour solicitation the firewall wants sent,
+    /// written into `buf`: the port and length.
     pub fn poll_emit(&mut self, now: u64, buf: &mut [u8]) -> Option<(usize, usize)> {
+        self.poll_arp(now, buf).or_else(|| self.poll_nd(now, buf))
+    }
+
+    fn poll_arp(&mut self, now: u64, buf: &mut [u8]) -> Option<(usize, usize)> {
         let uplink_mac = self.mac(UPLINK);
         let uplink_ip = self.cfg.uplink_ip;
         let arp = &self.arp;
@@ -735,7 +814,7 @@ impl Firewall {
         let to_dns = self.is_dns_address(info.dst);
         let probe = Probe {
             proto: info.proto,
-            dst: info.dst,
+            dst: IpAddr::V4(info.dst),
             dport: if info.proto == PROTO_ICMP {
                 0
             } else {
@@ -749,24 +828,7 @@ impl Firewall {
             to_dns,
         };
         let have_dns = self.have_dns();
-        let client = &mut self.clients[ci];
-        let rules = client
-            .rules
-            .as_ref()
-            .map_err(|_| DropReason::RulesInvalid)?;
-        let (action, rule) = rules.decide(&probe, have_dns);
-        let hit = rule.unwrap_or(rules.rules.len());
-        if let Some(h) = client.hits.get_mut(hit) {
-            *h += 1;
-        }
-        if action == Action::Drop {
-            return Err(DropReason::RuleReject);
-        }
-        if info.proto == PROTO_TCP
-            && (info.tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) != TCP_SYN
-        {
-            return Err(DropReason::TcpNotSyn);
-        }
+        self.check_rules(ci, &probe, have_dns, info.tcp_flags)?;
         // DNS to a virtual DNS address goes to the matching upstream server.
         let (mut remote, remote_port) = (info.dst, tuple.dport);
         if info.proto != PROTO_ICMP && info.dport == 53 {
@@ -791,6 +853,36 @@ impl Firewall {
             })?;
         self.stats.flows_created += 1;
         Ok(flow)
+    }
+
+    /// Runs client `ci`'s rules on the first packet of a flow and counts
+    /// the hit; a TCP flow must also start with a bare SYN.
+    fn check_rules(
+        &mut self,
+        ci: usize,
+        probe: &Probe,
+        have_dns: bool,
+        tcp_flags: u8,
+    ) -> Result<(), DropReason> {
+        let client = &mut self.clients[ci];
+        let rules = client
+            .rules
+            .as_ref()
+            .map_err(|_| DropReason::RulesInvalid)?;
+        let (action, rule) = rules.decide(probe, have_dns);
+        let hit = rule.unwrap_or(rules.rules.len());
+        if let Some(h) = client.hits.get_mut(hit) {
+            *h += 1;
+        }
+        if action == Action::Drop {
+            return Err(DropReason::RuleReject);
+        }
+        if probe.proto == PROTO_TCP
+            && (tcp_flags & (TCP_SYN | TCP_ACK | TCP_RST | TCP_FIN)) != TCP_SYN
+        {
+            return Err(DropReason::TcpNotSyn);
+        }
+        Ok(())
     }
 
     fn send_upstream(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info, flow: &Flow) -> Verdict {
@@ -860,21 +952,15 @@ impl Firewall {
             },
             _ => return self.drop(DropReason::UpstreamUnsolicited),
         };
-        let Some(flow) = self.ct.by_reply(&reply, now) else {
+        let Some(flow) = self.ct.answer(&reply, now, info.tcp_flags) else {
             return self.drop(DropReason::UpstreamUnsolicited);
         };
-        flow.touch(now, false, info.tcp_flags);
-        let flow = *flow;
         if info.ttl <= 1 {
             return self.drop(DropReason::TtlExceeded);
         }
         let c = flow.client;
         // For ICMP echo, `rewrite` takes the identifier as the source port.
-        let (sport, dport) = if info.proto == PROTO_ICMP {
-            (c.sport, 0)
-        } else {
-            (c.dport, c.sport)
-        };
+        let (sport, dport) = flow.ports_back();
         if info.more_fragments {
             if let Err(reason) = self.frags.start(info, (c.dst, c.src), Some(c.src), now) {
                 return self.drop(reason);
@@ -918,17 +1004,26 @@ impl Firewall {
 
     /// Sends a rewritten frame to client `ip` on its port.
     fn send_to_client(&mut self, buf: &mut [u8], ip: Ipv4Addr, len: usize) -> Verdict {
-        let Some(c) = self
-            .client_index
-            .get(&ip)
-            .and_then(|&i| self.clients.get(i))
-        else {
+        let ci = self.client_index.get(&ip).copied();
+        self.deliver(buf, ci, len, ETHERTYPE_IPV4)
+    }
+
+    /// Sends a rewritten frame to client number `ci`, on the port and MAC
+    /// it was bound to.
+    fn deliver(
+        &mut self,
+        buf: &mut [u8],
+        ci: Option<usize>,
+        len: usize,
+        ethertype: u16,
+    ) -> Verdict {
+        let Some(c) = ci.and_then(|i| self.clients.get(i)) else {
             return self.drop(DropReason::ClientUnreachable);
         };
         let (Some(port), Some(mac)) = (c.port, c.mac) else {
             return self.drop(DropReason::ClientUnreachable);
         };
-        put_eth(buf, mac, self.mac(port), ETHERTYPE_IPV4);
+        put_eth(buf, mac, self.mac(port), ethertype);
         self.stats.to_clients += 1;
         Verdict::Forward { port, len }
     }
@@ -957,26 +1052,9 @@ impl Firewall {
         if isrc != self.cfg.uplink_ip {
             return self.drop(DropReason::UpstreamUnsolicited);
         }
-        let a = get_u16(buf, il4).unwrap_or(0);
-        let b = get_u16(buf, il4 + 2).unwrap_or(0);
-        let reply = match proto {
-            PROTO_TCP | PROTO_UDP => Tuple {
-                proto,
-                src: idst,
-                sport: b,
-                dst: isrc,
-                dport: a,
-            },
-            PROTO_ICMP => Tuple {
-                proto,
-                src: idst,
-                sport: 0,
-                dst: isrc,
-                dport: get_u16(buf, il4 + 4).unwrap_or(0),
-            },
-            _ => return self.drop(DropReason::UpstreamUnsolicited),
-        };
-        let Some(flow) = self.ct.by_reply(&reply, now).map(|f| *f) else {
+        let [a, b, id] = [0, 2, 4].map(|o| get_u16(buf, il4 + o).unwrap_or(0));
+        let reply = quoted_reply(proto, (isrc, idst), [a, b, id]);
+        let Some(flow) = reply.and_then(|r| self.ct.by_reply(&r, now).copied()) else {
             return self.drop(DropReason::UpstreamUnsolicited);
         };
         if info.ttl <= 1 {
@@ -1033,7 +1111,29 @@ impl Firewall {
     /// Reclaims expired flows; call now and then with a small budget.
     pub fn expire(&mut self, now: u64, budget: usize) {
         self.ct.expire(now, budget);
+        self.ct6.expire(now, budget);
     }
+}
+
+/// The reply tuple of a packet the firewall sent, from the copy an ICMP
+/// error quotes: `(ours, remote)` its addresses, `words` its first three
+/// transport words (ports; for an echo request, type and identifier).
+/// `None` for anything the firewall does not send.
+fn quoted_reply<A: Addr>(proto: u8, (ours, remote): (A, A), words: [u16; 3]) -> Option<Tuple<A>> {
+    let [a, b, id] = words;
+    let (sport, dport) = match proto {
+        PROTO_TCP | PROTO_UDP => (b, a),
+        PROTO_ICMP if a >> 8 == 8 => (0, id),
+        PROTO_ICMPV6 if a >> 8 == u16::from(crate::ipv6::ICMPV6_ECHO_REQUEST) => (0, id),
+        _ => return None,
+    };
+    Some(Tuple {
+        proto,
+        src: remote,
+        sport,
+        dst: ours,
+        dport,
+    })
 }
 
 /// Rewrites the IPv4 addresses and decrements the TTL, updating the header
@@ -1062,10 +1162,25 @@ fn rewrite(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, sport: u16, dst: Ipv4
     let addresses = ChecksumDelta::default()
         .dword(u32::from(info.src), u32::from(src))
         .dword(u32::from(info.dst), u32::from(dst));
-    let l4 = info.l4;
-    match info.proto {
+    rewrite_l4(buf, info.l4, info.proto, addresses, sport, dport);
+}
+
+/// Rewrites the transport header at `l4`: the ports, or for an ICMP or
+/// ICMPv6 echo the identifier (given as `sport`), updating its checksum
+/// incrementally by the port changes and by `addresses`, the change of the
+/// pseudo-header (which ICMP over IPv4 does not cover).
+#[inline(always)]
+fn rewrite_l4(
+    buf: &mut [u8],
+    l4: usize,
+    proto: u8,
+    addresses: ChecksumDelta,
+    sport: u16,
+    dport: u16,
+) {
+    match proto {
         PROTO_TCP | PROTO_UDP => {
-            let off = if info.proto == PROTO_TCP { 16 } else { 6 };
+            let off = if proto == PROTO_TCP { 16 } else { 6 };
             let Some(seg) = buf.get_mut(l4..l4 + off + 2) else {
                 return;
             };
@@ -1076,24 +1191,29 @@ fn rewrite(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, sport: u16, dst: Ipv4
             );
             seg[0..2].copy_from_slice(&sport.to_be_bytes());
             seg[2..4].copy_from_slice(&dport.to_be_bytes());
-            if info.proto == PROTO_UDP && old == 0 {
+            if proto == PROTO_UDP && old == 0 {
                 return; // no checksum sent, none to keep
             }
             let mut c = addresses
                 .word(old_sport, sport)
                 .word(old_dport, dport)
                 .apply(old);
-            if info.proto == PROTO_UDP && c == 0 {
+            if proto == PROTO_UDP && c == 0 {
                 c = 0xffff;
             }
             seg[off..off + 2].copy_from_slice(&c.to_be_bytes());
         }
-        PROTO_ICMP => {
+        PROTO_ICMP | PROTO_ICMPV6 => {
             let Some(seg) = buf.get_mut(l4..l4 + 6) else {
                 return;
             };
             let old_id = u16::from_be_bytes([seg[4], seg[5]]);
-            let c = ChecksumDelta::default()
+            let pseudo = if proto == PROTO_ICMPV6 {
+                addresses
+            } else {
+                ChecksumDelta::default()
+            };
+            let c = pseudo
                 .word(old_id, sport)
                 .apply(u16::from_be_bytes([seg[2], seg[3]]));
             seg[2..4].copy_from_slice(&c.to_be_bytes());
@@ -1105,3 +1225,4 @@ fn rewrite(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, sport: u16, dst: Ipv4
 
 #[cfg(test)]
 mod tests;
+mod v6;

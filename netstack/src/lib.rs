@@ -1,7 +1,7 @@
 //! The firewall stage: parsing, rules, connection tracking, NAT.
 //!
 //! This crate owns everything Portcullis decides about a packet — frame and
-//! header parsing that never panics (`wire`), the QubesDB configuration
+//! header parsing that never panics (`wire`, `ipv6`), the QubesDB configuration
 //! model (`config`), the Qubes rule language and its matching (`rules`),
 //! stateful connection tracking with source NAT and DNS redirection
 //! (`conntrack`), and the per-frame pipeline with ARP, ICMP and counters
@@ -17,5 +17,6 @@ extern crate alloc;
 pub mod config;
 pub mod conntrack;
 pub mod firewall;
+pub mod ipv6;
 pub mod rules;
 pub mod wire;

@@ -8,11 +8,18 @@
 //! `specialtarget=dns` matches the DNS addresses on port 53, and a DNS rule
 //! naming other ports is skipped. Any parse error makes the whole rule set
 //! an error, and the caller drops all of that client's traffic.
+//!
+//! A client's IPv4 and IPv6 addresses have rule sets of their own. In an
+//! IPv6 set `proto=icmp` and `icmptype` mean ICMPv6, `dst4` is an error
+//! (as `dst6` is in an IPv4 set), and DNS rules match nothing: the Qubes
+//! DNS addresses are IPv4 only, and the agent skips a DNS rule when the
+//! family has no DNS server.
 
 use alloc::string::String;
 use alloc::vec::Vec;
-use core::net::{Ipv4Addr, Ipv6Addr};
+use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
+use crate::ipv6::PROTO_ICMPV6;
 use crate::wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,10 +37,11 @@ pub enum Proto {
 }
 
 impl Proto {
-    fn number(self) -> u8 {
+    fn number(self, v6: bool) -> u8 {
         match self {
             Self::Tcp => PROTO_TCP,
             Self::Udp => PROTO_UDP,
+            Self::Icmp if v6 => PROTO_ICMPV6,
             Self::Icmp => PROTO_ICMP,
         }
     }
@@ -67,7 +75,7 @@ pub enum RuleError {
         key: String,
         value: String,
     },
-    /// `dst6` in an IPv4 client's rules (or the reverse).
+    /// `dst6` in an IPv4 client's rules, or `dst4` in an IPv6 client's.
     WrongFamily,
     /// A `dsthost` name that could not be resolved. The Qubes agent treats
     /// a failed lookup as a parse error; names are not resolved yet at all,
@@ -86,7 +94,7 @@ impl core::fmt::Display for RuleError {
             Self::DuplicateKey(k) => write!(f, "option '{k}' given twice"),
             Self::MissingAction => write!(f, "rule lacks action"),
             Self::BadValue { key, value } => write!(f, "invalid {key} '{value}'"),
-            Self::WrongFamily => write!(f, "dst6 rule for an IPv4 address"),
+            Self::WrongFamily => write!(f, "rule for the other address family"),
             Self::Unresolved(h) => write!(f, "cannot resolve dsthost '{h}'"),
         }
     }
@@ -182,10 +190,11 @@ impl Rule {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Probe {
     pub proto: u8,
-    pub dst: Ipv4Addr,
+    /// The destination, of the rule set's family (the other never matches).
+    pub dst: IpAddr,
     /// TCP/UDP destination port; 0 otherwise.
     pub dport: u16,
-    /// ICMP type; 0 otherwise.
+    /// ICMP (ICMPv6 for IPv6) type; 0 otherwise.
     pub icmp_type: u8,
     /// The destination is one of the DNS addresses.
     pub to_dns: bool,
@@ -196,6 +205,8 @@ pub struct Probe {
 pub struct Ruleset {
     pub rules: Vec<Rule>,
     pub policy: Action,
+    /// The family of the client address the rules are for.
+    pub v6: bool,
     matchers: Vec<Matcher>,
 }
 
@@ -214,7 +225,7 @@ impl Ruleset {
                     Some(parse_action(value).ok_or_else(|| RuleError::BadPolicy(value.into()))?);
             } else if name.len() == 4 && name.bytes().all(|b| b.is_ascii_digit()) {
                 let rule = Rule::parse(value)?;
-                if ipv4_client && rule.dst6.is_some() {
+                if (ipv4_client && rule.dst6.is_some()) || (!ipv4_client && rule.dst4.is_some()) {
                     return Err(RuleError::WrongFamily);
                 }
                 if let Some(host) = &rule.dsthost {
@@ -228,10 +239,12 @@ impl Ruleset {
         numbered.sort_by(|a, b| a.0.cmp(b.0));
         let policy = policy.ok_or(RuleError::NoPolicy)?;
         let rules: Vec<Rule> = numbered.into_iter().map(|(_, r)| r).collect();
-        let matchers = rules.iter().map(Matcher::compile).collect();
+        let v6 = !ipv4_client;
+        let matchers = rules.iter().map(|r| Matcher::compile(r, v6)).collect();
         Ok(Self {
             rules,
             policy,
+            v6,
             matchers,
         })
     }
@@ -240,7 +253,17 @@ impl Ruleset {
     /// (`None` for the policy). `have_dns` says whether any DNS address is
     /// configured (DNS rules are skipped otherwise, as in Qubes).
     pub fn decide(&self, p: &Probe, have_dns: bool) -> (Action, Option<usize>) {
-        match self.matchers.iter().position(|m| m.matches(p, have_dns)) {
+        let dst = match p.dst {
+            IpAddr::V4(a) if !self.v6 => u128::from(u32::from(a)),
+            IpAddr::V6(a) if self.v6 => u128::from(a),
+            // A packet of the other family: only the policy applies.
+            _ => return (self.policy, None),
+        };
+        match self
+            .matchers
+            .iter()
+            .position(|m| m.matches(p, dst, have_dns))
+        {
             Some(i) => (self.matchers[i].action, Some(i)),
             None => (self.policy, None),
         }
@@ -252,15 +275,18 @@ impl Ruleset {
 struct Matcher {
     /// `ANY_PROTO`, `TCP_OR_UDP`, or a protocol number.
     proto: u8,
-    net: u32,
-    mask: u32,
+    /// The family's ICMP protocol number (ICMP or ICMPv6).
+    icmp: u8,
+    /// Destination prefix; an IPv4 address is its 32 low bits.
+    net: u128,
+    mask: u128,
     /// Ports apply (TCP and UDP only).
     ports: Option<(u16, u16)>,
     icmp_type: Option<u8>,
     /// Matches only traffic to the DNS addresses, and only when any exist.
     dns: bool,
-    /// Can never match an IPv4 packet (`dst6`), or is skipped (a DNS rule
-    /// naming ports other than 53).
+    /// Names the other family's destination, or is skipped (a DNS rule
+    /// naming ports other than 53; any DNS rule for IPv6).
     never: bool,
     action: Action,
 }
@@ -269,22 +295,34 @@ const ANY_PROTO: u8 = 0;
 const TCP_OR_UDP: u8 = 255;
 
 impl Matcher {
-    fn compile(r: &Rule) -> Self {
+    fn compile(r: &Rule, v6: bool) -> Self {
         let mut ports = r.dstports;
-        let mut never = r.dst6.is_some() || r.dsthost.is_some();
+        let other_family = if v6 {
+            r.dst4.is_some()
+        } else {
+            r.dst6.is_some()
+        };
+        let mut never = other_family || r.dsthost.is_some();
         if r.dns {
-            never |= !matches!(ports, None | Some((53, 53)));
+            never |= v6 || !matches!(ports, None | Some((53, 53)));
             ports = Some((53, 53));
         }
         let proto = match (r.proto, ports) {
-            (Some(p), _) => p.number(),
+            (Some(p), _) => p.number(v6),
             (None, Some(_)) => TCP_OR_UDP,
             (None, None) => ANY_PROTO,
         };
-        let (net, len) = r.dst4.map_or((0, 0), |(a, l)| (u32::from(a), l));
-        let mask = crate::wire::prefix_mask(len);
+        let (net, mask) = match (r.dst4, r.dst6) {
+            (Some((a, l)), _) if !v6 => (
+                u128::from(u32::from(a)),
+                u128::from(crate::wire::prefix_mask(l)),
+            ),
+            (_, Some((a, l))) if v6 => (u128::from(a), prefix_mask6(l)),
+            _ => (0, 0),
+        };
         Self {
             proto,
+            icmp: if v6 { PROTO_ICMPV6 } else { PROTO_ICMP },
             net: net & mask,
             mask,
             ports,
@@ -296,7 +334,7 @@ impl Matcher {
     }
 
     #[inline]
-    fn matches(&self, p: &Probe, have_dns: bool) -> bool {
+    fn matches(&self, p: &Probe, dst: u128, have_dns: bool) -> bool {
         let tcp_udp = p.proto == PROTO_TCP || p.proto == PROTO_UDP;
         !self.never
             && (!self.dns || (have_dns && p.to_dns))
@@ -305,13 +343,21 @@ impl Matcher {
                 TCP_OR_UDP => tcp_udp,
                 n => n == p.proto,
             }
-            && u32::from(p.dst) & self.mask == self.net
+            && dst & self.mask == self.net
             && self
                 .ports
                 .is_none_or(|(lo, hi)| tcp_udp && p.dport >= lo && p.dport <= hi)
             && self
                 .icmp_type
-                .is_none_or(|t| p.proto == PROTO_ICMP && p.icmp_type == t)
+                .is_none_or(|t| p.proto == self.icmp && p.icmp_type == t)
+    }
+}
+
+/// The netmask of an IPv6 prefix length (0..=128; longer is 128).
+fn prefix_mask6(len: u8) -> u128 {
+    match len {
+        0 => 0,
+        n => u128::MAX << (128 - u32::from(n.min(128))),
     }
 }
 
@@ -500,6 +546,61 @@ mod tests {
             )
             .0,
             Action::Drop
+        );
+    }
+
+    #[test]
+    fn ipv6_rule_sets() {
+        let rs = Ruleset::from_entries(
+            [
+                ("policy", "drop"),
+                ("0000", "action=accept proto=icmp icmptype=128"),
+                ("0001", "action=accept dst6=2001:db8::/32 proto=tcp"),
+                ("0002", "action=accept specialtarget=dns"),
+            ],
+            false,
+        )
+        .unwrap();
+        let p = |proto, dst: &str, icmp_type, dport| Probe {
+            proto,
+            dst: dst.parse().unwrap(),
+            dport,
+            icmp_type,
+            to_dns: true,
+        };
+        assert_eq!(
+            rs.decide(&p(PROTO_ICMPV6, "2001:db9::1", 128, 0), true),
+            (Action::Accept, Some(0))
+        );
+        assert_eq!(
+            rs.decide(&p(PROTO_ICMP, "2001:db9::1", 128, 0), true).0,
+            Action::Drop,
+            "proto=icmp means ICMPv6 here"
+        );
+        assert_eq!(
+            rs.decide(&p(PROTO_TCP, "2001:db8:5::1", 0, 80), true),
+            (Action::Accept, Some(1))
+        );
+        assert_eq!(
+            rs.decide(&p(PROTO_TCP, "2001:db9::1", 0, 80), true),
+            (Action::Drop, None)
+        );
+        assert_eq!(
+            rs.decide(&p(PROTO_UDP, "2001:db9::1", 0, 53), true),
+            (Action::Drop, None),
+            "no DNS rule over IPv6"
+        );
+        assert_eq!(
+            rs.decide(&p(PROTO_TCP, "192.0.2.1", 0, 80), true),
+            (Action::Drop, None),
+            "a packet of the other family meets only the policy"
+        );
+        assert_eq!(
+            Ruleset::from_entries(
+                [("policy", "drop"), ("0000", "action=accept dst4=1.2.3.4")],
+                false
+            ),
+            Err(RuleError::WrongFamily)
         );
     }
 

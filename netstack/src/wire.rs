@@ -1,11 +1,11 @@
-//! Wire formats: Ethernet, ARP, IPv4, ICMP, UDP, TCP.
+//! Wire formats: Ethernet, ARP, IPv4, ICMP, UDP, TCP (IPv6 is in `ipv6`).
 //!
 //! Fields are read and written through bounds-checked helpers on byte
 //! slices; `parse_ipv4` validates a frame once and returns the offsets the
 //! rest of the stage uses, so later accesses stay in bounds by construction
 //! and still go through the checked helpers. Nothing here panics on input.
 
-use core::net::Ipv4Addr;
+use core::net::{Ipv4Addr, Ipv6Addr};
 
 pub const ETH_HEADER: usize = 14;
 pub const ETHERTYPE_IPV4: u16 = 0x0800;
@@ -156,6 +156,13 @@ impl ChecksumDelta {
             .word(old as u16, new as u16)
     }
 
+    /// A changed IPv6 address (eight 16-bit words).
+    #[inline]
+    pub fn ipv6(self, old: Ipv6Addr, new: Ipv6Addr) -> Self {
+        let (o, n) = (old.segments(), new.segments());
+        (0..8).fold(self, |d, i| d.word(o[i], n[i]))
+    }
+
     /// The checksum `hc` after every recorded change.
     #[inline]
     pub fn apply(self, hc: u16) -> u16 {
@@ -191,6 +198,11 @@ pub enum Malformed {
     L4Header,
     L4Checksum,
     Arp,
+    Ipv6Header,
+    Ipv6Length,
+    Ipv6ExtHeader,
+    /// A neighbour solicitation or advertisement that RFC 4861 says to drop.
+    Nd,
 }
 
 /// What the rest of the stage needs to know about a valid IPv4 packet.
@@ -291,36 +303,53 @@ pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
         return Ok(info);
     }
     // A first fragment must hold the whole transport header.
-    let l4 = info.l4;
-    let seg = frame.get(l4..info.end).ok_or(Malformed::Ipv4Length)?;
+    let seg = frame.get(info.l4..info.end).ok_or(Malformed::Ipv4Length)?;
+    (info.sport, info.dport, info.tcp_flags) = transport(seg, proto, PROTO_ICMP, fragment)?;
+    Ok(info)
+}
+
+/// The transport header at the start of `seg` (the rest of the packet),
+/// checked: TCP and UDP give (source port, destination port, TCP flags),
+/// ICMP — `icmp` is the family's ICMP protocol number — gives (type, code,
+/// 0), other protocols zeros. `fragment`: the datagram goes on in later
+/// fragments, so a UDP length past this one is fine.
+#[inline(always)]
+pub(crate) fn transport(
+    seg: &[u8],
+    proto: u8,
+    icmp: u8,
+    fragment: bool,
+) -> Result<(u16, u16, u8), Malformed> {
+    let field = |off| get_u16(seg, off).ok_or(Malformed::L4Header);
     match proto {
         PROTO_TCP => {
             let off = usize::from(get_u8(seg, 12).ok_or(Malformed::L4Header)? >> 4) * 4;
             if off < 20 || seg.len() < off {
                 return Err(Malformed::L4Header);
             }
-            info.sport = get_u16(seg, 0).ok_or(Malformed::L4Header)?;
-            info.dport = get_u16(seg, 2).ok_or(Malformed::L4Header)?;
-            info.tcp_flags = get_u8(seg, 13).ok_or(Malformed::L4Header)?;
+            let flags = get_u8(seg, 13).ok_or(Malformed::L4Header)?;
+            Ok((field(0)?, field(2)?, flags))
         }
         PROTO_UDP => {
-            let len = usize::from(get_u16(seg, 4).ok_or(Malformed::L4Header)?);
+            let len = usize::from(field(4)?);
             if len < 8 || seg.len() < 8 || (!fragment && len > seg.len()) {
                 return Err(Malformed::L4Header);
             }
-            info.sport = get_u16(seg, 0).ok_or(Malformed::L4Header)?;
-            info.dport = get_u16(seg, 2).ok_or(Malformed::L4Header)?;
+            Ok((field(0)?, field(2)?, 0))
         }
-        PROTO_ICMP => {
+        p if p == icmp => {
             if seg.len() < 8 {
                 return Err(Malformed::L4Header);
             }
-            info.sport = u16::from(get_u8(seg, 0).ok_or(Malformed::L4Header)?);
-            info.dport = u16::from(get_u8(seg, 1).ok_or(Malformed::L4Header)?);
+            let (ty, code) = (get_u8(seg, 0), get_u8(seg, 1));
+            Ok((
+                u16::from(ty.ok_or(Malformed::L4Header)?),
+                u16::from(code.ok_or(Malformed::L4Header)?),
+                0,
+            ))
         }
-        _ => {}
+        _ => Ok((0, 0, 0)),
     }
-    Ok(info)
 }
 
 /// Whether the transport checksum of a whole (unfragmented) TCP, UDP or

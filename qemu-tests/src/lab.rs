@@ -50,6 +50,32 @@ pub const QUBESDB: &str = "\
 /qubes-firewall/10.137.0.11/policy accept
 ";
 
+/// `QUBESDB` with IPv6 on: the firewall's addresses, and client
+/// fd09:24ef:4179::a89:a with the same rules as 10.137.0.10 (DNS aside:
+/// the Qubes DNS addresses are IPv4 only).
+pub const QUBESDB6: &str = "\
+/qubes-ip 10.0.2.15
+/qubes-netmask 255.255.255.0
+/qubes-gateway 10.0.2.2
+/qubes-primary-dns 10.0.2.3
+/qubes-netvm-gateway 10.137.0.1
+/qubes-netvm-netmask 255.255.255.255
+/qubes-netvm-primary-dns 10.139.1.1
+/qubes-netvm-secondary-dns 10.139.1.2
+/connected-ips 10.137.0.10
+/qubes-firewall/10.137.0.10/policy drop
+/qubes-firewall/10.137.0.10/0000 action=accept proto=tcp dstports=5201-5201
+/qubes-firewall/10.137.0.10/0001 action=accept proto=icmp
+/qubes-ip6 2001:db8:1::15
+/qubes-gateway6 2001:db8:1::1
+/qubes-netvm-gateway6 fd09:24ef:4179::a89:1
+/connected-ips6 fd09:24ef:4179::a89:a
+/qubes-firewall/fd09:24ef:4179::a89:a/policy drop
+/qubes-firewall/fd09:24ef:4179::a89:a/0000 action=accept proto=tcp dstports=5201-5201
+/qubes-firewall/fd09:24ef:4179::a89:a/0001 action=accept proto=udp dstports=5201-5201
+/qubes-firewall/fd09:24ef:4179::a89:a/0002 action=accept proto=icmp
+";
+
 /// One side of a NIC: the test's end of a unix datagram socket pair.
 pub struct Wire {
     sock: UnixDatagram,

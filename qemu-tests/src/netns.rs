@@ -11,11 +11,19 @@
 //!   10.137.0.1 on the link and the default route through it, as a Qubes
 //!   client VM has.
 //!
+//! And the same for IPv6: the gateway 2001:db8:1::1/64 and a server
+//! 2001:db8:80::5 upstream; the client fd09:24ef:4179::a89:a with its
+//! gateway fd09:24ef:4179::a89:1 (addresses without duplicate address
+//! detection, as they are fixed). Whether IPv6 crosses depends on the
+//! QubesDB the kernel is given (`lab::QUBESDB6`).
+//!
 //! Everything is removed when the `Topology` is dropped, and `cleanup` can
 //! be called from a signal handler with the same names.
 
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 
 use crate::{Machine, NicBackend};
 
@@ -24,6 +32,11 @@ pub const SERVER: &str = "192.0.2.80";
 pub const CLIENT: &str = "10.137.0.10";
 pub const CLIENT_GATEWAY: &str = "10.137.0.1";
 pub const UPLINK: &str = "10.0.2.15";
+pub const GATEWAY6: &str = "2001:db8:1::1";
+pub const SERVER6: &str = "2001:db8:80::5";
+pub const CLIENT6: &str = "fd09:24ef:4179::a89:a";
+pub const CLIENT_GATEWAY6: &str = "fd09:24ef:4179::a89:1";
+pub const UPLINK6: &str = "2001:db8:1::15";
 
 /// The names one topology uses.
 #[derive(Debug, Clone)]
@@ -146,6 +159,30 @@ impl Topology {
         ip(&["-n", cl, "link", "set", ctap, "up"])?;
         ip(&["-n", cl, "route", "add", CLIENT_GATEWAY, "dev", ctap])?;
         ip(&["-n", cl, "route", "add", "default", "via", CLIENT_GATEWAY])?;
+        let gw6 = format!("{GATEWAY6}/64");
+        ip(&["-n", up, "addr", "add", &gw6, "dev", utap, "nodad"])?;
+        ip(&[
+            "-n",
+            up,
+            "addr",
+            "add",
+            &format!("{SERVER6}/128"),
+            "dev",
+            "lo",
+        ])?;
+        let cl6 = format!("{CLIENT6}/128");
+        ip(&["-n", cl, "addr", "add", &cl6, "dev", ctap, "nodad"])?;
+        ip(&["-n", cl, "route", "add", CLIENT_GATEWAY6, "dev", ctap])?;
+        ip(&[
+            "-n",
+            cl,
+            "-6",
+            "route",
+            "add",
+            "default",
+            "via",
+            CLIENT_GATEWAY6,
+        ])?;
         Ok(())
     }
 
@@ -162,6 +199,25 @@ impl Topology {
 
     pub fn in_client(&self, program: &str, args: &[&str]) -> Command {
         Self::exec(&self.names.client_ns, program, args)
+    }
+
+    /// Starts an iperf3 server upstream, bound to `addr`; its output
+    /// lines (`Accepted connection from ...`) arrive on the receiver.
+    pub fn iperf_server(&self, addr: &str) -> Result<(Child, mpsc::Receiver<String>), String> {
+        let mut server = self
+            .in_upstream("iperf3", &["-s", "-B", addr, "--forceflush"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("iperf3 server: {e}"))?;
+        let (tx, lines) = mpsc::channel();
+        let stdout = server.stdout.take().ok_or("iperf3 server output")?;
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Ok((server, lines))
     }
 
     /// Runs a command inside a namespace and returns its output.

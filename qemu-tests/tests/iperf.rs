@@ -3,9 +3,6 @@
 //! refused. Checks only that data flows and what is blocked is blocked —
 //! speed is for `cargo xtask bench`. Needs root (namespaces, taps).
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use qemu_tests::lab::{parse_counters, QUBESDB};
@@ -47,19 +44,7 @@ fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str) {
     .expect("ready line");
     topo.attach().expect("taps into namespaces");
 
-    let mut server = topo
-        .in_upstream("iperf3", &["-s", "-B", SERVER, "--forceflush"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("iperf3 server");
-    let (tx, server_lines) = mpsc::channel();
-    let stdout = server.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let (mut server, server_lines) = topo.iperf_server(SERVER).expect("iperf3 server");
 
     // The client reaches its gateway, then (once the firewall has resolved
     // the upstream gateway) the server.

@@ -9,16 +9,22 @@
 //! forwarded it. The same probe, as a frame, goes through Portcullis's
 //! `Firewall` (the code the kernel runs); forwarded upstream means accept.
 //! Every disagreement is listed; the test fails on any.
+//!
+//! Both families: IPv4 rule sets for the client's IPv4 address, then IPv6
+//! rule sets for its IPv6 address (the agent's `ip6` table: `ip6 nexthdr`,
+//! `icmpv6 type`, DNS rules skipped as there is no IPv6 DNS server).
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Stdio};
 
 use netstack::config::{NetConfig, QubesDb};
 use netstack::firewall::{Firewall, Verdict, UPLINK};
+use netstack::ipv6::*;
 use netstack::wire::*;
 use qemu_tests::netns::is_root;
 
 const CLIENT: &str = "10.137.0.10";
+const CLIENT6: &str = "fd09::a";
 const DNS: [&str; 2] = ["10.139.1.1", "10.139.1.2"];
 const DESTINATIONS: [&str; 5] = [
     "192.0.2.80",
@@ -26,6 +32,12 @@ const DESTINATIONS: [&str; 5] = [
     "198.51.100.7",
     "10.139.1.1",
     "203.0.113.5",
+];
+const DESTINATIONS6: [&str; 4] = [
+    "2001:db8:80::5",
+    "2001:db8:80::200",
+    "2001:db8:99::7",
+    "2001:db8:c8::5",
 ];
 const PORTS: [u16; 6] = [22, 53, 80, 443, 1000, 5201];
 
@@ -70,6 +82,43 @@ const RULESETS: &[(&str, &[&str])] = &[
             "action=accept proto=udp specialtarget=dns",
             "action=drop dst4=10.139.1.0/24",
             "action=accept dst4=10.0.0.0/8",
+        ],
+    ),
+];
+
+/// Rule sets for the client's IPv6 address.
+const RULESETS6: &[(&str, &[&str])] = &[
+    (
+        "drop",
+        &[
+            "action=accept proto=tcp dstports=443-443",
+            "action=accept specialtarget=dns",
+        ],
+    ),
+    (
+        "accept",
+        &[
+            "action=drop dst6=2001:db8:80::/48",
+            "action=drop proto=udp dstports=1-100",
+        ],
+    ),
+    (
+        "drop",
+        &["action=accept dstports=80-1000", "action=accept proto=icmp"],
+    ),
+    (
+        "accept",
+        &[
+            "action=drop proto=icmp icmptype=128",
+            "action=accept proto=tcp dst6=2001:db8:80::5/128 dstports=22-22",
+            "action=drop proto=tcp",
+        ],
+    ),
+    (
+        "drop",
+        &[
+            "action=accept dst6=2001:db8:99::/64",
+            "action=accept proto=udp specialtarget=dns",
         ],
     ),
 ];
@@ -239,7 +288,61 @@ impl Namespaces {
             &names().sv,
             &["ip", "route", "add", "10.137.0.0/24", "via", "10.0.2.15"],
         );
-        must_ns(&names().sv, &["nft", "add table inet probe; add chain inet probe input { type filter hook input priority 0; policy accept; }; add rule inet probe input ip saddr 10.137.0.10 counter"]);
+        // IPv6: the client fd09::a behind fd09::1, the router 2001:db8:1::15
+        // on the server's link 2001:db8:1::/64.
+        let cl = &names().cl;
+        let (v0, v1, v2, v3) = (
+            &names().veth[0],
+            &names().veth[1],
+            &names().veth[2],
+            &names().veth[3],
+        );
+        must_ns(
+            cl,
+            &["ip", "addr", "add", "fd09::a/128", "dev", v0, "nodad"],
+        );
+        must_ns(cl, &["ip", "route", "add", "fd09::1", "dev", v0]);
+        must_ns(
+            cl,
+            &["ip", "-6", "route", "add", "default", "via", "fd09::1"],
+        );
+        let rt = &names().rt;
+        must_ns(
+            rt,
+            &["ip", "addr", "add", "fd09::1/128", "dev", v1, "nodad"],
+        );
+        must_ns(rt, &["ip", "route", "add", "fd09::a", "dev", v1]);
+        must_ns(
+            rt,
+            &["ip", "addr", "add", "2001:db8:1::15/64", "dev", v2, "nodad"],
+        );
+        must_ns(
+            rt,
+            &[
+                "ip",
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "2001:db8:1::1",
+            ],
+        );
+        must_ns(rt, &["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
+        must_ns(rt, &["sysctl", "-qw", "net.ipv6.icmp.ratelimit=0"]);
+        let sv = &names().sv;
+        must_ns(
+            sv,
+            &["ip", "addr", "add", "2001:db8:1::1/64", "dev", v3, "nodad"],
+        );
+        for d in DESTINATIONS6 {
+            must_ns(sv, &["ip", "addr", "add", &format!("{d}/128"), "dev", "lo"]);
+        }
+        must_ns(
+            sv,
+            &["ip", "route", "add", "fd09::/64", "via", "2001:db8:1::15"],
+        );
+        must_ns(&names().sv, &["nft", "add table inet probe; add chain inet probe input { type filter hook input priority 0; policy accept; }; add rule inet probe input ip saddr 10.137.0.10 counter; add rule inet probe input ip6 saddr fd09::a counter"]);
         Namespaces
     }
 
@@ -256,14 +359,23 @@ impl Drop for Namespaces {
     }
 }
 
-/// The nftables rules the Qubes agent writes for one client.
-fn qubes_nft(policy: &str, rules: &[&str]) -> String {
+/// The nftables rules the Qubes agent writes for one client address.
+fn qubes_nft(policy: &str, rules: &[&str], v6: bool) -> String {
     let mut out = Vec::new();
-    let dns = DNS
-        .iter()
-        .map(|d| format!("{d}/32"))
-        .collect::<Vec<_>>()
-        .join(", ");
+    // The agent's DNS servers of the family (resolv.conf has IPv4 only).
+    let dns = if v6 {
+        String::new()
+    } else {
+        DNS.iter()
+            .map(|d| format!("{d}/32"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (family, reject, client) = if v6 {
+        ("ip6", "reject with icmpv6 type admin-prohibited", CLIENT6)
+    } else {
+        ("ip", "reject with icmp type admin-prohibited", CLIENT)
+    };
     let all: Vec<String> = rules
         .iter()
         .map(|r| r.to_string())
@@ -275,14 +387,22 @@ fn qubes_nft(policy: &str, rules: &[&str]) -> String {
         let action = if get("action") == Some("accept") {
             "accept"
         } else {
-            "reject with icmp type admin-prohibited"
+            reject
         };
         let mut r = String::new();
-        if let Some(p) = get("proto") {
-            r += &format!(" ip protocol {p}");
+        match get("proto") {
+            Some(p) if v6 => {
+                let p = if p == "icmp" { "icmpv6" } else { p };
+                r += &format!(" ip6 nexthdr {p}");
+            }
+            Some(p) => r += &format!(" ip protocol {p}"),
+            None => {}
         }
         if let Some(d) = get("dst4") {
             r += &format!(" ip daddr {d}");
+        }
+        if let Some(d) = get("dst6") {
+            r += &format!(" ip6 daddr {d}");
         }
         let mut ports = get("dstports").map(|p| match p.split_once('-') {
             Some((a, b)) if a == b => a.to_string(),
@@ -293,10 +413,14 @@ fn qubes_nft(policy: &str, rules: &[&str]) -> String {
                 continue;
             }
             ports = Some("53".into());
+            if dns.is_empty() {
+                continue;
+            }
             r += &format!(" ip daddr {{ {dns} }}");
         }
         if let Some(t) = get("icmptype") {
-            r += &format!(" icmp type {t}");
+            let icmp = if v6 { "icmpv6" } else { "icmp" };
+            r += &format!(" {icmp} type {t}");
         }
         match (ports, get("proto")) {
             (Some(p), None) => {
@@ -308,17 +432,22 @@ fn qubes_nft(policy: &str, rules: &[&str]) -> String {
         }
     }
     format!(
-        "table ip qubes-firewall {{\n  chain qbs-client {{\n{}\n  }}\n  chain forward {{\n    type filter hook forward priority 0; policy drop;\n    ct state established,related accept\n    meta iifname != \"{rt0}\" accept\n    ip saddr {CLIENT} jump qbs-client\n  }}\n}}\n",
+        "table {family} qubes-firewall {{\n  chain qbs-client {{\n{}\n  }}\n  chain forward {{\n    type filter hook forward priority 0; policy drop;\n    ct state established,related accept\n    meta iifname != \"{rt0}\" accept\n    {family} saddr {client} jump qbs-client\n  }}\n}}\n",
         out.iter().map(|r| format!("   {}", r.trim())).collect::<Vec<_>>().join("\n"),
         rt0 = names().veth[1]
     )
 }
 
 fn load_router(nft: &str) {
-    let _ = sh(&ns(&names().rt, &["nft", "delete table ip qubes-firewall"])
-        .iter()
-        .map(String::as_str)
-        .collect::<Vec<_>>());
+    for table in [
+        "delete table ip qubes-firewall",
+        "delete table ip6 qubes-firewall",
+    ] {
+        let _ = sh(&ns(&names().rt, &["nft", table])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>());
+    }
     let path = std::env::temp_dir().join(format!("pcl-diff-{}.nft", std::process::id()));
     std::fs::write(&path, nft).unwrap();
     must_ns(&names().rt, &["nft", "-f", path.to_str().unwrap()]);
@@ -340,12 +469,12 @@ fn server_count() -> u64 {
         ])
         .output()
         .unwrap();
+    // One counter per family; a probe raises one of them.
     let text = String::from_utf8_lossy(&out.stdout);
     text.split("packets ")
-        .nth(1)
-        .and_then(|s| s.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
+        .skip(1)
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -361,6 +490,7 @@ fn linux_accepts(p: Probe) -> bool {
     let script = match p {
         Probe::Tcp(d, port) => format!("exec 3<>/dev/tcp/{d}/{port}"),
         Probe::Udp(d, port) => format!("echo probe > /dev/udp/{d}/{port}"),
+        Probe::Ping(d) if d.contains(':') => format!("ping -6 -c 1 -W 1 {d}"),
         Probe::Ping(d) => format!("ping -c 1 -W 1 {d}"),
     };
     // A rejected SYN is retried by the client after a second; whether the
@@ -382,16 +512,19 @@ fn linux_accepts(p: Probe) -> bool {
     server_count() > before
 }
 
-fn portcullis(policy: &str, rules: &[&str]) -> Firewall {
+fn portcullis(policy: &str, rules: &[&str], v6: bool) -> Firewall {
     let mut db = String::from(
         "/qubes-ip 10.0.2.15\n/qubes-netmask 255.255.255.0\n/qubes-gateway 10.0.2.2\n\
          /qubes-primary-dns 10.139.1.1\n/qubes-secondary-dns 10.139.1.2\n\
          /qubes-netvm-gateway 10.137.0.1\n/qubes-netvm-primary-dns 10.139.1.1\n\
-         /qubes-netvm-secondary-dns 10.139.1.2\n/connected-ips 10.137.0.10\n",
+         /qubes-netvm-secondary-dns 10.139.1.2\n/connected-ips 10.137.0.10\n\
+         /qubes-ip6 2001:db8:1::15\n/qubes-gateway6 2001:db8:1::1\n\
+         /qubes-netvm-gateway6 fd09::1\n/connected-ips6 fd09::a\n",
     );
-    db += &format!("/qubes-firewall/10.137.0.10/policy {policy}\n");
+    let client = if v6 { CLIENT6 } else { CLIENT };
+    db += &format!("/qubes-firewall/{client}/policy {policy}\n");
     for (i, r) in rules.iter().enumerate() {
-        db += &format!("/qubes-firewall/10.137.0.10/{i:04} {r}\n");
+        db += &format!("/qubes-firewall/{client}/{i:04} {r}\n");
     }
     let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(&db).unwrap()).unwrap();
     let (up, down, gw) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
@@ -407,11 +540,22 @@ fn portcullis(policy: &str, rules: &[&str]) -> Firewall {
     };
     let n = arp.emit(&mut buf, gw, up);
     assert_eq!(fw.handle(0, UPLINK, &mut buf, n), Verdict::Consumed);
+    // And the IPv6 gateway, by neighbour discovery.
+    let (_, n) = fw.poll_emit(0, &mut buf).expect("NS for the IPv6 gateway");
+    assert_eq!(get_u16(&buf[..n], 12), Some(ETHERTYPE_IPV6));
+    let gw6: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+    let na = Neighbor {
+        kind: ND_NEIGHBOR_ADVERT,
+        target: gw6,
+        lladdr: Some(gw),
+        flags: NA_SOLICITED | NA_OVERRIDE,
+    };
+    let n = na.emit(&mut buf, (gw, up), gw6, "2001:db8:1::15".parse().unwrap());
+    assert_eq!(fw.handle(0, UPLINK, &mut buf, n), Verdict::Consumed);
     fw
 }
 
 fn portcullis_accepts(fw: &mut Firewall, p: Probe, sport: u16) -> bool {
-    let client = Ipv4Addr::new(10, 137, 0, 10);
     let (proto, dst, l4): (u8, &str, Vec<u8>) = match p {
         Probe::Tcp(d, port) => {
             let mut s = vec![0u8; 20];
@@ -428,30 +572,21 @@ fn portcullis_accepts(fw: &mut Firewall, p: Probe, sport: u16) -> bool {
             put_u16(&mut s, 4, 14);
             (PROTO_UDP, d, s)
         }
+        Probe::Ping(d) if d.contains(':') => {
+            let mut s = vec![ICMPV6_ECHO_REQUEST, 0, 0, 0, 0, 0, 0, 1];
+            put_u16(&mut s, 4, sport);
+            (PROTO_ICMPV6, d, s)
+        }
         Probe::Ping(d) => {
             let mut s = vec![8u8, 0, 0, 0, 0, 0, 0, 1];
             put_u16(&mut s, 4, sport);
             (PROTO_ICMP, d, s)
         }
     };
-    let dst: Ipv4Addr = dst.parse().unwrap();
-    let mut f = vec![0u8; 34 + l4.len()];
-    put_eth(
-        &mut f,
-        [2, 0, 0, 0, 0, 2],
-        [2, 0, 0, 0, 0, 0x10],
-        ETHERTYPE_IPV4,
-    );
-    put_ipv4_header(&mut f, 14, 20 + l4.len(), 64, proto, client, dst);
-    put_bytes(&mut f, 34, &l4);
-    let c = match proto {
-        PROTO_ICMP => checksum(&f[34..]),
-        _ => fold(sum16(
-            &f[34..],
-            pseudo_header_sum(client, dst, proto, l4.len()),
-        )),
+    let f = match dst.parse::<IpAddr>().unwrap() {
+        IpAddr::V4(dst) => frame4(proto, dst, &l4),
+        IpAddr::V6(dst) => frame6(proto, dst, &l4),
     };
-    put_u16(&mut f, 34 + l4_checksum_offset(proto).unwrap(), c);
     let mut buf = [0u8; 2048];
     buf[..f.len()].copy_from_slice(&f);
     matches!(
@@ -460,38 +595,102 @@ fn portcullis_accepts(fw: &mut Firewall, p: Probe, sport: u16) -> bool {
     )
 }
 
+/// The client's frame: IPv6 to `dst`, checksum filled in.
+fn frame6(proto: u8, dst: Ipv6Addr, l4: &[u8]) -> Vec<u8> {
+    let client: Ipv6Addr = CLIENT6.parse().unwrap();
+    let l4_off = 14 + IPV6_HEADER;
+    let mut f = vec![0u8; l4_off + l4.len()];
+    put_eth(
+        &mut f,
+        [2, 0, 0, 0, 0, 2],
+        [2, 0, 0, 0, 0, 0x10],
+        ETHERTYPE_IPV6,
+    );
+    put_ipv6_header(&mut f, 14, l4.len(), proto, 64, client, dst);
+    put_bytes(&mut f, l4_off, l4);
+    let c = fold(sum16(
+        &f[l4_off..],
+        pseudo_header_sum6(client, dst, proto, l4.len()),
+    ));
+    let at = if proto == PROTO_ICMPV6 {
+        2
+    } else {
+        l4_checksum_offset(proto).unwrap()
+    };
+    put_u16(&mut f, l4_off + at, c);
+    f
+}
+
+/// The client's frame: IPv4 to `dst`, checksum filled in.
+fn frame4(proto: u8, dst: Ipv4Addr, l4: &[u8]) -> Vec<u8> {
+    let client = Ipv4Addr::new(10, 137, 0, 10);
+    let mut f = vec![0u8; 34 + l4.len()];
+    put_eth(
+        &mut f,
+        [2, 0, 0, 0, 0, 2],
+        [2, 0, 0, 0, 0, 0x10],
+        ETHERTYPE_IPV4,
+    );
+    put_ipv4_header(&mut f, 14, 20 + l4.len(), 64, proto, client, dst);
+    put_bytes(&mut f, 34, l4);
+    let c = match proto {
+        PROTO_ICMP => checksum(&f[34..]),
+        _ => fold(sum16(
+            &f[34..],
+            pseudo_header_sum(client, dst, proto, l4.len()),
+        )),
+    };
+    put_u16(&mut f, 34 + l4_checksum_offset(proto).unwrap(), c);
+    f
+}
+
 #[test]
 fn qubes_rules_decide_as_linux_nftables_does() {
     assert!(is_root(), "needs root: it creates network namespaces");
     let _n = Namespaces::create();
-    let mut probes = Vec::new();
-    for d in DESTINATIONS {
-        for p in PORTS {
-            probes.push(Probe::Tcp(d, p));
-            probes.push(Probe::Udp(d, p));
+    let probes = |dests: &[&'static str]| {
+        let mut probes = Vec::new();
+        for &d in dests {
+            for p in PORTS {
+                probes.push(Probe::Tcp(d, p));
+                probes.push(Probe::Udp(d, p));
+            }
+            probes.push(Probe::Ping(d));
         }
-        probes.push(Probe::Ping(d));
-    }
+        probes
+    };
     // Linux must be able to forward at all: a permissive rule set first.
-    load_router(&qubes_nft("accept", &[]));
-    assert!(
-        linux_accepts(Probe::Ping("192.0.2.80")),
-        "the Linux router does not forward"
-    );
+    for (v6, dst) in [(false, "192.0.2.80"), (true, "2001:db8:80::5")] {
+        load_router(&qubes_nft("accept", &[], v6));
+        // (Neighbour discovery on links just brought up may need a retry.)
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !linux_accepts(Probe::Ping(dst)) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Linux router does not forward to {dst}"
+            );
+        }
+    }
 
     let mut disagreements = Vec::new();
     let mut compared = 0;
-    for (policy, rules) in RULESETS {
-        load_router(&qubes_nft(policy, rules));
-        let mut fw = portcullis(policy, rules);
-        for (i, p) in probes.iter().enumerate() {
-            let linux = linux_accepts(*p);
-            let ours = portcullis_accepts(&mut fw, *p, 20000 + i as u16);
-            compared += 1;
-            if linux != ours {
-                disagreements.push(format!(
+    let families = [
+        (false, RULESETS, probes(&DESTINATIONS)),
+        (true, RULESETS6, probes(&DESTINATIONS6)),
+    ];
+    for (v6, rulesets, probes) in &families {
+        for (policy, rules) in rulesets.iter() {
+            load_router(&qubes_nft(policy, rules, *v6));
+            let mut fw = portcullis(policy, rules, *v6);
+            for (i, p) in probes.iter().enumerate() {
+                let linux = linux_accepts(*p);
+                let ours = portcullis_accepts(&mut fw, *p, 20000 + i as u16);
+                compared += 1;
+                if linux != ours {
+                    disagreements.push(format!(
                     "policy={policy} rules={rules:?} probe={p:?}: linux={linux} portcullis={ours}"
                 ));
+                }
             }
         }
     }

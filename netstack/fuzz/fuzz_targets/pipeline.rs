@@ -6,15 +6,18 @@
 //!   port it came from (replies the firewall makes): no client-to-client;
 //! - nothing from the uplink reaches a downlink unless addressed to a
 //!   connected client.
+//!
+//! The same holds for IPv6, which the configuration turns on.
 #![no_main]
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use netstack::config::{NetConfig, QubesDb};
 use netstack::firewall::{Firewall, Verdict, UPLINK};
-use netstack::wire::{get_ip, get_u16, ETHERTYPE_IPV4};
+use netstack::ipv6::get_ip6;
+use netstack::wire::{get_ip, get_u16, ETHERTYPE_IPV4, ETHERTYPE_IPV6};
 
 const DB: &str = "\
 /qubes-ip 10.0.2.15
@@ -29,9 +32,23 @@ const DB: &str = "\
 /qubes-firewall/10.137.0.10/0001 action=accept specialtarget=dns
 /qubes-firewall/10.137.0.10/0002 action=accept proto=icmp
 /qubes-firewall/10.137.0.11/policy accept
+/qubes-ip6 2001:db8:1::15
+/qubes-gateway6 2001:db8:1::1
+/qubes-netvm-gateway6 fd09::1
+/connected-ips6 fd09::a fd09::b
+/qubes-firewall/fd09::a/policy drop
+/qubes-firewall/fd09::a/0000 action=accept proto=tcp dstports=1-1000
+/qubes-firewall/fd09::a/0001 action=accept proto=icmp
+/qubes-firewall/fd09::b/policy accept
 ";
-const CLIENTS: [Ipv4Addr; 2] = [Ipv4Addr::new(10, 137, 0, 10), Ipv4Addr::new(10, 137, 0, 11)];
+const CLIENTS: [IpAddr; 4] = [
+    IpAddr::V4(Ipv4Addr::new(10, 137, 0, 10)),
+    IpAddr::V4(Ipv4Addr::new(10, 137, 0, 11)),
+    IpAddr::V6(Ipv6Addr::new(0xfd09, 0, 0, 0, 0, 0, 0, 0xa)),
+    IpAddr::V6(Ipv6Addr::new(0xfd09, 0, 0, 0, 0, 0, 0, 0xb)),
+];
 const UPLINK_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 2, 15);
+const UPLINK_IP6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x15);
 const MACS: [[u8; 6]; 3] = [
     [0x52, 0x54, 0, 0, 0, 1],
     [0x52, 0x54, 0, 0, 0, 2],
@@ -43,10 +60,13 @@ fn config() -> &'static NetConfig {
     CFG.get_or_init(|| NetConfig::from_db(&QubesDb::parse_snapshot(DB).unwrap()).unwrap())
 }
 
-fn ipv4_field(frame: &[u8], off: usize) -> Option<Ipv4Addr> {
-    (get_u16(frame, 12) == Some(ETHERTYPE_IPV4))
-        .then(|| get_ip(frame, 14 + off))
-        .flatten()
+/// The source (`src`) or destination address of an IPv4 or IPv6 frame.
+fn ip_field(frame: &[u8], src: bool) -> Option<IpAddr> {
+    match get_u16(frame, 12)? {
+        ETHERTYPE_IPV4 => get_ip(frame, if src { 26 } else { 30 }).map(IpAddr::V4),
+        ETHERTYPE_IPV6 => get_ip6(frame, if src { 22 } else { 38 }).map(IpAddr::V6),
+        _ => None,
+    }
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -63,7 +83,7 @@ fuzz_target!(|data: &[u8]| {
         let mut buf = [0u8; 2048];
         buf[..take].copy_from_slice(&rest[..take]);
         rest = &rest[take..];
-        let src_in = ipv4_field(&buf[..take], 12);
+        let src_in = ip_field(&buf[..take], true);
         let verdict = fw.handle(now, port, &mut buf, take);
         let Verdict::Forward { port: out, len } = verdict else {
             continue;
@@ -78,14 +98,17 @@ fuzz_target!(|data: &[u8]| {
                         "unconnected source {src} forwarded upstream"
                     );
                 }
-                if let Some(src_out) = ipv4_field(frame, 12) {
-                    assert_eq!(src_out, UPLINK_IP, "upstream packet not translated");
+                if let Some(src_out) = ip_field(frame, true) {
+                    assert!(
+                        src_out == IpAddr::V4(UPLINK_IP) || src_out == IpAddr::V6(UPLINK_IP6),
+                        "upstream packet not translated: {src_out}"
+                    );
                 }
             } else {
                 assert_eq!(out, port, "a client's frame went to another downlink");
             }
         } else if out != UPLINK {
-            let dst = ipv4_field(frame, 16).expect("only IPv4 goes from the uplink to a client");
+            let dst = ip_field(frame, false).expect("only IP goes from the uplink to a client");
             assert!(
                 CLIENTS.contains(&dst),
                 "upstream frame to {dst} reached a client port"

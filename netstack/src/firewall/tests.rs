@@ -65,7 +65,7 @@ fn ipv4(
     f
 }
 
-fn udp_seg(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+pub(super) fn udp_seg(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     let mut s = alloc::vec![0u8; 8];
     put_u16(&mut s, 0, sport);
     put_u16(&mut s, 2, dport);
@@ -74,7 +74,7 @@ fn udp_seg(sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
     s
 }
 
-fn tcp_seg(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+pub(super) fn tcp_seg(sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut s = alloc::vec![0u8; 20];
     put_u16(&mut s, 0, sport);
     put_u16(&mut s, 2, dport);
@@ -91,7 +91,7 @@ fn echo(icmp_type: u8, id: u16) -> Vec<u8> {
 }
 
 /// Runs one frame through; returns the verdict and the output frame.
-fn run(fw: &mut Firewall, now: u64, port: usize, frame: &[u8]) -> (Verdict, Vec<u8>) {
+pub(super) fn run(fw: &mut Firewall, now: u64, port: usize, frame: &[u8]) -> (Verdict, Vec<u8>) {
     let mut buf = alloc::vec![0u8; BUF];
     buf[..frame.len()].copy_from_slice(frame);
     let v = fw.handle(now, port, &mut buf, frame.len());

@@ -1,0 +1,612 @@
+//! IPv6 frames in, frames out.
+
+use alloc::vec::Vec;
+use core::net::Ipv4Addr;
+
+use super::super::tests::{run, tcp_seg, udp_seg};
+use super::*;
+use crate::config::{NetConfig, QubesDb};
+
+const UP_MAC: Mac = [0x52, 0x54, 0, 0, 0, 1];
+const DOWN_MAC: Mac = [0x52, 0x54, 0, 0, 0, 2];
+const GW_MAC: Mac = [0x02, 0, 0, 0, 0, 0x99];
+const CLIENT_MAC: Mac = [0x02, 0, 0, 0, 0, 0x10];
+const OTHER_MAC: Mac = [0x02, 0, 0, 0, 0, 0x11];
+const UPLINK6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 0x15);
+const GATEWAY6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 1, 0, 0, 0, 0, 1);
+const CLIENT_GW6: Ipv6Addr = Ipv6Addr::new(0xfd09, 0x24ef, 0x4179, 0, 0, 0, 0xa89, 1);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0xfd09, 0x24ef, 0x4179, 0, 0, 0, 0xa89, 0xa);
+const OTHER6: Ipv6Addr = Ipv6Addr::new(0xfd09, 0x24ef, 0x4179, 0, 0, 0, 0xa89, 0xb);
+const SERVER6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x80, 0, 0, 0, 0, 5);
+const BLOCKED6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x99, 0, 0, 0, 0, 1);
+
+const DB: &str = "\
+/qubes-ip 10.0.2.15
+/qubes-netmask 255.255.255.0
+/qubes-gateway 10.0.2.2
+/qubes-ip6 2001:db8:1::15
+/qubes-gateway6 2001:db8:1::1
+/qubes-primary-dns 10.0.2.3
+/qubes-netvm-gateway 10.137.0.1
+/qubes-netvm-gateway6 fd09:24ef:4179::a89:1
+/qubes-netvm-primary-dns 10.139.1.1
+/connected-ips 10.137.0.10
+/connected-ips6 fd09:24ef:4179::a89:a fd09:24ef:4179::a89:b
+/qubes-firewall/10.137.0.10/policy accept
+/qubes-firewall/fd09:24ef:4179::a89:a/policy drop
+/qubes-firewall/fd09:24ef:4179::a89:a/0000 action=accept proto=tcp dst6=2001:db8:80::/48 dstports=443-443
+/qubes-firewall/fd09:24ef:4179::a89:a/0001 action=accept proto=icmp icmptype=128
+/qubes-firewall/fd09:24ef:4179::a89:a/0002 action=accept proto=udp dst6=2001:db8:80::5
+/qubes-firewall/fd09:24ef:4179::a89:a/0003 action=accept specialtarget=dns
+/qubes-firewall/fd09:24ef:4179::a89:b/policy accept
+";
+
+fn firewall(db: &str) -> Firewall {
+    let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(db).unwrap()).unwrap();
+    Firewall::new(cfg, alloc::vec![UP_MAC, DOWN_MAC])
+}
+
+/// Ethernet + IPv6 + `l4`, with the upper-layer checksum filled in.
+fn ipv6(macs: (Mac, Mac), src: Ipv6Addr, dst: Ipv6Addr, hop: u8, proto: u8, l4: &[u8]) -> Vec<u8> {
+    let (dst_mac, src_mac) = macs;
+    let len = ETH_HEADER + IPV6_HEADER + l4.len();
+    let mut f = alloc::vec![0u8; len];
+    put_eth(&mut f, dst_mac, src_mac, ETHERTYPE_IPV6);
+    put_ipv6_header(&mut f, ETH_HEADER, l4.len(), proto, hop, src, dst);
+    put_bytes(&mut f, ETH_HEADER + IPV6_HEADER, l4);
+    let at = match proto {
+        PROTO_TCP => 16,
+        PROTO_UDP => 6,
+        _ => 2,
+    };
+    let l4_off = ETH_HEADER + IPV6_HEADER;
+    put_u16(&mut f, l4_off + at, 0);
+    let c = fold(sum16(
+        &f[l4_off..],
+        pseudo_header_sum6(src, dst, proto, l4.len()),
+    ));
+    put_u16(&mut f, l4_off + at, c);
+    f
+}
+
+fn echo6(icmp_type: u8, id: u16) -> Vec<u8> {
+    let mut s = alloc::vec![icmp_type, 0, 0, 0, 0, 0, 0, 1];
+    put_u16(&mut s, 4, id);
+    s.extend_from_slice(b"ping");
+    s
+}
+
+/// An output frame, checked: valid IPv6 with a valid upper-layer checksum.
+fn parsed(frame: &[u8]) -> Ipv6Info {
+    let i = parse_ipv6(frame).expect("valid IPv6");
+    assert!(l4_checksum_ok6(frame, &i), "upper-layer checksum");
+    i
+}
+
+fn nd_frame(kind: u8, macs: (Mac, Mac), src: Ipv6Addr, dst: Ipv6Addr, target: Ipv6Addr) -> Vec<u8> {
+    let mut f = alloc::vec![0u8; 86];
+    let n = Neighbor {
+        kind,
+        target,
+        lladdr: Some(macs.1),
+        flags: if kind == ND_NEIGHBOR_ADVERT {
+            NA_SOLICITED | NA_OVERRIDE
+        } else {
+            0
+        },
+    };
+    assert_eq!(n.emit(&mut f, (macs.1, macs.0), src, dst), 86);
+    f
+}
+
+/// A firewall whose IPv6 gateway is resolved (the IPv4 one is not needed).
+fn ready() -> Firewall {
+    let mut fw = firewall(DB);
+    let mut buf = [0u8; 128];
+    // First the ARP request for the IPv4 gateway, then the solicitation.
+    let (port, len) = fw.poll_emit(0, &mut buf).unwrap();
+    assert_eq!((port, get_u16(&buf, 12)), (UPLINK, Some(ETHERTYPE_ARP)));
+    let _ = len;
+    let (port, len) = fw.poll_emit(0, &mut buf).expect("NS for the gateway");
+    assert_eq!(port, UPLINK);
+    let info = parsed(&buf[..len]);
+    let ns = Neighbor::parse(&buf, &info).unwrap();
+    assert_eq!(
+        (
+            ns.kind,
+            ns.target,
+            ns.lladdr,
+            info.src,
+            info.dst,
+            info.hop_limit
+        ),
+        (
+            ND_NEIGHBOR_SOLICIT,
+            GATEWAY6,
+            Some(UP_MAC),
+            UPLINK6,
+            "ff02::1:ff00:1".parse().unwrap(),
+            255
+        )
+    );
+    assert_eq!(get_mac(&buf, 0), Some([0x33, 0x33, 0xff, 0, 0, 1]));
+    assert!(
+        fw.poll_emit(500, &mut buf).is_none(),
+        "retries wait a second"
+    );
+    let na = nd_frame(
+        ND_NEIGHBOR_ADVERT,
+        (UP_MAC, GW_MAC),
+        GATEWAY6,
+        UPLINK6,
+        GATEWAY6,
+    );
+    assert_eq!(run(&mut fw, 600, UPLINK, &na).0, Verdict::Consumed);
+    while let Some((_, len)) = fw.poll_emit(5000, &mut buf) {
+        assert_eq!(
+            get_u16(&buf[..len], 12),
+            Some(ETHERTYPE_ARP),
+            "resolved: no NS"
+        );
+    }
+    fw
+}
+
+#[test]
+fn off_unless_configured() {
+    let db: String = DB
+        .lines()
+        .filter(|l| !l.starts_with("/qubes-gateway6"))
+        .map(|l| alloc::format!("{l}\n"))
+        .collect();
+    let mut fw = firewall(&db);
+    let f = ipv6(
+        (DOWN_MAC, CLIENT_MAC),
+        CLIENT6,
+        SERVER6,
+        64,
+        PROTO_ICMPV6,
+        &echo6(ICMPV6_ECHO_REQUEST, 1),
+    );
+    assert_eq!(run(&mut fw, 0, 1, &f).0, Verdict::Drop(DropReason::Ipv6Off));
+    let mut buf = [0u8; 128];
+    fw.poll_emit(0, &mut buf).unwrap(); // ARP
+    assert!(fw.poll_emit(0, &mut buf).is_none(), "no solicitations");
+}
+
+#[test]
+fn neighbor_discovery_both_sides() {
+    let mut fw = ready();
+    // The gateway asks for our uplink address.
+    let ns = nd_frame(
+        ND_NEIGHBOR_SOLICIT,
+        (multicast_mac(solicited_node(UPLINK6)), GW_MAC),
+        GATEWAY6,
+        solicited_node(UPLINK6),
+        UPLINK6,
+    );
+    let (v, out) = run(&mut fw, 1000, UPLINK, &ns);
+    assert_eq!(
+        v,
+        Verdict::Forward {
+            port: UPLINK,
+            len: 86
+        }
+    );
+    let i = parsed(&out);
+    let na = Neighbor::parse(&out, &i).unwrap();
+    assert_eq!(
+        (na.kind, na.target, na.lladdr, i.src, i.dst),
+        (ND_NEIGHBOR_ADVERT, UPLINK6, Some(UP_MAC), UPLINK6, GATEWAY6)
+    );
+    assert_eq!(get_mac(&out, 0), Some(GW_MAC));
+    // A client asks for its gateway, and for an address upstream.
+    for target in [CLIENT_GW6, SERVER6] {
+        let ns = nd_frame(
+            ND_NEIGHBOR_SOLICIT,
+            (multicast_mac(solicited_node(target)), CLIENT_MAC),
+            CLIENT6,
+            solicited_node(target),
+            target,
+        );
+        let (v, out) = run(&mut fw, 1000, 1, &ns);
+        assert_eq!(v, Verdict::Forward { port: 1, len: 86 });
+        let i = parsed(&out);
+        let na = Neighbor::parse(&out, &i).unwrap();
+        assert_eq!(
+            (na.target, na.lladdr, i.dst),
+            (target, Some(DOWN_MAC), CLIENT6)
+        );
+        assert_eq!(na.flags, NA_ROUTER | NA_SOLICITED | NA_OVERRIDE);
+    }
+    // Not answered: another client's address, duplicate address detection,
+    // a spoofed global source; a bad checksum is counted as such.
+    let other = nd_frame(
+        ND_NEIGHBOR_SOLICIT,
+        (multicast_mac(solicited_node(OTHER6)), CLIENT_MAC),
+        CLIENT6,
+        solicited_node(OTHER6),
+        OTHER6,
+    );
+    assert_eq!(
+        run(&mut fw, 1000, 1, &other).0,
+        Verdict::Drop(DropReason::NdIgnored)
+    );
+    let mut dad = nd_frame(
+        ND_NEIGHBOR_SOLICIT,
+        (multicast_mac(solicited_node(CLIENT6)), CLIENT_MAC),
+        Ipv6Addr::UNSPECIFIED,
+        solicited_node(CLIENT6),
+        CLIENT_GW6,
+    );
+    assert_eq!(
+        run(&mut fw, 1000, 1, &dad).0,
+        Verdict::Drop(DropReason::NdIgnored)
+    );
+    let spoofed = nd_frame(
+        ND_NEIGHBOR_SOLICIT,
+        (DOWN_MAC, CLIENT_MAC),
+        SERVER6,
+        CLIENT_GW6,
+        CLIENT_GW6,
+    );
+    assert_eq!(
+        run(&mut fw, 1000, 1, &spoofed).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    dad[ETH_HEADER + IPV6_HEADER + 2] ^= 1;
+    assert_eq!(
+        run(&mut fw, 1000, 1, &dad).0,
+        Verdict::Drop(DropReason::BadL4Checksum)
+    );
+}
+
+#[test]
+fn masquerades_flows_and_translates_replies_back() {
+    let mut fw = ready();
+    let syn = ipv6(
+        (DOWN_MAC, CLIENT_MAC),
+        CLIENT6,
+        SERVER6,
+        64,
+        PROTO_TCP,
+        &tcp_seg(40000, 443, TCP_SYN),
+    );
+    let (v, out) = run(&mut fw, 1000, 1, &syn);
+    assert_eq!(
+        v,
+        Verdict::Forward {
+            port: UPLINK,
+            len: syn.len()
+        }
+    );
+    let i = parsed(&out);
+    assert_eq!(
+        (i.src, i.dst, i.sport, i.dport, i.hop_limit),
+        (UPLINK6, SERVER6, 40000, 443, 63)
+    );
+    assert_eq!(
+        (get_mac(&out, 0), get_mac(&out, 6)),
+        (Some(GW_MAC), Some(UP_MAC))
+    );
+    let synack = ipv6(
+        (UP_MAC, GW_MAC),
+        SERVER6,
+        UPLINK6,
+        50,
+        PROTO_TCP,
+        &tcp_seg(443, 40000, TCP_SYN | TCP_ACK),
+    );
+    let (v, out) = run(&mut fw, 1001, UPLINK, &synack);
+    assert_eq!(
+        v,
+        Verdict::Forward {
+            port: 1,
+            len: synack.len()
+        }
+    );
+    let i = parsed(&out);
+    assert_eq!(
+        (i.src, i.dst, i.sport, i.dport, i.hop_limit),
+        (SERVER6, CLIENT6, 443, 40000, 49)
+    );
+    assert_eq!(
+        (get_mac(&out, 0), get_mac(&out, 6)),
+        (Some(CLIENT_MAC), Some(DOWN_MAC))
+    );
+
+    // Ping through (rule 0001), with its identifier translated both ways.
+    let ping = ipv6(
+        (DOWN_MAC, CLIENT_MAC),
+        CLIENT6,
+        BLOCKED6,
+        64,
+        PROTO_ICMPV6,
+        &echo6(ICMPV6_ECHO_REQUEST, 77),
+    );
+    let (v, out) = run(&mut fw, 1002, 1, &ping);
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }));
+    let i = parsed(&out);
+    let id = get_u16(&out, i.l4 + 4).unwrap();
+    assert_eq!((i.src, i.dst), (UPLINK6, BLOCKED6));
+    let pong = ipv6(
+        (UP_MAC, GW_MAC),
+        BLOCKED6,
+        UPLINK6,
+        60,
+        PROTO_ICMPV6,
+        &echo6(ICMPV6_ECHO_REPLY, id),
+    );
+    let (v, out) = run(&mut fw, 1003, UPLINK, &pong);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }));
+    let i = parsed(&out);
+    assert_eq!((i.dst, get_u16(&out, i.l4 + 4)), (CLIENT6, Some(77)));
+
+    // Unsolicited from upstream: dropped.
+    let probe = ipv6(
+        (UP_MAC, GW_MAC),
+        SERVER6,
+        UPLINK6,
+        50,
+        PROTO_TCP,
+        &tcp_seg(443, 40001, TCP_SYN),
+    );
+    assert_eq!(
+        run(&mut fw, 1004, UPLINK, &probe).0,
+        Verdict::Drop(DropReason::UpstreamUnsolicited)
+    );
+    let hits: Vec<_> = fw
+        .rule_hits()
+        .filter(|(ip, _)| *ip == IpAddr::V6(CLIENT6))
+        .collect();
+    assert_eq!(hits[0].1, Ok(&[1u64, 1, 0, 0, 0][..]));
+    assert_eq!(fw.flows(), 2);
+}
+
+#[test]
+fn rules_reject_with_icmpv6_admin_prohibited() {
+    let mut fw = ready();
+    // TCP to a port the rules do not open.
+    let syn = ipv6(
+        (DOWN_MAC, CLIENT_MAC),
+        CLIENT6,
+        SERVER6,
+        64,
+        PROTO_TCP,
+        &tcp_seg(40000, 80, TCP_SYN),
+    );
+    let (v, out) = run(&mut fw, 1000, 1, &syn);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }));
+    let i = parsed(&out);
+    assert_eq!((i.src, i.dst, i.proto), (CLIENT_GW6, CLIENT6, PROTO_ICMPV6));
+    assert_eq!((i.sport, i.dport), (u16::from(ICMPV6_DEST_UNREACH), 1));
+    // The quote is the packet as the client sent it.
+    assert_eq!(&out[i.l4 + 8..], &syn[ETH_HEADER..]);
+    assert_eq!(fw.stats().drop_count(DropReason::RuleReject), 1);
+    // UDP to the one address rule 0002 opens passes; a DNS rule opens
+    // nothing over IPv6.
+    let ok = ipv6(
+        (DOWN_MAC, CLIENT_MAC),
+        CLIENT6,
+        SERVER6,
+        64,
+        PROTO_UDP,
+        &udp_seg(5000, 53, b"q"),
+    );
+    assert!(matches!(
+        run(&mut fw, 1001, 1, &ok).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    let other = ipv6(
+        (DOWN_MAC, CLIENT_MAC),
+        CLIENT6,
+        BLOCKED6,
+        64,
+        PROTO_UDP,
+        &udp_seg(5000, 53, b"q"),
+    );
+    assert!(matches!(
+        run(&mut fw, 1002, 1, &other).0,
+        Verdict::Forward { port: 1, .. }
+    ));
+    let hits: Vec<_> = fw
+        .rule_hits()
+        .filter(|(ip, _)| *ip == IpAddr::V6(CLIENT6))
+        .collect();
+    assert_eq!(hits[0].1, Ok(&[0u64, 0, 1, 0, 2][..]));
+    // The other client's policy is accept.
+    let f = ipv6(
+        (DOWN_MAC, OTHER_MAC),
+        OTHER6,
+        BLOCKED6,
+        64,
+        PROTO_TCP,
+        &tcp_seg(40000, 80, TCP_SYN),
+    );
+    assert!(matches!(
+        run(&mut fw, 1003, 1, &f).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+}
+
+#[test]
+fn isolation_anti_spoofing_scope_and_limits() {
+    let mut fw = ready();
+    let tcp = |src, dst, hop| {
+        ipv6(
+            (DOWN_MAC, CLIENT_MAC),
+            src,
+            dst,
+            hop,
+            PROTO_TCP,
+            &tcp_seg(40000, 443, TCP_SYN),
+        )
+    };
+    let cases = [
+        (tcp(SERVER6, SERVER6, 64), DropReason::Spoofed),
+        (tcp(CLIENT6, OTHER6, 64), DropReason::ClientToClient),
+        (
+            tcp("fe80::1".parse().unwrap(), SERVER6, 64),
+            DropReason::Ipv6Scope,
+        ),
+        (
+            tcp(CLIENT6, "fe80::1".parse().unwrap(), 64),
+            DropReason::Ipv6Scope,
+        ),
+        (
+            tcp(CLIENT6, "ff0e::1".parse().unwrap(), 64),
+            DropReason::NotForUs,
+        ),
+        (tcp(CLIENT6, CLIENT_GW6, 64), DropReason::ToFirewall),
+        (
+            ipv6(
+                (DOWN_MAC, CLIENT_MAC),
+                CLIENT6,
+                SERVER6,
+                64,
+                PROTO_ICMPV6,
+                &[ND_ROUTER_ADVERT, 0, 0, 0, 0, 0, 0, 0],
+            ),
+            DropReason::IcmpUnsupported,
+        ),
+    ];
+    for (f, reason) in cases {
+        assert_eq!(
+            run(&mut fw, 1000, 1, &f).0,
+            Verdict::Drop(reason),
+            "{reason:?}"
+        );
+    }
+    // The same client address from another port: spoofed.
+    let port2_mac = [2, 0, 0, 0, 0, 3];
+    let mut fw2 = Firewall::new(fw.cfg.clone(), alloc::vec![UP_MAC, DOWN_MAC, port2_mac]);
+    let _ = run(&mut fw2, 0, 1, &tcp(CLIENT6, SERVER6, 64));
+    let mut f = tcp(CLIENT6, SERVER6, 64);
+    put_bytes(&mut f, 0, &port2_mac);
+    assert_eq!(
+        run(&mut fw2, 0, 2, &f).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    // Hop limit 1: time exceeded from the client gateway.
+    let (v, out) = run(&mut fw, 1000, 1, &tcp(CLIENT6, SERVER6, 1));
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }));
+    let i = parsed(&out);
+    assert_eq!(
+        (i.src, i.sport),
+        (CLIENT_GW6, u16::from(ICMPV6_TIME_EXCEEDED))
+    );
+    // A fragment header with more fragments to come: not forwarded.
+    let mut frag = alloc::vec![PROTO_UDP, 0, 0, 1, 0, 0, 0, 9];
+    frag.extend_from_slice(&udp_seg(5000, 53, b"q"));
+    let mut f = ipv6(
+        (DOWN_MAC, CLIENT_MAC),
+        CLIENT6,
+        SERVER6,
+        64,
+        NEXT_FRAGMENT,
+        &frag,
+    );
+    put_u16(&mut f, ETH_HEADER + IPV6_HEADER + 2, 1); // offset 0, more fragments
+    assert_eq!(
+        run(&mut fw, 1000, 1, &f).0,
+        Verdict::Drop(DropReason::Ipv6Fragment)
+    );
+    // Pings of the firewall's own addresses are answered.
+    for own in [CLIENT_GW6, UPLINK6] {
+        let ping = ipv6(
+            (DOWN_MAC, CLIENT_MAC),
+            CLIENT6,
+            own,
+            64,
+            PROTO_ICMPV6,
+            &echo6(ICMPV6_ECHO_REQUEST, 5),
+        );
+        let (v, out) = run(&mut fw, 1000, 1, &ping);
+        assert!(matches!(v, Verdict::Forward { port: 1, .. }));
+        let i = parsed(&out);
+        assert_eq!(
+            (i.src, i.dst, i.sport),
+            (own, CLIENT6, u16::from(ICMPV6_ECHO_REPLY))
+        );
+    }
+    // An IPv4 client address gives no right to IPv6 traffic.
+    assert!(fw.client_index.contains_key(&Ipv4Addr::new(10, 137, 0, 10)));
+}
+
+#[test]
+fn translates_icmpv6_errors_quoting_a_masqueraded_packet() {
+    let mut fw = ready();
+    let out_pkt = ipv6(
+        (DOWN_MAC, CLIENT_MAC),
+        CLIENT6,
+        SERVER6,
+        64,
+        PROTO_UDP,
+        &udp_seg(5000, 53, &[7; 100]),
+    );
+    let (_, natted) = run(&mut fw, 1000, 1, &out_pkt);
+    // Packet too big from a router on the way, quoting the whole packet.
+    let mut body = alloc::vec![ICMPV6_PACKET_TOO_BIG, 0, 0, 0, 0, 0, 5, 0];
+    body.extend_from_slice(&natted[ETH_HEADER..]);
+    let router: Ipv6Addr = "2001:db8:2::1".parse().unwrap();
+    let err = ipv6((UP_MAC, GW_MAC), router, UPLINK6, 60, PROTO_ICMPV6, &body);
+    let (v, out) = run(&mut fw, 1001, UPLINK, &err);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }));
+    let i = parsed(&out);
+    assert_eq!((i.src, i.dst, i.hop_limit), (router, CLIENT6, 59));
+    // The quoted packet is again the client's own, checksum and all, as
+    // it left (one hop less).
+    let mut sent = out_pkt[ETH_HEADER..].to_vec();
+    sent[7] -= 1;
+    assert_eq!(&out[i.l4 + 8..], &sent[..]);
+    // An error quoting something we never sent: dropped.
+    let mut stray = body.clone();
+    stray[8 + 8 + 15] ^= 0x40; // inner source no longer ours
+    let err = ipv6((UP_MAC, GW_MAC), router, UPLINK6, 60, PROTO_ICMPV6, &stray);
+    assert_eq!(
+        run(&mut fw, 1002, UPLINK, &err).0,
+        Verdict::Drop(DropReason::UpstreamUnsolicited)
+    );
+}
+
+#[test]
+fn every_truncation_and_corruption_is_handled() {
+    let mut fw = ready();
+    let frames = [
+        ipv6(
+            (DOWN_MAC, CLIENT_MAC),
+            CLIENT6,
+            SERVER6,
+            64,
+            PROTO_TCP,
+            &tcp_seg(40000, 443, TCP_SYN),
+        ),
+        nd_frame(
+            ND_NEIGHBOR_SOLICIT,
+            (DOWN_MAC, CLIENT_MAC),
+            CLIENT6,
+            CLIENT_GW6,
+            CLIENT_GW6,
+        ),
+        ipv6(
+            (UP_MAC, GW_MAC),
+            SERVER6,
+            UPLINK6,
+            64,
+            PROTO_ICMPV6,
+            &[ICMPV6_DEST_UNREACH, 0, 0, 0, 0, 0, 0, 0, 0x60, 0, 0, 0],
+        ),
+    ];
+    for f in &frames {
+        for port in [UPLINK, 1] {
+            for n in 0..f.len() {
+                let _ = run(&mut fw, 2000, port, &f[..n]);
+            }
+            for byte in 0..f.len() {
+                let mut g = f.clone();
+                g[byte] ^= 0xa5;
+                let _ = run(&mut fw, 2000, port, &g);
+            }
+        }
+    }
+}
