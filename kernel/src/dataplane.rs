@@ -116,7 +116,7 @@ impl<N: Nic> Nics<N> {
 fn print_firewall_stats(fw: &Firewall) {
     let f = fw.stats();
     println!(
-        "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={} nd_solicits_sent={} nd_adverts={}",
+        "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={} nd_solicits_sent={} nd_adverts={} dns_queries_sent={} dns_answers={}",
         f.to_upstream,
         f.to_clients,
         fw.flows(),
@@ -129,8 +129,22 @@ fn print_firewall_stats(fw: &Firewall) {
         f.icmp_errors_suppressed,
         f.arp_requests_sent,
         f.nd_solicits_sent,
-        f.nd_adverts
+        f.nd_adverts,
+        f.dns_queries_sent,
+        f.dns_answers
     );
+    for (name, v6, addrs, resolved) in fw.dsthosts() {
+        print!(
+            "stats: dsthost {name} ipv{} resolved={} addresses={}",
+            if v6 { 6 } else { 4 },
+            u8::from(resolved),
+            addrs.len()
+        );
+        for a in addrs {
+            print!(" {a}");
+        }
+        println!();
+    }
     print!("stats: drops");
     for r in DropReason::ALL {
         let n = f.drop_count(*r);

@@ -29,6 +29,7 @@ use hashbrown::HashMap;
 
 use crate::config::NetConfig;
 use crate::conntrack::{Addr, Conntrack, CreateError, Flow, Tuple};
+use crate::dns::{Resolved, Resolver, DNS_PORT, RESOLVER_PORT};
 use crate::ipv6::{is_ipv6_multicast_mac, PROTO_ICMPV6};
 use crate::rules::{Action, Probe, RuleError, Ruleset};
 use crate::wire::*;
@@ -102,6 +103,7 @@ drop_reasons! {
     UpstreamUnsolicited => "upstream-unsolicited",
     RuleReject => "rule-reject",
     RulesInvalid => "rules-invalid",
+    RulesPending => "rules-pending",
     TtlExceeded => "ttl-exceeded",
     TcpNotSyn => "tcp-not-syn",
     IcmpUnsupported => "icmp-unsupported",
@@ -150,6 +152,9 @@ pub struct Stats {
     pub nd_adverts: u64,
     pub flows_created: u64,
     pub dns_redirected: u64,
+    /// The firewall's own DNS lookups for `dsthost` rules, and answers.
+    pub dns_queries_sent: u64,
+    pub dns_answers: u64,
 }
 
 impl Default for Stats {
@@ -167,6 +172,8 @@ impl Default for Stats {
             nd_adverts: 0,
             flows_created: 0,
             dns_redirected: 0,
+            dns_queries_sent: 0,
+            dns_answers: 0,
         }
     }
 }
@@ -334,6 +341,8 @@ pub struct Firewall {
     /// for it was last sent.
     gateway6: Option<(Mac, u64)>,
     gateway6_asked: Option<u64>,
+    /// Looks up the `dsthost` names of every client's rules.
+    resolver: Resolver,
     frags: FragmentTable,
     icmp_bucket: TokenBucket,
     stats: Stats,
@@ -390,7 +399,16 @@ impl Firewall {
             ip: cfg.gateway,
             last_sent: None
         }];
-        Self {
+        let names = clients
+            .iter()
+            .filter_map(|c| c.rules.as_ref().ok())
+            .flat_map(|r| r.hosts().map(move |h| (h, r.v6)));
+        let servers = cfg.upstream_dns.iter().flatten().copied().collect();
+        let seed = macs
+            .first()
+            .map_or(1, |m| u32::from_be_bytes([m[2], m[3], m[4], m[5]]));
+        let resolver = Resolver::new(names, servers, seed);
+        let mut fw = Self {
             cfg,
             macs,
             clients,
@@ -402,13 +420,27 @@ impl Firewall {
             ct6,
             gateway6: None,
             gateway6_asked: None,
+            resolver,
             frags: FragmentTable::default(),
             icmp_bucket: TokenBucket {
                 tokens: ICMP_ERROR_BURST,
                 last: 0,
             },
             stats: Stats::default(),
-        }
+        };
+        // Names that cannot be asked (no DNS server) are settled already.
+        let settled: Vec<Resolved> = fw
+            .resolver
+            .entries()
+            .filter(|e| e.3)
+            .map(|(name, v6, addrs, _)| Resolved {
+                name: name.into(),
+                v6,
+                addrs: addrs.to_vec(),
+            })
+            .collect();
+        fw.apply_resolved(settled);
+        fw
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -614,7 +646,101 @@ impl Firewall {
     /// An ARP request or neighbour solicitation the firewall wants sent,
     /// written into `buf`: the port and length.
     pub fn poll_emit(&mut self, now: u64, buf: &mut [u8]) -> Option<(usize, usize)> {
-        self.poll_arp(now, buf).or_else(|| self.poll_nd(now, buf))
+        self.poll_arp(now, buf)
+            .or_else(|| self.poll_nd(now, buf))
+            .or_else(|| self.poll_dns(now, buf))
+    }
+
+    // ---- dsthost names ---------------------------------------------------
+
+    /// The `dsthost` names: name, IPv6?, addresses, resolved yet.
+    pub fn dsthosts(&self) -> impl Iterator<Item = (&str, bool, &[IpAddr], bool)> {
+        self.resolver.entries()
+    }
+
+    /// Gives what names resolved to to every rule set using them.
+    fn apply_resolved(&mut self, resolved: Vec<Resolved>) {
+        for r in resolved {
+            for c in &mut self.clients {
+                if let Ok(rules) = &mut c.rules {
+                    if rules.v6 == r.v6 {
+                        rules.set_host(&r.name, &r.addrs);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The resolver's next query, as a UDP datagram to an upstream DNS
+    /// server (from `RESOLVER_PORT` on the uplink address).
+    fn poll_dns(&mut self, now: u64, buf: &mut [u8]) -> Option<(usize, usize)> {
+        if self.resolver.is_empty() {
+            return None;
+        }
+        let at = ETH_HEADER + IPV4_MIN_HEADER + 8;
+        let (query, gave_up) = self.resolver.next_query(now, buf.get_mut(at..)?);
+        self.apply_resolved(gave_up);
+        let query = query?;
+        let server = self
+            .cfg
+            .upstream_dns
+            .iter()
+            .flatten()
+            .nth(query.server)
+            .copied()?;
+        let next_hop = if self.cfg.on_uplink_subnet(server) {
+            server
+        } else {
+            self.cfg.gateway
+        };
+        let Some(mac) = self.arp_lookup(next_hop, now) else {
+            // This try is lost; the resolver tries again in a second.
+            self.arp_want(next_hop);
+            return None;
+        };
+        let udp_len = 8 + query.len;
+        let l4 = ETH_HEADER + IPV4_MIN_HEADER;
+        put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV4);
+        let uplink = self.cfg.uplink_ip;
+        put_ipv4_header(
+            buf,
+            ETH_HEADER,
+            20 + udp_len,
+            TTL_OWN,
+            PROTO_UDP,
+            uplink,
+            server,
+        );
+        put_u16(buf, l4, RESOLVER_PORT);
+        put_u16(buf, l4 + 2, DNS_PORT);
+        put_u16(buf, l4 + 4, udp_len as u16);
+        put_u16(buf, l4 + 6, 0);
+        let sum = buf.get(l4..l4 + udp_len).map(|seg| {
+            fold(sum16(
+                seg,
+                pseudo_header_sum(uplink, server, PROTO_UDP, udp_len),
+            ))
+        })?;
+        put_u16(buf, l4 + 6, if sum == 0 { 0xffff } else { sum });
+        self.stats.dns_queries_sent += 1;
+        Some((UPLINK, l4 + udp_len))
+    }
+
+    /// A datagram to the resolver's port: an answer to one of its queries
+    /// (taken, `Consumed`) or nothing it asked for (dropped).
+    fn dns_answer(&mut self, now: u64, buf: &[u8], info: &Ipv4Info) -> Verdict {
+        if info.fragment || !l4_checksum_ok(buf, info) {
+            return self.drop(DropReason::UpstreamUnsolicited);
+        }
+        let msg = buf.get(info.l4 + 8..info.end).unwrap_or(&[]);
+        match self.resolver.answer(now, info.src, msg) {
+            Some(resolved) => {
+                self.stats.dns_answers += 1;
+                self.apply_resolved(alloc::vec![resolved]);
+                Verdict::Consumed
+            }
+            None => self.drop(DropReason::UpstreamUnsolicited),
+        }
     }
 
     fn poll_arp(&mut self, now: u64, buf: &mut [u8]) -> Option<(usize, usize)> {
@@ -869,6 +995,10 @@ impl Firewall {
             .rules
             .as_ref()
             .map_err(|_| DropReason::RulesInvalid)?;
+        if rules.pending() {
+            // A name of these rules is still being looked up.
+            return Err(DropReason::RulesPending);
+        }
         let (action, rule) = rules.decide(probe, have_dns);
         let hit = rule.unwrap_or(rules.rules.len());
         if let Some(h) = client.hits.get_mut(hit) {
@@ -923,6 +1053,9 @@ impl Firewall {
         }
         if info.frag_offset != 0 {
             return self.later_fragment(now, buf, info);
+        }
+        if info.proto == PROTO_UDP && info.dport == RESOLVER_PORT && info.sport == DNS_PORT {
+            return self.dns_answer(now, buf, info);
         }
         let uplink = self.cfg.uplink_ip;
         let reply = match info.proto {

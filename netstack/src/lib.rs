@@ -16,6 +16,7 @@ extern crate alloc;
 
 pub mod config;
 pub mod conntrack;
+pub mod dns;
 pub mod firewall;
 pub mod ipv6;
 pub mod rules;

@@ -9,6 +9,14 @@
 //! naming other ports is skipped. Any parse error makes the whole rule set
 //! an error, and the caller drops all of that client's traffic.
 //!
+//! `dsthost=NAME` matches the addresses the name resolves to (A records
+//! for an IPv4 client's rules, AAAA for an IPv6 client's), which the
+//! firewall's resolver supplies with `set_host`; a name that resolves to
+//! nothing matches nothing. Until every name of a rule set has been
+//! resolved once the set is `pending` and the firewall starts no flow for
+//! it: a `drop` rule on a name must not be skipped while the name is
+//! still being looked up.
+//!
 //! A client's IPv4 and IPv6 addresses have rule sets of their own. In an
 //! IPv6 set `proto=icmp` and `icmptype` mean ICMPv6, `dst4` is an error
 //! (as `dst6` is in an IPv4 set), and DNS rules match nothing: the Qubes
@@ -54,7 +62,7 @@ pub struct Rule {
     pub proto: Option<Proto>,
     pub dst4: Option<(Ipv4Addr, u8)>,
     pub dst6: Option<(Ipv6Addr, u8)>,
-    /// A name resolved when rules load; until resolved it matches nothing.
+    /// A name, matched by the addresses it resolves to.
     pub dsthost: Option<String>,
     pub dstports: Option<(u16, u16)>,
     pub icmptype: Option<u8>,
@@ -77,10 +85,6 @@ pub enum RuleError {
     },
     /// `dst6` in an IPv4 client's rules, or `dst4` in an IPv6 client's.
     WrongFamily,
-    /// A `dsthost` name that could not be resolved. The Qubes agent treats
-    /// a failed lookup as a parse error; names are not resolved yet at all,
-    /// so every `dsthost` rule closes its client.
-    Unresolved(String),
 }
 
 impl core::fmt::Display for RuleError {
@@ -95,7 +99,6 @@ impl core::fmt::Display for RuleError {
             Self::MissingAction => write!(f, "rule lacks action"),
             Self::BadValue { key, value } => write!(f, "invalid {key} '{value}'"),
             Self::WrongFamily => write!(f, "rule for the other address family"),
-            Self::Unresolved(h) => write!(f, "cannot resolve dsthost '{h}'"),
         }
     }
 }
@@ -165,7 +168,7 @@ impl Rule {
                 "dst4" => rule.dst4 = Some(parse_prefix(v, 32).ok_or_else(|| bad(k, v))?),
                 "dst6" => rule.dst6 = Some(parse_prefix(v, 128).ok_or_else(|| bad(k, v))?),
                 "dsthost" => {
-                    if v.is_empty() {
+                    if !crate::dns::valid_name(v) {
                         return Err(bad(k, v));
                     }
                     rule.dsthost = Some(v.into());
@@ -208,6 +211,25 @@ pub struct Ruleset {
     /// The family of the client address the rules are for.
     pub v6: bool,
     matchers: Vec<Matcher>,
+    /// The `dsthost` names and what they resolved to.
+    hosts: Vec<Host>,
+}
+
+/// A `dsthost` name of a rule set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Host {
+    name: String,
+    /// Resolved addresses of the rule set's family, as `Matcher::net`.
+    addrs: Vec<u128>,
+    resolved: bool,
+}
+
+fn addr_bits(a: IpAddr, v6: bool) -> Option<u128> {
+    match a {
+        IpAddr::V4(a) if !v6 => Some(u128::from(u32::from(a))),
+        IpAddr::V6(a) if v6 => Some(u128::from(a)),
+        _ => None,
+    }
 }
 
 impl Ruleset {
@@ -228,9 +250,6 @@ impl Ruleset {
                 if (ipv4_client && rule.dst6.is_some()) || (!ipv4_client && rule.dst4.is_some()) {
                     return Err(RuleError::WrongFamily);
                 }
-                if let Some(host) = &rule.dsthost {
-                    return Err(RuleError::Unresolved(host.clone()));
-                }
                 numbered.push((name, rule));
             } else {
                 return Err(RuleError::BadRuleNumber(name.into()));
@@ -240,29 +259,53 @@ impl Ruleset {
         let policy = policy.ok_or(RuleError::NoPolicy)?;
         let rules: Vec<Rule> = numbered.into_iter().map(|(_, r)| r).collect();
         let v6 = !ipv4_client;
-        let matchers = rules.iter().map(|r| Matcher::compile(r, v6)).collect();
+        let mut hosts = Vec::new();
+        let matchers = rules
+            .iter()
+            .map(|r| Matcher::compile(r, v6, &mut hosts))
+            .collect();
         Ok(Self {
             rules,
             policy,
             v6,
             matchers,
+            hosts,
         })
+    }
+
+    /// The `dsthost` names the rules use.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        self.hosts.iter().map(|h| h.name.as_str())
+    }
+
+    /// Whether a name is still to be resolved for the first time.
+    pub fn pending(&self) -> bool {
+        self.hosts.iter().any(|h| !h.resolved)
+    }
+
+    /// What `name` resolved to (addresses of the other family are
+    /// ignored); an empty list makes its rules match nothing.
+    pub fn set_host(&mut self, name: &str, addrs: &[IpAddr]) {
+        let v6 = self.v6;
+        for h in self.hosts.iter_mut().filter(|h| h.name == name) {
+            h.addrs = addrs.iter().filter_map(|a| addr_bits(*a, v6)).collect();
+            h.resolved = true;
+        }
     }
 
     /// The decision for `p`, and the index of the rule that made it
     /// (`None` for the policy). `have_dns` says whether any DNS address is
     /// configured (DNS rules are skipped otherwise, as in Qubes).
     pub fn decide(&self, p: &Probe, have_dns: bool) -> (Action, Option<usize>) {
-        let dst = match p.dst {
-            IpAddr::V4(a) if !self.v6 => u128::from(u32::from(a)),
-            IpAddr::V6(a) if self.v6 => u128::from(a),
-            // A packet of the other family: only the policy applies.
-            _ => return (self.policy, None),
+        // A packet of the other family: only the policy applies.
+        let Some(dst) = addr_bits(p.dst, self.v6) else {
+            return (self.policy, None);
         };
+        let hosts = &self.hosts;
         match self
             .matchers
             .iter()
-            .position(|m| m.matches(p, dst, have_dns))
+            .position(|m| m.matches(p, dst, have_dns, hosts))
         {
             Some(i) => (self.matchers[i].action, Some(i)),
             None => (self.policy, None),
@@ -282,6 +325,8 @@ struct Matcher {
     mask: u128,
     /// Ports apply (TCP and UDP only).
     ports: Option<(u16, u16)>,
+    /// The destination must be one of this `dsthost`'s addresses.
+    host: Option<usize>,
     icmp_type: Option<u8>,
     /// Matches only traffic to the DNS addresses, and only when any exist.
     dns: bool,
@@ -295,14 +340,31 @@ const ANY_PROTO: u8 = 0;
 const TCP_OR_UDP: u8 = 255;
 
 impl Matcher {
-    fn compile(r: &Rule, v6: bool) -> Self {
+    fn compile(r: &Rule, v6: bool, hosts: &mut Vec<Host>) -> Self {
         let mut ports = r.dstports;
         let other_family = if v6 {
             r.dst4.is_some()
         } else {
             r.dst6.is_some()
         };
-        let mut never = other_family || r.dsthost.is_some();
+        let mut never = other_family;
+        // As the agent does: `dst4`/`dst6` first, else `dsthost`.
+        let host = match (&r.dsthost, r.dst4, r.dst6) {
+            (Some(name), None, None) => Some(
+                hosts
+                    .iter()
+                    .position(|h| h.name == *name)
+                    .unwrap_or_else(|| {
+                        hosts.push(Host {
+                            name: name.clone(),
+                            addrs: Vec::new(),
+                            resolved: false,
+                        });
+                        hosts.len() - 1
+                    }),
+            ),
+            _ => None,
+        };
         if r.dns {
             never |= v6 || !matches!(ports, None | Some((53, 53)));
             ports = Some((53, 53));
@@ -326,6 +388,7 @@ impl Matcher {
             net: net & mask,
             mask,
             ports,
+            host,
             icmp_type: r.icmptype,
             dns: r.dns,
             never,
@@ -334,7 +397,7 @@ impl Matcher {
     }
 
     #[inline]
-    fn matches(&self, p: &Probe, dst: u128, have_dns: bool) -> bool {
+    fn matches(&self, p: &Probe, dst: u128, have_dns: bool, hosts: &[Host]) -> bool {
         let tcp_udp = p.proto == PROTO_TCP || p.proto == PROTO_UDP;
         !self.never
             && (!self.dns || (have_dns && p.to_dns))
@@ -344,6 +407,9 @@ impl Matcher {
                 n => n == p.proto,
             }
             && dst & self.mask == self.net
+            && self
+                .host
+                .is_none_or(|h| hosts.get(h).is_some_and(|h| h.addrs.contains(&dst)))
             && self
                 .ports
                 .is_none_or(|(lo, hi)| tcp_udp && p.dport >= lo && p.dport <= hi)
@@ -605,16 +671,54 @@ mod tests {
     }
 
     #[test]
-    fn unresolved_names_close_the_client() {
-        // A drop rule on a name must not silently become "no rule": the
-        // whole rule set fails, as the Qubes agent fails on a lookup error.
-        let r = Ruleset::from_entries(
+    fn dsthost_rules_wait_for_their_names_then_match_their_addresses() {
+        let mut rs = Ruleset::from_entries(
             [
                 ("policy", "accept"),
-                ("0000", "action=drop dsthost=example.com"),
+                ("0000", "action=drop dsthost=evil.example"),
+                (
+                    "0001",
+                    "action=accept proto=tcp dsthost=Good.example dstports=443-443",
+                ),
+                ("0002", "action=drop proto=tcp"),
             ],
             true,
+        )
+        .unwrap();
+        assert_eq!(
+            rs.hosts().collect::<Vec<_>>(),
+            ["evil.example", "Good.example"]
         );
-        assert_eq!(r, Err(RuleError::Unresolved("example.com".into())));
+        assert!(rs.pending(), "nothing resolved yet");
+        rs.set_host("evil.example", &["192.0.2.66".parse().unwrap()]);
+        assert!(rs.pending());
+        // An IPv6 address of a name is ignored by IPv4 rules.
+        rs.set_host(
+            "Good.example",
+            &[
+                "2001:db8::1".parse().unwrap(),
+                "198.51.100.1".parse().unwrap(),
+            ],
+        );
+        assert!(!rs.pending());
+        assert_eq!(
+            rs.decide(&tcp([192, 0, 2, 66], 443), true),
+            (Action::Drop, Some(0))
+        );
+        assert_eq!(
+            rs.decide(&tcp([198, 51, 100, 1], 443), true),
+            (Action::Accept, Some(1))
+        );
+        assert_eq!(
+            rs.decide(&tcp([198, 51, 100, 2], 443), true),
+            (Action::Drop, Some(2))
+        );
+        // A name that resolves to nothing matches nothing.
+        rs.set_host("evil.example", &[]);
+        assert_eq!(
+            rs.decide(&tcp([192, 0, 2, 66], 443), true),
+            (Action::Drop, Some(2))
+        );
+        assert!(Rule::parse("action=accept dsthost=bad..name").is_err());
     }
 }

@@ -130,7 +130,8 @@ pub struct Finished {
 
 impl Finished {
     /// A counter from the `stats:` lines, e.g. `drops.spoofed-source`,
-    /// `firewall.to_upstream`, `nic0.rx_packets`, `rules.10.137.0.10.0000`;
+    /// `firewall.to_upstream`, `nic0.rx_packets`, `rules.10.137.0.10.0000`,
+    /// `dsthost.example.com.resolved`;
     /// 0 when absent.
     pub fn counter(&self, name: &str) -> u64 {
         self.counters.get(name).copied().unwrap_or(0)
@@ -148,10 +149,11 @@ pub fn parse_counters(console: &str) -> BTreeMap<String, u64> {
         let Some(mut group) = words.next().map(str::to_string) else {
             continue;
         };
-        if group == "rules" {
-            // Per client: `stats: rules <ip> 0000=n ... policy=n`.
-            let Some(ip) = words.next() else { continue };
-            group = format!("rules.{ip}");
+        if group == "rules" || group == "dsthost" {
+            // Per client address or name: `stats: rules <ip> 0000=n ...
+            // policy=n`, `stats: dsthost <name> ipv4 resolved=1 ...`.
+            let Some(key) = words.next() else { continue };
+            group = format!("{group}.{key}");
         }
         for w in words {
             if let Some((k, v)) = w.split_once('=') {

@@ -444,3 +444,88 @@ fn replies_reach_the_right_client_when_nat_ports_collide() {
     let done = lab.finish();
     assert_eq!(done.counter("firewall.to_clients"), 2, "{}", done.console);
 }
+
+#[test]
+fn resolves_dsthost_rules_through_the_upstream_dns_server() {
+    let db = QUBESDB
+        .lines()
+        .filter(|l| !l.starts_with("/qubes-firewall/10.137.0.10/0"))
+        .chain(["/qubes-firewall/10.137.0.10/0000 action=accept proto=tcp dsthost=www.example.com dstports=443-443"])
+        .map(|l| format!("{l}\n"))
+        .collect::<String>();
+    let lab = Lab::start(&db);
+    let www = [93, 184, 216, 34];
+    let syn = |dst: [u8; 4], sport| tcp_syn(CLIENT_MAC, DOWNLINK_MAC, CLIENT_IP, dst, sport, 443);
+    // Before the name is resolved the client starts nothing.
+    lab.downlink.send(&syn(www, 40000));
+    // The kernel asks ARP for the DNS server, then sends its query.
+    let req = lab
+        .uplink
+        .recv_matching(WAIT, |f| {
+            f.arp.as_ref().is_some_and(|a| a.target_ip == UPSTREAM_DNS)
+        })
+        .expect("ARP request for the DNS server");
+    assert_eq!(req.arp.unwrap().op, 1);
+    lab.uplink.send(&arp(
+        2,
+        DNS_MAC,
+        UPSTREAM_DNS,
+        UPLINK_MAC,
+        UPLINK_IP,
+        UPLINK_MAC,
+    ));
+    let q = lab
+        .uplink
+        .recv_matching(WAIT, |f| f.ipv4.as_ref().is_some_and(|ip| ip.dport == 53))
+        .expect("DNS query for the dsthost name");
+    let ip = q.ip();
+    assert_eq!((ip.src, ip.dst, ip.sport), (UPLINK_IP, UPSTREAM_DNS, 1023));
+    assert!(ip.checksums_ok);
+    assert_eq!(q.dst, DNS_MAC);
+    let query = &ip.l4[8..];
+    assert!(
+        query
+            .windows(17)
+            .any(|w| w == b"\x03www\x07example\x03com\x00"),
+        "asks for www.example.com: {query:?}"
+    );
+    // The answer: one A record.
+    let mut answer = query.to_vec();
+    answer[2..4].copy_from_slice(&0x8180u16.to_be_bytes());
+    answer[6..8].copy_from_slice(&1u16.to_be_bytes());
+    answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 1, 0x2c, 0, 4]);
+    answer.extend_from_slice(&www);
+    lab.uplink.send(&udp(
+        (DNS_MAC, UPLINK_MAC),
+        UPSTREAM_DNS,
+        UPLINK_IP,
+        64,
+        (53, 1023),
+        &answer,
+    ));
+    // Now the named server's port 443 is open, and only that.
+    lab.downlink.send(&syn(www, 40001));
+    let out = lab
+        .uplink
+        .recv_matching(WAIT, |f| f.ipv4.as_ref().is_some_and(|ip| ip.proto == 6))
+        .expect("SYN to the resolved address forwarded");
+    assert_eq!((out.ip().dst, out.ip().dport), (www, 443));
+    lab.downlink.send(&syn([93, 184, 216, 35], 40002));
+    let r = lab
+        .downlink
+        .recv_matching(WAIT, |f| f.ipv4.is_some())
+        .expect("ICMP reject for another address");
+    assert_eq!((r.ip().proto, r.ip().sport, r.ip().dport), (1, 3, 13));
+
+    let done = lab.finish();
+    assert_eq!(done.counter("drops.rules-pending"), 1, "{}", done.console);
+    assert_eq!(done.counter("dsthost.www.example.com.resolved"), 1);
+    assert_eq!(done.counter("firewall.dns_answers"), 1);
+    assert_eq!(done.counter("rules.10.137.0.10.0000"), 1);
+    assert!(
+        done.console
+            .contains("stats: dsthost www.example.com ipv4 resolved=1 addresses=1 93.184.216.34"),
+        "{}",
+        done.console
+    );
+}

@@ -1,8 +1,9 @@
-//! Any bytes through the wire parsers: no panic, and what parses is in
-//! bounds.
+//! Any bytes through the wire parsers (Ethernet/IPv4/IPv6/ARP/neighbour
+//! discovery, DNS responses): no panic, and what parses is in bounds.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use netstack::dns::{parse_response, Response};
 use netstack::ipv6::{l4_checksum_ok6, parse_ipv6, Neighbor};
 use netstack::wire::{l4_checksum_ok, parse_ipv4, Arp};
 
@@ -30,6 +31,13 @@ fuzz_target!(|data: &[u8]| {
             let again = parse_ipv6(&buf[..n]).expect("emitted NS/NA is IPv6");
             assert!(l4_checksum_ok6(&buf[..n], &again));
             assert_eq!(Neighbor::parse(&buf[..n], &again), Ok(nd));
+        }
+    }
+    // The bytes as a DNS response to the resolver's queries.
+    for qtype in [1, 28] {
+        if let Some(Response::Addresses(addrs, _)) = parse_response(data, "example.com", qtype) {
+            assert!(addrs.len() <= 16);
+            assert!(addrs.iter().all(|a| a.is_ipv6() == (qtype == 28)));
         }
     }
 });

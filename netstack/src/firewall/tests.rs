@@ -819,3 +819,158 @@ fn stray_out_of_order_and_blocked_fragments_are_dropped() {
         Verdict::Drop(DropReason::BadL4Header)
     );
 }
+
+/// A DNS answer to `query` (a DNS message) with one A record, or NXDOMAIN.
+fn dns_answer(query: &[u8], a: Option<[u8; 4]>, ttl: u32) -> Vec<u8> {
+    let mut m = query.to_vec();
+    match a {
+        Some(addr) => {
+            put_u16(&mut m, 2, 0x8180);
+            put_u16(&mut m, 6, 1);
+            m.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+            m.extend_from_slice(&ttl.to_be_bytes());
+            m.extend_from_slice(&[0, 4]);
+            m.extend_from_slice(&addr);
+        }
+        None => {
+            put_u16(&mut m, 2, 0x8183);
+        }
+    }
+    m
+}
+
+#[test]
+fn dsthost_rules_are_resolved_through_the_upstream_dns_server() {
+    let db = "\
+/qubes-ip 10.0.2.15
+/qubes-netmask 255.255.255.0
+/qubes-gateway 10.0.2.2
+/qubes-primary-dns 10.0.2.3
+/qubes-netvm-gateway 10.137.0.1
+/connected-ips 10.137.0.10
+/qubes-firewall/10.137.0.10/policy drop
+/qubes-firewall/10.137.0.10/0000 action=accept proto=tcp dsthost=www.example.com dstports=443-443
+/qubes-firewall/10.137.0.10/0001 action=accept dsthost=gone.example
+";
+    let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(db).unwrap()).unwrap();
+    let mut fw = Firewall::new(cfg, alloc::vec![UP_MAC, DOWN_MAC]);
+    let dns = Ipv4Addr::new(10, 0, 2, 3);
+    let www = Ipv4Addr::new(93, 184, 216, 34);
+    let syn = |dst: Ipv4Addr, sport| {
+        ipv4(
+            DOWN_MAC,
+            CLIENT_MAC,
+            CLIENT,
+            dst,
+            64,
+            PROTO_TCP,
+            &tcp_seg(sport, 443, TCP_SYN),
+        )
+    };
+    // Until the names are resolved the client starts nothing.
+    assert_eq!(
+        run(&mut fw, 0, 1, &syn(www, 40000)).0,
+        Verdict::Drop(DropReason::RulesPending)
+    );
+    // The firewall asks ARP for the gateway and the DNS server, then
+    // queries the server; the test answers each.
+    let mut buf = [0u8; BUF];
+    let mut queries = Vec::new();
+    for now in (0..10_000).step_by(500) {
+        while let Some((port, len)) = fw.poll_emit(now, &mut buf) {
+            assert_eq!(port, UPLINK);
+            let f = buf[..len].to_vec();
+            if let Ok(req) = Arp::parse(&f) {
+                let mac = [2, 0, 0, 0, 0, req.target_ip.octets()[3]];
+                let reply = arp_frame(ARP_REPLY, mac, req.target_ip, UPLINK_IP, UP_MAC);
+                assert_eq!(run(&mut fw, now, UPLINK, &reply).0, Verdict::Consumed);
+                continue;
+            }
+            let i = parsed(&f);
+            assert!(l4_checksum_ok(&f, &i));
+            assert_eq!((i.src, i.dst, i.sport, i.dport), (UPLINK_IP, dns, 1023, 53));
+            assert_eq!(
+                get_mac(&f, 0),
+                Some([2, 0, 0, 0, 0, 3]),
+                "to the server's MAC"
+            );
+            queries.push((now, f[42..i.end].to_vec()));
+        }
+        if queries.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(queries.len(), 2, "one query per name");
+    let reply = |q: &[u8], a, from| {
+        ipv4(
+            UP_MAC,
+            [2, 0, 0, 0, 0, 3],
+            from,
+            UPLINK_IP,
+            64,
+            PROTO_UDP,
+            &udp_seg(53, 1023, &dns_answer(q, a, 300)),
+        )
+    };
+    let (now, q_www) = (queries[0].0, &queries[0].1);
+    let (www_q, gone_q) = if q_www.windows(3).any(|w| w == b"www") {
+        (q_www.clone(), queries[1].1.clone())
+    } else {
+        (queries[1].1.clone(), q_www.clone())
+    };
+    // A forged answer from elsewhere is not taken.
+    let forged = reply(&www_q, Some([6, 6, 6, 6]), Ipv4Addr::new(10, 0, 2, 99));
+    assert_eq!(
+        run(&mut fw, now, UPLINK, &forged).0,
+        Verdict::Drop(DropReason::UpstreamUnsolicited)
+    );
+    assert_eq!(
+        run(
+            &mut fw,
+            now,
+            UPLINK,
+            &reply(&www_q, Some(www.octets()), dns)
+        )
+        .0,
+        Verdict::Consumed
+    );
+    assert_eq!(
+        run(&mut fw, now, 1, &syn(www, 40001)).0,
+        Verdict::Drop(DropReason::RulesPending),
+        "one name still pending"
+    );
+    assert_eq!(
+        run(&mut fw, now, UPLINK, &reply(&gone_q, None, dns)).0,
+        Verdict::Consumed
+    );
+    // Now: the resolved address is allowed on 443, others rejected.
+    assert!(matches!(
+        run(&mut fw, now, 1, &syn(www, 40002)).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    let (v, out) = run(&mut fw, now, 1, &syn(Ipv4Addr::new(6, 6, 6, 6), 40003));
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }));
+    assert_eq!(parsed(&out).proto, PROTO_ICMP, "rejected");
+    let names: Vec<_> = fw
+        .dsthosts()
+        .map(|(n, _, a, r)| (n, a.to_vec(), r))
+        .collect();
+    assert!(names.contains(&("www.example.com", alloc::vec![IpAddr::V4(www)], true)));
+    assert!(names.contains(&("gone.example", alloc::vec![], true)));
+    assert_eq!(
+        (fw.stats().dns_queries_sent, fw.stats().dns_answers),
+        (2, 2)
+    );
+    // When the TTL runs out the name is asked again; the old address
+    // keeps working meanwhile.
+    let later = now + 300_000;
+    let mut asked = false;
+    while let Some((_, len)) = fw.poll_emit(later, &mut buf) {
+        asked |= parse_ipv4(&buf[..len]).is_ok_and(|i| i.dport == 53);
+    }
+    assert!(asked, "re-resolved at TTL expiry");
+    assert!(matches!(
+        run(&mut fw, later, 1, &syn(www, 40004)).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+}
