@@ -23,7 +23,7 @@
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
 use core::fmt::Debug;
-use core::hash::Hash;
+use core::hash::{Hash, Hasher};
 use core::net::{Ipv4Addr, Ipv6Addr};
 
 use hashbrown::HashMap;
@@ -44,19 +44,46 @@ pub const NAT_PORT_FIRST: u16 = 1024;
 const PORT_TRIES: u32 = 4096;
 
 /// An address family's address: `Ipv4Addr` or `Ipv6Addr`.
-pub trait Addr: Copy + Eq + Hash + Debug {}
-impl Addr for Ipv4Addr {}
-impl Addr for Ipv6Addr {}
+pub trait Addr: Copy + Eq + Hash + Debug {
+    /// Feeds a tuple of this family to a hasher in as few writes as fit
+    /// (the derived `Hash` would make seven).
+    fn hash_tuple<H: Hasher>(t: &Tuple<Self>, h: &mut H);
+}
+
+impl Addr for Ipv4Addr {
+    #[inline]
+    fn hash_tuple<H: Hasher>(t: &Tuple<Self>, h: &mut H) {
+        // 32 + 32 bits, then 16 + 16 + 8.
+        h.write_u64(u64::from(u32::from(t.src)) << 32 | u64::from(u32::from(t.dst)));
+        h.write_u64(u64::from(t.sport) << 24 | u64::from(t.dport) << 8 | u64::from(t.proto));
+    }
+}
+
+impl Addr for Ipv6Addr {
+    #[inline]
+    fn hash_tuple<H: Hasher>(t: &Tuple<Self>, h: &mut H) {
+        h.write_u128(u128::from(t.src));
+        h.write_u128(u128::from(t.dst));
+        h.write_u64(u64::from(t.sport) << 24 | u64::from(t.dport) << 8 | u64::from(t.proto));
+    }
+}
 
 /// A tuple as it appears in one direction on the wire. For ICMP echo the
 /// identifier is `sport` and `dport` is 0.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuple<A = Ipv4Addr> {
     pub proto: u8,
     pub src: A,
     pub sport: u16,
     pub dst: A,
     pub dport: u16,
+}
+
+impl<A: Addr> Hash for Tuple<A> {
+    #[inline]
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        A::hash_tuple(self, h);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -28,7 +28,10 @@ use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use crate::ipv6::PROTO_ICMPV6;
+
+mod classify;
 use crate::wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP};
+use classify::Classifier;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
@@ -211,6 +214,8 @@ pub struct Ruleset {
     /// The family of the client address the rules are for.
     pub v6: bool,
     matchers: Vec<Matcher>,
+    /// The matchers as bit sets (`classify`), up to `classify::MAX_RULES`.
+    classifier: Option<Classifier>,
     /// The `dsthost` names and what they resolved to.
     hosts: Vec<Host>,
 }
@@ -260,14 +265,16 @@ impl Ruleset {
         let rules: Vec<Rule> = numbered.into_iter().map(|(_, r)| r).collect();
         let v6 = !ipv4_client;
         let mut hosts = Vec::new();
-        let matchers = rules
+        let matchers: Vec<Matcher> = rules
             .iter()
             .map(|r| Matcher::compile(r, v6, &mut hosts))
             .collect();
+        let icmp = if v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
         Ok(Self {
             rules,
             policy,
             v6,
+            classifier: Classifier::build(&matchers, icmp),
             matchers,
             hosts,
         })
@@ -302,14 +309,30 @@ impl Ruleset {
             return (self.policy, None);
         };
         let hosts = &self.hosts;
-        match self
-            .matchers
-            .iter()
-            .position(|m| m.matches(p, dst, have_dns, hosts))
-        {
-            Some(i) => (self.matchers[i].action, Some(i)),
+        let hit = match &self.classifier {
+            Some(c) => c.first(
+                p.proto,
+                dst,
+                p.dport,
+                p.icmp_type,
+                have_dns && p.to_dns,
+                |r| self.matchers.get(r).is_some_and(|m| m.host_ok(dst, hosts)),
+            ),
+            None => self.decide_linear(p, dst, have_dns),
+        };
+        match hit.and_then(|i| self.matchers.get(i).map(|m| (m.action, i))) {
+            Some((action, i)) => (action, Some(i)),
             None => (self.policy, None),
         }
+    }
+
+    /// The first matching rule by a scan: what the classifier must agree
+    /// with, and the lookup for rule sets too long to classify.
+    fn decide_linear(&self, p: &Probe, dst: u128, have_dns: bool) -> Option<usize> {
+        let hosts = &self.hosts;
+        self.matchers
+            .iter()
+            .position(|m| m.matches(p, dst, have_dns, hosts))
     }
 }
 
@@ -375,9 +398,11 @@ impl Matcher {
             (None, None) => ANY_PROTO,
         };
         let (net, mask) = match (r.dst4, r.dst6) {
+            // An IPv4 address is the low 32 bits; the mask's high bits are
+            // set so that the prefix is also a range of those values.
             (Some((a, l)), _) if !v6 => (
                 u128::from(u32::from(a)),
-                u128::from(crate::wire::prefix_mask(l)),
+                u128::from(crate::wire::prefix_mask(l)) | (u128::MAX << 32),
             ),
             (_, Some((a, l))) if v6 => (u128::from(a), prefix_mask6(l)),
             _ => (0, 0),
@@ -407,15 +432,22 @@ impl Matcher {
                 n => n == p.proto,
             }
             && dst & self.mask == self.net
-            && self
-                .host
-                .is_none_or(|h| hosts.get(h).is_some_and(|h| h.addrs.contains(&dst)))
+            && self.host_ok(dst, hosts)
             && self
                 .ports
                 .is_none_or(|(lo, hi)| tcp_udp && p.dport >= lo && p.dport <= hi)
             && self
                 .icmp_type
                 .is_none_or(|t| p.proto == self.icmp && p.icmp_type == t)
+    }
+}
+
+impl Matcher {
+    /// A `dsthost` rule's destination must be one of the name's addresses.
+    #[inline]
+    fn host_ok(&self, dst: u128, hosts: &[Host]) -> bool {
+        self.host
+            .is_none_or(|h| hosts.get(h).is_some_and(|h| h.addrs.contains(&dst)))
     }
 }
 
@@ -668,6 +700,106 @@ mod tests {
             ),
             Err(RuleError::WrongFamily)
         );
+    }
+
+    /// Random rule sets and packets: the bit-set classifier decides as
+    /// the rule-by-rule scan does.
+    #[test]
+    fn classifier_agrees_with_the_scan() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut compared = 0;
+        for round in 0..400 {
+            let v6 = round % 3 == 0;
+            let n = classify::MIN_RULES + 1 + rnd(40) as usize;
+            let mut entries = vec![(
+                "policy".to_string(),
+                ["drop", "accept"][rnd(2) as usize].to_string(),
+            )];
+            for i in 0..n {
+                let mut w = vec![format!("action={}", ["accept", "drop"][rnd(2) as usize])];
+                let proto = rnd(4);
+                match proto {
+                    0 => w.push("proto=tcp".into()),
+                    1 => w.push("proto=udp".into()),
+                    2 => w.push("proto=icmp".into()),
+                    _ => {}
+                }
+                match rnd(4) {
+                    0 | 1 if v6 => w.push(format!(
+                        "dst6=2001:db8:{:x}::{:x}/{}",
+                        rnd(4),
+                        rnd(4),
+                        [32, 48, 126, 128][rnd(4) as usize]
+                    )),
+                    0 | 1 => w.push(format!(
+                        "dst4=10.{}.0.{}/{}",
+                        rnd(4),
+                        rnd(4),
+                        [0, 8, 16, 30, 32][rnd(5) as usize]
+                    )),
+                    2 => w.push(format!("dsthost=h{}.example", rnd(3))),
+                    _ => {}
+                }
+                if proto != 2 && rnd(2) == 0 {
+                    let lo = rnd(60);
+                    w.push(format!("dstports={lo}-{}", lo + rnd(30)));
+                }
+                // (`icmptype` without `proto` too: it then means ICMP only.)
+                if proto >= 2 && rnd(2) == 0 {
+                    w.push(format!("icmptype={}", rnd(4)));
+                }
+                if rnd(6) == 0 {
+                    w.push("specialtarget=dns".into());
+                }
+                entries.push((format!("{i:04}"), w.join(" ")));
+            }
+            let Ok(mut rs) =
+                Ruleset::from_entries(entries.iter().map(|(a, b)| (a.as_str(), b.as_str())), !v6)
+            else {
+                continue;
+            };
+            assert!(rs.classifier.is_some());
+            for h in 0..3 {
+                let addrs: Vec<IpAddr> = if v6 {
+                    vec![format!("2001:db8:{h:x}::{h:x}").parse().unwrap()]
+                } else {
+                    vec![format!("10.{h}.0.{h}").parse().unwrap()]
+                };
+                rs.set_host(&format!("h{h}.example"), &addrs[..rnd(2) as usize]);
+            }
+            for _ in 0..200 {
+                let dst: IpAddr = if v6 {
+                    format!("2001:db8:{:x}::{:x}", rnd(5), rnd(5))
+                        .parse()
+                        .unwrap()
+                } else {
+                    format!("10.{}.0.{}", rnd(5), rnd(5)).parse().unwrap()
+                };
+                let icmp = if v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
+                let p = Probe {
+                    proto: [PROTO_TCP, PROTO_UDP, icmp, 47][rnd(4) as usize],
+                    dst,
+                    dport: rnd(100) as u16,
+                    icmp_type: rnd(5) as u8,
+                    to_dns: rnd(2) == 0,
+                };
+                let have_dns = rnd(3) != 0;
+                let bits = addr_bits(dst, v6).unwrap();
+                assert_eq!(
+                    rs.decide(&p, have_dns).1,
+                    rs.decide_linear(&p, bits, have_dns),
+                    "{entries:?} {p:?} dns={have_dns}"
+                );
+                compared += 1;
+            }
+        }
+        assert!(compared > 40_000, "{compared}");
     }
 
     #[test]
