@@ -93,6 +93,8 @@ seeds = {
     "ping6": gw_na + rec(1, eth(DOWN, C_MAC, 0x86dd) + icmp6(CLIENT6, SERVER6, 128, struct.pack("!HH", 7, 1) + b"ping"))
         + rec(0, eth(UP, GW_MAC, 0x86dd) + icmp6(SERVER6, UPLINK6, 129, struct.pack("!HH", 7, 1) + b"ping"))
         + rec(1, eth(DOWN, C_MAC, 0x86dd) + icmp6(CLIENT6, CGW6, 128, struct.pack("!HH", 8, 1))),
+    "frag6": gw_na + rec(1, eth(DOWN, C_MAC, 0x86dd) + ip6(CLIENT6, SERVER6, 44, struct.pack("!BxHI", 17, 1, 9) + struct.pack("!HHHH", 4005, 80, 72, 0) + b"a" * 48))
+        + rec(1, eth(DOWN, C_MAC, 0x86dd) + ip6(CLIENT6, SERVER6, 44, struct.pack("!BxHI", 17, 56, 9) + b"b" * 16)),
     "ns6_client": rec(1, eth(bytes.fromhex("3333ff000001"), C_MAC, 0x86dd)
         + nd(135, CLIENT6, bytes.fromhex("ff0200000000000000000001ff000001"), CGW6, C_MAC)),
     "ns6_uplink": rec(0, eth(bytes.fromhex("3333ff000015"), GW_MAC, 0x86dd)

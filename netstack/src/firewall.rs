@@ -82,7 +82,6 @@ drop_reasons! {
     BadIpv6Header => "bad-ipv6-header",
     BadIpv6Length => "bad-ipv6-length",
     BadIpv6ExtHeader => "bad-ipv6-ext-header",
-    Ipv6Fragment => "ipv6-fragment",
     Ipv6Scope => "ipv6-scope",
     MalformedNd => "malformed-nd",
     NdIgnored => "nd-ignored",
@@ -214,20 +213,49 @@ struct ArpWanted {
 /// Fragments must arrive in order, without gaps or overlaps; a datagram of
 /// more than `MAX_FRAGMENTS` pieces or one not finished within
 /// `FRAGMENT_LIFETIME_MS` is forgotten, and its later fragments dropped.
-#[derive(Default)]
-struct FragmentTable {
-    entries: Vec<FragmentEntry>,
+/// One table per address family.
+struct FragmentTable<A> {
+    entries: Vec<FragmentEntry<A>>,
+}
+
+impl<A> Default for FragmentTable<A> {
+    fn default() -> Self {
+        Self {
+            entries: Vec::new(),
+        }
+    }
+}
+
+/// A fragment as the table sees it: (source, destination, protocol,
+/// identification) as it arrives, its offset and length of data in bytes,
+/// whether more follow.
+#[derive(Clone, Copy)]
+struct Piece<A> {
+    key: (A, A, u8, u32),
+    offset: usize,
+    len: usize,
+    more: bool,
+}
+
+impl Piece<Ipv4Addr> {
+    fn of(info: &Ipv4Info) -> Self {
+        Self {
+            key: (info.src, info.dst, info.proto, u32::from(info.ip_id)),
+            offset: info.frag_offset,
+            len: info.end - info.l4,
+            more: info.more_fragments,
+        }
+    }
 }
 
 #[derive(Clone, Copy)]
-struct FragmentEntry {
-    /// (source, destination, protocol, id) as the fragments arrive.
-    key: (Ipv4Addr, Ipv4Addr, u8, u16),
+struct FragmentEntry<A> {
+    key: (A, A, u8, u32),
     /// The addresses to write.
-    src: Ipv4Addr,
-    dst: Ipv4Addr,
+    src: A,
+    dst: A,
     /// The client to deliver to, or `None` for upstream.
-    to_client: Option<Ipv4Addr>,
+    to_client: Option<A>,
     next_offset: usize,
     count: u16,
     expires: u64,
@@ -237,31 +265,26 @@ const FRAGMENT_TABLE: usize = 64;
 const MAX_FRAGMENTS: u16 = 64;
 const FRAGMENT_LIFETIME_MS: u64 = 30_000;
 
-impl FragmentTable {
-    fn key(info: &Ipv4Info) -> (Ipv4Addr, Ipv4Addr, u8, u16) {
-        (info.src, info.dst, info.proto, info.ip_id)
-    }
-
+impl<A: Addr> FragmentTable<A> {
     /// Remembers a first fragment that was forwarded.
     fn start(
         &mut self,
-        info: &Ipv4Info,
-        (src, dst): (Ipv4Addr, Ipv4Addr),
-        to_client: Option<Ipv4Addr>,
+        first: Piece<A>,
+        (src, dst): (A, A),
+        to_client: Option<A>,
         now: u64,
     ) -> Result<(), DropReason> {
-        self.entries.retain(|e| e.expires > now);
-        let key = Self::key(info);
-        self.entries.retain(|e| e.key != key);
+        self.entries
+            .retain(|e| e.expires > now && e.key != first.key);
         if self.entries.len() >= FRAGMENT_TABLE {
             return Err(DropReason::FragmentTableFull);
         }
         self.entries.push(FragmentEntry {
-            key,
+            key: first.key,
             src,
             dst,
             to_client,
-            next_offset: info.end - info.l4,
+            next_offset: first.len,
             count: 1,
             expires: now + FRAGMENT_LIFETIME_MS,
         });
@@ -270,26 +293,21 @@ impl FragmentTable {
 
     /// The translation for a later fragment, if it is the next one of a
     /// datagram whose first fragment was forwarded.
-    fn next(
-        &mut self,
-        info: &Ipv4Info,
-        now: u64,
-    ) -> Result<(Ipv4Addr, Ipv4Addr, Option<Ipv4Addr>), DropReason> {
-        let key = Self::key(info);
+    fn next(&mut self, piece: Piece<A>, now: u64) -> Result<(A, A, Option<A>), DropReason> {
         let i = self
             .entries
             .iter()
-            .position(|e| e.key == key && e.expires > now)
+            .position(|e| e.key == piece.key && e.expires > now)
             .ok_or(DropReason::Fragment)?;
         let e = &mut self.entries[i];
-        if info.frag_offset != e.next_offset || e.count >= MAX_FRAGMENTS {
+        if piece.offset != e.next_offset || e.count >= MAX_FRAGMENTS {
             self.entries.swap_remove(i);
             return Err(DropReason::FragmentOutOfOrder);
         }
-        e.next_offset += info.end - info.l4;
+        e.next_offset += piece.len;
         e.count += 1;
         let out = (e.src, e.dst, e.to_client);
-        if !info.more_fragments {
+        if !piece.more {
             self.entries.swap_remove(i);
         }
         Ok(out)
@@ -343,7 +361,8 @@ pub struct Firewall {
     gateway6_asked: Option<u64>,
     /// Looks up the `dsthost` names of every client's rules.
     resolver: Resolver,
-    frags: FragmentTable,
+    frags: FragmentTable<Ipv4Addr>,
+    frags6: FragmentTable<Ipv6Addr>,
     icmp_bucket: TokenBucket,
     stats: Stats,
 }
@@ -422,6 +441,7 @@ impl Firewall {
             gateway6_asked: None,
             resolver,
             frags: FragmentTable::default(),
+            frags6: FragmentTable::default(),
             icmp_bucket: TokenBucket {
                 tokens: ICMP_ERROR_BURST,
                 last: 0,
@@ -1032,7 +1052,7 @@ impl Firewall {
         };
         if info.more_fragments {
             let rewrite_to = (self.cfg.uplink_ip, flow.remote);
-            if let Err(reason) = self.frags.start(info, rewrite_to, None, now) {
+            if let Err(reason) = self.frags.start(Piece::of(info), rewrite_to, None, now) {
                 return self.drop(reason);
             }
         }
@@ -1095,7 +1115,8 @@ impl Firewall {
         // For ICMP echo, `rewrite` takes the identifier as the source port.
         let (sport, dport) = flow.ports_back();
         if info.more_fragments {
-            if let Err(reason) = self.frags.start(info, (c.dst, c.src), Some(c.src), now) {
+            let piece = Piece::of(info);
+            if let Err(reason) = self.frags.start(piece, (c.dst, c.src), Some(c.src), now) {
                 return self.drop(reason);
             }
         }
@@ -1106,7 +1127,7 @@ impl Firewall {
     /// A fragment after the first: it follows the first fragment's verdict
     /// and translation, in order, or is dropped.
     fn later_fragment(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info) -> Verdict {
-        let (src, dst, to_client) = match self.frags.next(info, now) {
+        let (src, dst, to_client) = match self.frags.next(Piece::of(info), now) {
             Ok(t) => t,
             Err(reason) => return self.drop(reason),
         };

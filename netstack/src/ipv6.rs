@@ -10,8 +10,8 @@
 use core::net::Ipv6Addr;
 
 use crate::wire::{
-    fold, get_mac, get_u16, get_u8, put_bytes, put_eth, put_u16, put_u8, sum16, transport, Mac,
-    Malformed, ETHERTYPE_IPV6, ETH_HEADER, PROTO_TCP, PROTO_UDP,
+    fold, get_mac, get_u16, get_u32, get_u8, put_bytes, put_eth, put_u16, put_u8, sum16, transport,
+    Mac, Malformed, ETHERTYPE_IPV6, ETH_HEADER, PROTO_TCP, PROTO_UDP,
 };
 
 pub const IPV6_HEADER: usize = 40;
@@ -65,6 +65,13 @@ pub struct Ipv6Info {
     pub dst: Ipv6Addr,
     /// A Fragment header says this is part of a larger datagram.
     pub fragment: bool,
+    /// For a fragment: its data's offset in the datagram (bytes), whether
+    /// more follow, the datagram's identification, and where the
+    /// fragmentable part starts in the frame (after the Fragment header).
+    pub frag_offset: usize,
+    pub more_fragments: bool,
+    pub frag_id: u32,
+    pub frag_data: usize,
     /// TCP/UDP ports, or ICMPv6 (type, code) in `sport`/`dport`.
     pub sport: u16,
     pub dport: u16,
@@ -112,6 +119,10 @@ pub fn parse_ipv6(frame: &[u8]) -> Result<Ipv6Info, Malformed> {
         src: Ipv6Addr::from(<[u8; 16]>::try_from(&h[8..24]).map_err(|_| Malformed::Ipv6Header)?),
         dst: Ipv6Addr::from(<[u8; 16]>::try_from(&h[24..40]).map_err(|_| Malformed::Ipv6Header)?),
         fragment: false,
+        frag_offset: 0,
+        more_fragments: false,
+        frag_id: 0,
+        frag_data: 0,
         sport: 0,
         dport: 0,
         tcp_flags: 0,
@@ -126,10 +137,17 @@ pub fn parse_ipv6(frame: &[u8]) -> Result<Ipv6Info, Malformed> {
                 (usize::from(get_u8(pkt, off + 1).ok_or(Malformed::Ipv6ExtHeader)?) + 1) * 8
             }
             NEXT_FRAGMENT => {
+                if info.frag_data != 0 {
+                    return Err(Malformed::Ipv6ExtHeader); // two Fragment headers
+                }
                 let f = get_u16(pkt, off + 2).ok_or(Malformed::Ipv6ExtHeader)?;
                 let (offset, more) = (f & 0xfff8, f & 1 != 0);
                 // An atomic fragment (offset 0, no more) is a whole datagram.
-                info.fragment |= offset != 0 || more;
+                info.fragment = offset != 0 || more;
+                info.frag_offset = usize::from(offset);
+                info.more_fragments = more;
+                info.frag_id = get_u32(pkt, off + 4).ok_or(Malformed::Ipv6ExtHeader)?;
+                info.frag_data = off + 8;
                 if offset != 0 {
                     info.proto = get_u8(pkt, off).ok_or(Malformed::Ipv6ExtHeader)?;
                     info.l4 = off + 8;

@@ -2,8 +2,9 @@
 //! and taps): neighbour discovery with the client and the upstream
 //! gateway, ping6 of the firewall and through it, TCP and UDP to an
 //! allowed port with the client masqueraded behind the uplink address,
-//! and a blocked port rejected with ICMPv6 admin-prohibited. Checks that
-//! traffic flows and what is blocked is blocked; speed is for `bench`.
+//! fragmented ping6 both ways, and a blocked port rejected with ICMPv6
+//! admin-prohibited. Checks that traffic flows and what is blocked is
+//! blocked; speed is for `bench`.
 
 use std::time::{Duration, Instant};
 
@@ -50,6 +51,18 @@ fn ipv6_crosses_the_firewall_masqueraded_and_blocked_ports_are_rejected() {
     assert!(
         reachable(SERVER6),
         "client cannot ping6 the server through the firewall"
+    );
+
+    // A ping larger than the MTU: fragmented both ways, every fragment
+    // following its first.
+    let big = Topology::run(topo.in_client(
+        "ping",
+        &["-6", "-c", "2", "-s", "4000", "-W", "2", SERVER6],
+    ));
+    assert!(
+        big.status.success(),
+        "fragmented ping6 failed: {}",
+        String::from_utf8_lossy(&big.stdout)
     );
 
     let tcp = Topology::run(topo.in_client("iperf3", &["-c", SERVER6, "-t", "2", "-J"]));

@@ -8,14 +8,14 @@
 //! limit, connection tracking, the client's IPv6 rules (rejects with
 //! ICMPv6 admin-prohibited), masquerade to the uplink address; from
 //! upstream: replies and ICMPv6 errors quoting them, translated back.
-//! Multicast, link-local traffic and fragments are not forwarded (the
-//! last counted as `ipv6-fragment`: the fragment tracking IPv4 has is not
-//! there for IPv6 yet).
+//! Multicast and link-local traffic is not forwarded. Fragments after the
+//! first follow their first fragment's verdict and translation, in order,
+//! as for IPv4.
 
 use core::net::{IpAddr, Ipv6Addr};
 
 use super::{
-    quoted_reply, rewrite_l4, swap_macs, DropReason, Firewall, Verdict, ARP_LIFETIME_MS,
+    quoted_reply, rewrite_l4, swap_macs, DropReason, Firewall, Piece, Verdict, ARP_LIFETIME_MS,
     ARP_RETRY_MS, TTL_OWN, UPLINK,
 };
 use crate::config::Ipv6Config;
@@ -36,6 +36,17 @@ struct Icmp6Error {
 /// unspecified (multicast is refused before this).
 fn local_scope(a: Ipv6Addr) -> bool {
     a.is_unspecified() || a.is_loopback() || (a.segments()[0] & 0xffc0) == 0xfe80
+}
+
+impl Piece<Ipv6Addr> {
+    fn of6(info: &Ipv6Info) -> Self {
+        Self {
+            key: (info.src, info.dst, 0, info.frag_id),
+            offset: info.frag_offset,
+            len: info.end.saturating_sub(info.frag_data),
+            more: info.more_fragments,
+        }
+    }
 }
 
 impl Firewall {
@@ -285,7 +296,8 @@ impl Firewall {
             return self.drop(DropReason::Spoofed);
         }
         if info.dst == v6.client_gateway || info.dst == v6.uplink_ip {
-            if info.proto == PROTO_ICMPV6 && info.sport == u16::from(ICMPV6_ECHO_REQUEST) {
+            let echo = info.proto == PROTO_ICMPV6 && info.sport == u16::from(ICMPV6_ECHO_REQUEST);
+            if echo && !info.fragment {
                 return self.echo_reply6(buf, port, info);
             }
             return self.drop(DropReason::ToFirewall);
@@ -293,8 +305,8 @@ impl Firewall {
         if self.client_index6.contains_key(&info.dst) {
             return self.drop(DropReason::ClientToClient);
         }
-        if info.fragment {
-            return self.drop(DropReason::Ipv6Fragment);
+        if info.frag_offset != 0 {
+            return self.later_fragment6(now, buf, info);
         }
         if info.hop_limit <= 1 {
             let err = Icmp6Error {
@@ -369,6 +381,12 @@ impl Firewall {
         let Some(mac) = self.gateway6_mac(now) else {
             return self.drop(DropReason::NeighborUnresolved);
         };
+        if info.more_fragments {
+            let to = (v6.uplink_ip, flow.remote);
+            if let Err(reason) = self.frags6.start(Piece::of6(info), to, None, now) {
+                return self.drop(reason);
+            }
+        }
         rewrite6(
             buf,
             info,
@@ -397,8 +415,8 @@ impl Firewall {
         if info.dst != v6.uplink_ip {
             return self.drop(DropReason::NotForUs);
         }
-        if info.fragment {
-            return self.drop(DropReason::Ipv6Fragment);
+        if info.frag_offset != 0 {
+            return self.later_fragment6(now, buf, info);
         }
         let icmp_type = if info.proto == PROTO_ICMPV6 {
             info.sport as u8
@@ -406,6 +424,10 @@ impl Firewall {
             0
         };
         let reply = match info.proto {
+            // Only echo replies may come in pieces.
+            PROTO_ICMPV6 if info.fragment && icmp_type != ICMPV6_ECHO_REPLY => {
+                return self.drop(DropReason::Fragment)
+            }
             PROTO_ICMPV6 if icmp_type == ICMPV6_ECHO_REQUEST => {
                 return self.echo_reply6(buf, UPLINK, info)
             }
@@ -444,9 +466,48 @@ impl Firewall {
         }
         let c = flow.client;
         let (sport, dport) = flow.ports_back();
+        if info.more_fragments {
+            let piece = Piece::of6(info);
+            if let Err(reason) = self.frags6.start(piece, (c.dst, c.src), Some(c.src), now) {
+                return self.drop(reason);
+            }
+        }
         rewrite6(buf, info, c.dst, sport, c.src, dport);
         let ci = self.client_index6.get(&c.src).copied();
         self.deliver(buf, ci, info.end, ETHERTYPE_IPV6)
+    }
+
+    /// A fragment after the first: it follows the first fragment's verdict
+    /// and translation, in order, or is dropped.
+    fn later_fragment6(&mut self, now: u64, buf: &mut [u8], info: &Ipv6Info) -> Verdict {
+        let (src, dst, to_client) = match self.frags6.next(Piece::of6(info), now) {
+            Ok(t) => t,
+            Err(reason) => return self.drop(reason),
+        };
+        if info.hop_limit <= 1 {
+            return self.drop(DropReason::TtlExceeded);
+        }
+        // No transport header here: addresses and hop limit only.
+        put_u8(buf, info.l3 + 7, info.hop_limit - 1);
+        put_ip6(buf, info.l3 + 8, src);
+        put_ip6(buf, info.l3 + 24, dst);
+        match to_client {
+            Some(client) => {
+                let ci = self.client_index6.get(&client).copied();
+                self.deliver(buf, ci, info.end, ETHERTYPE_IPV6)
+            }
+            None => {
+                let Some(mac) = self.gateway6_mac(now) else {
+                    return self.drop(DropReason::NeighborUnresolved);
+                };
+                put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV6);
+                self.stats.to_upstream += 1;
+                Verdict::Forward {
+                    port: UPLINK,
+                    len: info.end,
+                }
+            }
+        }
     }
 
     /// An ICMPv6 error from upstream quoting a packet we translated: the

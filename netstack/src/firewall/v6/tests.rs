@@ -495,22 +495,6 @@ fn isolation_anti_spoofing_scope_and_limits() {
         (i.src, i.sport),
         (CLIENT_GW6, u16::from(ICMPV6_TIME_EXCEEDED))
     );
-    // A fragment header with more fragments to come: not forwarded.
-    let mut frag = alloc::vec![PROTO_UDP, 0, 0, 1, 0, 0, 0, 9];
-    frag.extend_from_slice(&udp_seg(5000, 53, b"q"));
-    let mut f = ipv6(
-        (DOWN_MAC, CLIENT_MAC),
-        CLIENT6,
-        SERVER6,
-        64,
-        NEXT_FRAGMENT,
-        &frag,
-    );
-    put_u16(&mut f, ETH_HEADER + IPV6_HEADER + 2, 1); // offset 0, more fragments
-    assert_eq!(
-        run(&mut fw, 1000, 1, &f).0,
-        Verdict::Drop(DropReason::Ipv6Fragment)
-    );
     // Pings of the firewall's own addresses are answered.
     for own in [CLIENT_GW6, UPLINK6] {
         let ping = ipv6(
@@ -609,4 +593,120 @@ fn every_truncation_and_corruption_is_handled() {
             }
         }
     }
+}
+
+/// A fragment: IPv6 + Fragment header (of datagram `id`, next header UDP)
+/// + `data`, the piece of the datagram at `offset`.
+fn frag6(
+    macs: (Mac, Mac),
+    src: Ipv6Addr,
+    dst: Ipv6Addr,
+    id: u32,
+    offset: u16,
+    more: bool,
+    data: &[u8],
+) -> Vec<u8> {
+    let mut f = alloc::vec![0u8; ETH_HEADER + IPV6_HEADER + 8];
+    put_eth(&mut f, macs.0, macs.1, ETHERTYPE_IPV6);
+    put_ipv6_header(
+        &mut f,
+        ETH_HEADER,
+        8 + data.len(),
+        NEXT_FRAGMENT,
+        64,
+        src,
+        dst,
+    );
+    let h = ETH_HEADER + IPV6_HEADER;
+    put_u8(&mut f, h, PROTO_UDP);
+    put_u16(&mut f, h + 2, offset | u16::from(more));
+    put_bytes(&mut f, h + 4, &id.to_be_bytes());
+    f.extend_from_slice(data);
+    f
+}
+
+/// The data after the Fragment header of an output frame.
+fn frag_data(f: &[u8]) -> &[u8] {
+    &f[ETH_HEADER + IPV6_HEADER + 8..]
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_both_ways() {
+    let mut fw = ready();
+    // A UDP datagram of 108 bytes in two pieces (56 + 52).
+    let mut dgram = udp_seg(5000, 53, &[9; 100]);
+    let c = fold(sum16(
+        &dgram,
+        pseudo_header_sum6(CLIENT6, SERVER6, PROTO_UDP, dgram.len()),
+    ));
+    put_u16(&mut dgram, 6, c);
+    let out = (DOWN_MAC, CLIENT_MAC);
+    let first = frag6(out, CLIENT6, SERVER6, 9, 0, true, &dgram[..56]);
+    let second = frag6(out, CLIENT6, SERVER6, 9, 56, false, &dgram[56..]);
+    let (v, o1) = run(&mut fw, 1000, 1, &first);
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }), "{v:?}");
+    let (v, o2) = run(&mut fw, 1001, 1, &second);
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }), "{v:?}");
+    for o in [&o1, &o2] {
+        let i = parse_ipv6(o).unwrap();
+        assert_eq!((i.src, i.dst, i.hop_limit), (UPLINK6, SERVER6, 63));
+        assert_eq!(get_mac(o, 0), Some(GW_MAC));
+    }
+    // Reassembled, the datagram's checksum is right for its new source.
+    let sent: Vec<u8> = [frag_data(&o1), frag_data(&o2)].concat();
+    assert_eq!(
+        fold(sum16(
+            &sent,
+            pseudo_header_sum6(UPLINK6, SERVER6, PROTO_UDP, sent.len())
+        )),
+        0
+    );
+    let nat_port = u16::from_be_bytes([sent[0], sent[1]]);
+    // A piece of a datagram never started, or a repeat: dropped.
+    let stray = frag6(out, CLIENT6, SERVER6, 10, 56, false, &dgram[56..]);
+    assert_eq!(
+        run(&mut fw, 1002, 1, &stray).0,
+        Verdict::Drop(DropReason::Fragment)
+    );
+    assert_eq!(
+        run(&mut fw, 1002, 1, &second).0,
+        Verdict::Drop(DropReason::Fragment)
+    );
+
+    // The answer, in pieces too, goes back to the client translated.
+    let mut back = udp_seg(53, nat_port, &[7; 100]);
+    let c = fold(sum16(
+        &back,
+        pseudo_header_sum6(SERVER6, UPLINK6, PROTO_UDP, back.len()),
+    ));
+    put_u16(&mut back, 6, c);
+    let up = (UP_MAC, GW_MAC);
+    let (v, r1) = run(
+        &mut fw,
+        1003,
+        UPLINK,
+        &frag6(up, SERVER6, UPLINK6, 77, 0, true, &back[..56]),
+    );
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    let (v, r2) = run(
+        &mut fw,
+        1004,
+        UPLINK,
+        &frag6(up, SERVER6, UPLINK6, 77, 56, false, &back[56..]),
+    );
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    let got: Vec<u8> = [frag_data(&r1), frag_data(&r2)].concat();
+    assert_eq!(parse_ipv6(&r2).unwrap().dst, CLIENT6);
+    assert_eq!(
+        fold(sum16(
+            &got,
+            pseudo_header_sum6(SERVER6, CLIENT6, PROTO_UDP, got.len())
+        )),
+        0
+    );
+    assert_eq!(
+        u16::from_be_bytes([got[2], got[3]]),
+        5000,
+        "the client's own port"
+    );
 }
