@@ -4,7 +4,9 @@
 //! stack overflow or a double fault reaches the reporter. The reporter
 //! prints the vector, RIP, error code, CR2 and the registers, then exits
 //! with failure: an exception in Portcullis is a bug, never something to
-//! resume from. Device interrupts are not used (the dataplane polls).
+//! resume from. Device interrupts are not used (the dataplane polls); the
+//! one interrupt there is, the local APIC timer of `idle=halt`, only wakes
+//! a halted core (`WAKE_VECTOR`).
 
 use spin::Once;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
@@ -65,6 +67,26 @@ static IDT: Once<Idt> = Once::new();
 extern "C" {
     /// Entry stubs for vectors 0-31, from `exceptions.S`.
     static exception_stubs: [u64; 32];
+    fn wake_interrupt();
+    fn spurious_interrupt();
+}
+
+/// The local APIC timer's vector (`idle=halt`).
+pub const WAKE_VECTOR: u8 = 0x40;
+/// The local APIC's spurious-interrupt vector.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+/// An interrupt gate to `addr`, on the current stack.
+fn gate(addr: u64, selector: u16, ist: u8) -> Gate {
+    Gate {
+        offset_low: addr as u16,
+        selector,
+        ist,
+        type_attr: 0x8e, // present, ring 0, 64-bit interrupt gate
+        offset_mid: (addr >> 16) as u16,
+        offset_high: (addr >> 32) as u32,
+        reserved: 0,
+    }
 }
 
 /// Loads the kernel's GDT (with a TSS for the IST stack) and the IDT.
@@ -90,17 +112,12 @@ pub fn init() {
         // SAFETY: `exception_stubs` is an immutable table of 32 addresses
         // emitted by exceptions.S.
         let stubs = unsafe { &*core::ptr::addr_of!(exception_stubs) };
-        for (gate, &addr) in idt.0.iter_mut().zip(stubs.iter()) {
-            *gate = Gate {
-                offset_low: addr as u16,
-                selector: code.0,
-                ist: EXCEPTION_IST,
-                type_attr: 0x8e, // present, ring 0, 64-bit interrupt gate
-                offset_mid: (addr >> 16) as u16,
-                offset_high: (addr >> 32) as u32,
-                reserved: 0,
-            };
+        for (g, &addr) in idt.0.iter_mut().zip(stubs.iter()) {
+            *g = gate(addr, code.0, EXCEPTION_IST);
         }
+        idt.0[usize::from(WAKE_VECTOR)] = gate(wake_interrupt as *const () as u64, code.0, 0);
+        idt.0[usize::from(SPURIOUS_VECTOR)] =
+            gate(spurious_interrupt as *const () as u64, code.0, 0);
         idt
     });
     load_idt(idt);
@@ -129,8 +146,9 @@ fn load_idt(idt: &'static Idt) {
         limit: (core::mem::size_of::<Idt>() - 1) as u16,
         base: VirtAddr::from_ptr(idt as *const Idt),
     };
-    // SAFETY: the IDT is 'static and every present gate points at a stub
-    // that never returns to the faulting code.
+    // SAFETY: the IDT is 'static; every present gate points at a stub:
+    // the exception stubs never return to the faulting code, the wake and
+    // spurious stubs restore what they touch and return with `iretq`.
     unsafe { lidt(&ptr) };
 }
 

@@ -19,6 +19,9 @@ use drivers::spsc::{self, Consumer, Producer};
 use drivers::{BufId, Nic, Packet, PacketPool};
 use netstack::firewall::{DropReason, Firewall, Verdict};
 
+use kernel::cmdline::Idle;
+
+use crate::idle::Idler;
 use crate::{clock, console, exit};
 
 /// Frames taken from one NIC per poll.
@@ -222,10 +225,16 @@ impl Console {
 }
 
 /// Everything on the boot CPU.
-pub fn run_single<N: Nic>(mut nics: Nics<N>, mut firewall: Firewall, stats_interval_ms: u64) -> ! {
+pub fn run_single<N: Nic>(
+    mut nics: Nics<N>,
+    mut firewall: Firewall,
+    stats_interval_ms: u64,
+    idle: Idle,
+) -> ! {
     let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
     let mut last_housekeeping = 0;
     let mut console = Console::new(stats_interval_ms);
+    let mut idler = Idler::new(idle);
     nics.flush();
     loop {
         let now = clock::now_ms();
@@ -250,12 +259,13 @@ pub fn run_single<N: Nic>(mut nics: Nics<N>, mut firewall: Firewall, stats_inter
                     None => nics.pool.free(buf),
                 }
             }
-            console.serve(now, &nics, || print_firewall_stats(&firewall));
+            console.serve(now, &nics, || {
+                print_firewall_stats(&firewall);
+                println!("stats: idle cpu0 halts={}", idler.halts);
+            });
         }
         nics.flush();
-        if !busy {
-            core::hint::spin_loop();
-        }
+        idler.round(busy);
     }
 }
 
@@ -270,6 +280,7 @@ static STATS_REQUEST: AtomicBool = AtomicBool::new(false);
 /// The firewall core's half of the pipeline.
 struct FirewallCore {
     firewall: Firewall,
+    idle: Idle,
     memory: &'static PacketMemory,
     from_nics: Consumer<(usize, Packet)>,
     to_nics: Producer<Back>,
@@ -278,6 +289,9 @@ struct FirewallCore {
 
 impl FirewallCore {
     fn run(mut self) -> ! {
+        // This core's own APIC timer, for `idle=halt`.
+        let (idle, _) = crate::idle::start(self.idle);
+        let mut idler = Idler::new(idle);
         let mut batch: Vec<(usize, Packet)> = Vec::with_capacity(RX_BATCH);
         let mut out: Vec<Back> = Vec::with_capacity(2 * RX_BATCH);
         let mut spare: Vec<BufId> = Vec::with_capacity(SPARES);
@@ -322,9 +336,7 @@ impl FirewallCore {
                     core::hint::spin_loop();
                 }
             }
-            if !busy {
-                core::hint::spin_loop();
-            }
+            idler.round(busy);
         }
     }
 }
@@ -336,12 +348,14 @@ pub fn run_pipeline<N: Nic>(
     firewall: Firewall,
     stats_interval_ms: u64,
     ap: usize,
+    idle: Idle,
 ) -> ! {
     let (mut to_fw, from_nics) = spsc::ring::<(usize, Packet)>(RING_SLOTS);
     let (to_nics, mut from_fw) = spsc::ring::<Back>(RING_SLOTS);
     let (mut spares_tx, spares) = spsc::ring::<BufId>(2 * SPARES);
     let core = FirewallCore {
         firewall,
+        idle,
         memory: nics.pool.memory(),
         from_nics,
         to_nics,
@@ -358,6 +372,7 @@ pub fn run_pipeline<N: Nic>(
     let mut refill: Vec<BufId> = Vec::with_capacity(SPARES);
     let mut last_housekeeping = 0;
     let mut console = Console::new(stats_interval_ms);
+    let mut idler = Idler::new(idle);
     nics.flush();
     loop {
         let now = clock::now_ms();
@@ -400,8 +415,6 @@ pub fn run_pipeline<N: Nic>(
             });
         }
         nics.flush();
-        if !busy {
-            core::hint::spin_loop();
-        }
+        idler.round(busy);
     }
 }

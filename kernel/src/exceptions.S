@@ -50,6 +50,25 @@ exception_common:
     hlt
     jmp 3b
 
+/*
+ * The local APIC timer's interrupt (idle=halt): it only ends a `hlt`, so
+ * it acknowledges the interrupt (EOI register of the xAPIC, identity
+ * mapped) and returns. Interrupts are enabled only across that `hlt`, so
+ * this never lands in the middle of other code.
+ */
+    .global wake_interrupt
+wake_interrupt:
+    pushq %rax
+    movl $0xfee000b0, %eax
+    movl $0, (%rax)
+    popq %rax
+    iretq
+
+/* The APIC's spurious vector: no EOI. */
+    .global spurious_interrupt
+spurious_interrupt:
+    iretq
+
     .section .rodata
     .balign 8
     .global exception_stubs

@@ -20,6 +20,7 @@ mod dataplane;
 mod exit;
 mod fw_cfg;
 mod heap;
+mod idle;
 mod pci_bus;
 mod phys;
 mod smp;
@@ -243,10 +244,20 @@ fn start_dataplane(
     // second polling vCPU costs QEMU's I/O threads more than it gains
     // (docs/benchmarks.md).
     let layout = config.layout.unwrap_or(Layout::Single);
+    let (idle, ticks) = idle::start(config.idle);
+    match (config.idle, idle) {
+        (_, cmdline::Idle::Halt { wake_us }) => {
+            println!("idle: halt, woken every {wake_us} us (local APIC timer, {ticks} ticks)")
+        }
+        (cmdline::Idle::Halt { .. }, cmdline::Idle::Poll) => {
+            println!("idle: poll (halt asked, but there is no usable local APIC timer)")
+        }
+        _ => println!("idle: poll"),
+    }
     match (layout, aps.first()) {
         (Layout::Pipeline, Some(&ap)) => {
             println!("dataplane: layout pipeline (nics on cpu 0, firewall on cpu {ap})");
-            dataplane::run_pipeline(nics, firewall, stats_interval_ms, ap)
+            dataplane::run_pipeline(nics, firewall, stats_interval_ms, ap, idle)
         }
         (Layout::Pipeline, None) => {
             println!("config error: layout=pipeline needs a second CPU, and only one is online");
@@ -255,7 +266,7 @@ fn start_dataplane(
         (Layout::Single, _) => {
             smp::park_idle();
             println!("dataplane: layout single (everything on cpu 0)");
-            dataplane::run_single(nics, firewall, stats_interval_ms)
+            dataplane::run_single(nics, firewall, stats_interval_ms, idle)
         }
     }
 }

@@ -303,6 +303,11 @@ pub struct RunningMachine {
 }
 
 impl RunningMachine {
+    /// The QEMU process's id (for CPU accounting in benchmarks).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn spawn(machine: &Machine) -> Result<Self, String> {
         let mut child = machine
             .command()

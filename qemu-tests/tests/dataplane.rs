@@ -110,6 +110,20 @@ fn answers_arp_and_ping_on_both_sides() {
     let done = lab.finish();
     assert_eq!(done.counter("firewall.echo_replies"), 2, "{}", done.console);
     assert!(done.counter("firewall.arp_replies") >= 2);
+    assert!(
+        done.counter("idle.halts") > 0,
+        "idle=halt (the default) halts between packets: {}",
+        done.console
+    );
+}
+
+#[test]
+fn forwards_with_idle_poll_too() {
+    let lab = Lab::start_with(QUBESDB, "idle=poll");
+    marker(&lab, 7);
+    let done = lab.finish();
+    assert_eq!(done.counter("firewall.to_upstream"), 1, "{}", done.console);
+    assert_eq!(done.counter("idle.halts"), 0, "polling never halts");
 }
 
 #[test]

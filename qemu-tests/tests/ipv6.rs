@@ -55,10 +55,8 @@ fn ipv6_crosses_the_firewall_masqueraded_and_blocked_ports_are_rejected() {
 
     // A ping larger than the MTU: fragmented both ways, every fragment
     // following its first.
-    let big = Topology::run(topo.in_client(
-        "ping",
-        &["-6", "-c", "2", "-s", "4000", "-W", "2", SERVER6],
-    ));
+    let big =
+        Topology::run(topo.in_client("ping", &["-6", "-c", "2", "-s", "4000", "-W", "2", SERVER6]));
     assert!(
         big.status.success(),
         "fragmented ping6 failed: {}",

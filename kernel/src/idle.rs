@@ -1,0 +1,124 @@
+//! What a polling loop does when it finds no work: spin (`idle=poll`) or
+//! halt until the local APIC timer wakes the core (`idle=halt`).
+//!
+//! Under TCG a spinning vCPU keeps a host thread busy; on a small host that
+//! is CPU QEMU's network backend then lacks. With `halt`, a loop that found
+//! nothing for `QUIET_ROUNDS` rounds executes `sti; hlt; cli`: the core
+//! sleeps until the next timer tick (every `wake_us`), so a packet waits at
+//! most that long, and under load (work every round) nothing changes.
+//! Each core that halts programs its own APIC timer (`start`).
+
+use core::arch::asm;
+
+use kernel::cmdline::Idle;
+
+use crate::{clock, cpu, phys};
+
+const LAPIC_BASE: u64 = 0xfee0_0000;
+const LAPIC_VERSION: u64 = 0x30;
+const LAPIC_EOI: u64 = 0xb0;
+const LAPIC_SVR: u64 = 0xf0;
+const LVT_TIMER: u64 = 0x320;
+const TIMER_INITIAL: u64 = 0x380;
+const TIMER_CURRENT: u64 = 0x390;
+const TIMER_DIVIDE: u64 = 0x3e0;
+const LVT_MASKED: u32 = 1 << 16;
+const LVT_PERIODIC: u32 = 1 << 17;
+/// Empty rounds before a halt: a short gap between packets of a burst is
+/// spun through.
+const QUIET_ROUNDS: u32 = 32;
+const CALIBRATION_US: u64 = 10_000;
+
+fn read(reg: u64) -> u32 {
+    // SAFETY: an xAPIC register inside the identity-mapped APIC page,
+    // checked to be mapped before any call; reads have no memory effect.
+    unsafe { ((LAPIC_BASE + reg) as *const u32).read_volatile() }
+}
+
+fn write(reg: u64, v: u32) {
+    // SAFETY: as in `read`; the registers written here (spurious vector,
+    // timer LVT, divide, counts, EOI) only steer this core's APIC timer.
+    unsafe { ((LAPIC_BASE + reg) as *mut u32).write_volatile(v) }
+}
+
+/// Programs this core's APIC timer for `mode`: the mode in force, and the
+/// timer ticks per wake period (0 for `poll`). `halt` falls back to `poll`
+/// when there is no usable local APIC.
+pub fn start(mode: Idle) -> (Idle, u32) {
+    let Idle::Halt { wake_us } = mode else {
+        return (Idle::Poll, 0);
+    };
+    if !phys::is_mapped(LAPIC_BASE, 4096) || read(LAPIC_VERSION) == u32::MAX {
+        return (Idle::Poll, 0);
+    }
+    mask_legacy_pic();
+    // Software-enable the APIC with the spurious vector; divide by 16.
+    write(LAPIC_SVR, 0x100 | u32::from(cpu::SPURIOUS_VECTOR));
+    write(TIMER_DIVIDE, 0b0011);
+    // Count down from the top for a known time to learn the rate.
+    write(LVT_TIMER, LVT_MASKED | u32::from(cpu::WAKE_VECTOR));
+    write(TIMER_INITIAL, u32::MAX);
+    clock::delay_us(CALIBRATION_US);
+    let elapsed = u64::from(u32::MAX - read(TIMER_CURRENT));
+    let ticks = (elapsed * u64::from(wake_us) / CALIBRATION_US).clamp(1, u64::from(u32::MAX));
+    if elapsed == 0 {
+        write(TIMER_INITIAL, 0);
+        return (Idle::Poll, 0);
+    }
+    write(LVT_TIMER, LVT_PERIODIC | u32::from(cpu::WAKE_VECTOR));
+    write(TIMER_INITIAL, ticks as u32);
+    // A tick that came before the first halt is pending: acknowledge it.
+    write(LAPIC_EOI, 0);
+    (mode, ticks as u32)
+}
+
+/// Masks every line of the legacy 8259 PICs. The firmware leaves their
+/// vectors at 8-15, over the CPU exceptions: a timer tick from them while
+/// interrupts are on would look like a double fault. (Without the PICs,
+/// under Xen, the writes go nowhere.)
+fn mask_legacy_pic() {
+    for port in [0x21u16, 0xa1] {
+        // SAFETY: writing the interrupt mask register of a legacy PIC only
+        // masks its lines; nothing in Portcullis uses them.
+        unsafe { asm!("out dx, al", in("dx") port, in("al") 0xffu8, options(nomem, nostack)) };
+    }
+}
+
+/// One loop's idle policy.
+pub struct Idler {
+    halt: bool,
+    quiet: u32,
+    /// Halts so far (each ended by a timer tick).
+    pub halts: u64,
+}
+
+impl Idler {
+    /// For a core whose timer `start` set up for `mode`.
+    pub fn new(mode: Idle) -> Self {
+        Self {
+            halt: matches!(mode, Idle::Halt { .. }),
+            quiet: 0,
+            halts: 0,
+        }
+    }
+
+    /// Called once per round: `busy` says whether it found work.
+    #[inline]
+    pub fn round(&mut self, busy: bool) {
+        if busy {
+            self.quiet = 0;
+            return;
+        }
+        self.quiet = self.quiet.saturating_add(1);
+        if self.halt && self.quiet >= QUIET_ROUNDS {
+            self.halts += 1;
+            // SAFETY: interrupts are enabled only across `hlt` (`sti`
+            // takes effect after the next instruction, so no interrupt is
+            // lost between them); the only one that can come is the timer,
+            // whose handler restores what it touches.
+            unsafe { asm!("sti", "hlt", "cli") };
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+}
