@@ -12,34 +12,14 @@ use core::arch::asm;
 
 use kernel::cmdline::Idle;
 
-use crate::{clock, cpu, phys};
+use crate::{clock, cpu, lapic};
 
-const LAPIC_BASE: u64 = 0xfee0_0000;
-const LAPIC_VERSION: u64 = 0x30;
-const LAPIC_EOI: u64 = 0xb0;
-const LAPIC_SVR: u64 = 0xf0;
-const LVT_TIMER: u64 = 0x320;
-const TIMER_INITIAL: u64 = 0x380;
-const TIMER_CURRENT: u64 = 0x390;
-const TIMER_DIVIDE: u64 = 0x3e0;
 const LVT_MASKED: u32 = 1 << 16;
 const LVT_PERIODIC: u32 = 1 << 17;
 /// Empty rounds before a halt: a short gap between packets of a burst is
 /// spun through.
 const QUIET_ROUNDS: u32 = 32;
 const CALIBRATION_US: u64 = 10_000;
-
-fn read(reg: u64) -> u32 {
-    // SAFETY: an xAPIC register inside the identity-mapped APIC page,
-    // checked to be mapped before any call; reads have no memory effect.
-    unsafe { ((LAPIC_BASE + reg) as *const u32).read_volatile() }
-}
-
-fn write(reg: u64, v: u32) {
-    // SAFETY: as in `read`; the registers written here (spurious vector,
-    // timer LVT, divide, counts, EOI) only steer this core's APIC timer.
-    unsafe { ((LAPIC_BASE + reg) as *mut u32).write_volatile(v) }
-}
 
 /// Programs this core's APIC timer for `mode`: the mode in force, and the
 /// timer ticks per wake period (0 for `poll`). `halt` falls back to `poll`
@@ -48,27 +28,27 @@ pub fn start(mode: Idle) -> (Idle, u32) {
     let Idle::Halt { wake_us } = mode else {
         return (Idle::Poll, 0);
     };
-    if !phys::is_mapped(LAPIC_BASE, 4096) || read(LAPIC_VERSION) == u32::MAX {
+    if !lapic::present() {
         return (Idle::Poll, 0);
     }
     mask_legacy_pic();
     // Software-enable the APIC with the spurious vector; divide by 16.
-    write(LAPIC_SVR, 0x100 | u32::from(cpu::SPURIOUS_VECTOR));
-    write(TIMER_DIVIDE, 0b0011);
+    lapic::write(lapic::SVR, 0x100 | u32::from(cpu::SPURIOUS_VECTOR));
+    lapic::write(lapic::TIMER_DIVIDE, 0b0011);
     // Count down from the top for a known time to learn the rate.
-    write(LVT_TIMER, LVT_MASKED | u32::from(cpu::WAKE_VECTOR));
-    write(TIMER_INITIAL, u32::MAX);
+    lapic::write(lapic::LVT_TIMER, LVT_MASKED | u32::from(cpu::WAKE_VECTOR));
+    lapic::write(lapic::TIMER_INITIAL, u32::MAX);
     clock::delay_us(CALIBRATION_US);
-    let elapsed = u64::from(u32::MAX - read(TIMER_CURRENT));
+    let elapsed = u64::from(u32::MAX - lapic::read(lapic::TIMER_CURRENT));
     let ticks = (elapsed * u64::from(wake_us) / CALIBRATION_US).clamp(1, u64::from(u32::MAX));
     if elapsed == 0 {
-        write(TIMER_INITIAL, 0);
+        lapic::write(lapic::TIMER_INITIAL, 0);
         return (Idle::Poll, 0);
     }
-    write(LVT_TIMER, LVT_PERIODIC | u32::from(cpu::WAKE_VECTOR));
-    write(TIMER_INITIAL, ticks as u32);
+    lapic::write(lapic::LVT_TIMER, LVT_PERIODIC | u32::from(cpu::WAKE_VECTOR));
+    lapic::write(lapic::TIMER_INITIAL, ticks as u32);
     // A tick that came before the first halt is pending: acknowledge it.
-    write(LAPIC_EOI, 0);
+    lapic::write(lapic::EOI, 0);
     (mode, ticks as u32)
 }
 

@@ -21,6 +21,7 @@ mod exit;
 mod fw_cfg;
 mod heap;
 mod idle;
+mod lapic;
 mod pci_bus;
 mod phys;
 mod smp;

@@ -17,16 +17,10 @@ use core::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicU64, Ordering};
 
 use x86_64::registers::control::Cr3;
 
-use crate::{clock, cpu, phys};
+use crate::{clock, cpu, lapic, phys};
 
 /// Where the trampoline runs: below 1 MiB, page aligned (SIPI vector 0x08).
 const AP_BASE: u64 = 0x8000;
-/// The local APIC's registers (xAPIC mode, the architectural default).
-const LAPIC_BASE: u64 = 0xfee0_0000;
-const LAPIC_ID: u64 = 0x20;
-const LAPIC_VERSION: u64 = 0x30;
-const ICR_LOW: u64 = 0x300;
-const ICR_HIGH: u64 = 0x310;
 const ICR_PENDING: u32 = 1 << 12;
 const AP_STACK_SIZE: usize = 64 * 1024;
 const START_TIMEOUT_MS: u64 = 200;
@@ -57,23 +51,11 @@ const PARK: *mut () = core::ptr::dangling_mut::<()>();
 /// A job an AP runs once it is handed it.
 pub type Task = Box<dyn FnOnce() + Send>;
 
-fn lapic_read(reg: u64) -> u32 {
-    // SAFETY: an xAPIC register inside the identity-mapped APIC page,
-    // checked to be mapped in `start_aps`; reads have no memory effect.
-    unsafe { ((LAPIC_BASE + reg) as *const u32).read_volatile() }
-}
-
-fn lapic_write(reg: u64, v: u32) {
-    // SAFETY: as in `lapic_read`; only the ICR is written, which sends
-    // inter-processor interrupts to the AP being started.
-    unsafe { ((LAPIC_BASE + reg) as *mut u32).write_volatile(v) }
-}
-
 fn send_ipi(apic_id: u32, low: u32) {
-    lapic_write(ICR_HIGH, apic_id << 24);
-    lapic_write(ICR_LOW, low);
+    lapic::write(lapic::ICR_HIGH, apic_id << 24);
+    lapic::write(lapic::ICR_LOW, low);
     for _ in 0..100_000 {
-        if lapic_read(ICR_LOW) & ICR_PENDING == 0 {
+        if lapic::read(lapic::ICR_LOW) & ICR_PENDING == 0 {
             break;
         }
         core::hint::spin_loop();
@@ -107,13 +89,16 @@ pub fn start_aps(apic_ids: &[u32]) -> SmpReport {
         online: Vec::new(),
         failed: Vec::new(),
     };
-    if !phys::is_mapped(LAPIC_BASE, 4096) || lapic_read(LAPIC_VERSION) == u32::MAX {
-        log::warn!("smp: no local APIC at {LAPIC_BASE:#x}; running on the boot CPU only");
+    if !lapic::present() {
+        log::warn!(
+            "smp: no local APIC at {:#x}; running on the boot CPU only",
+            lapic::BASE
+        );
         report.online.push(apic_ids.first().copied().unwrap_or(0));
         report.failed.extend(apic_ids.iter().skip(1));
         return report;
     }
-    let bsp = lapic_read(LAPIC_ID) >> 24;
+    let bsp = lapic::read(lapic::ID) >> 24;
     report.online.push(bsp);
     // SAFETY: only the addresses of the linker symbols are taken.
     let (start, end) = (
