@@ -21,7 +21,8 @@ struct Calibration {
 
 static CLOCK: Once<Calibration> = Once::new();
 
-fn rdtsc() -> u64 {
+/// The time-stamp counter.
+pub fn rdtsc() -> u64 {
     // SAFETY: RDTSC has no side effects and is available on every x86_64.
     unsafe { _rdtsc() }
 }

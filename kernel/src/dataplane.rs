@@ -224,6 +224,54 @@ impl Console {
     }
 }
 
+/// One core's loop counters (`stats: core<N> <role> ...`).
+struct CoreStats {
+    cpu: usize,
+    role: &'static str,
+    /// Frames this core took in (from NICs, or from the ring).
+    packets: u64,
+    /// Non-empty batches they came in.
+    batches: u64,
+    /// TSC cycles spent in rounds that had work.
+    busy_cycles: u64,
+}
+
+impl CoreStats {
+    fn new(cpu: usize, role: &'static str) -> Self {
+        Self {
+            cpu,
+            role,
+            packets: 0,
+            batches: 0,
+            busy_cycles: 0,
+        }
+    }
+
+    fn batch(&mut self, n: usize) {
+        if n > 0 {
+            self.packets += n as u64;
+            self.batches += 1;
+        }
+    }
+
+    fn print(&self, idler: &Idler) {
+        let per = |a: u64, b: u64| a.checked_div(b).unwrap_or(0);
+        let tenths = per(self.packets * 10, self.batches);
+        println!(
+            "stats: core{} {} packets={} batches={} avg_batch={}.{} idle_rounds={} halts={} cycles_per_packet={}",
+            self.cpu,
+            self.role,
+            self.packets,
+            self.batches,
+            tenths / 10,
+            tenths % 10,
+            idler.idle_rounds,
+            idler.halts,
+            per(self.busy_cycles, self.packets)
+        );
+    }
+}
+
 /// Everything on the boot CPU.
 pub fn run_single<N: Nic>(
     mut nics: Nics<N>,
@@ -235,13 +283,16 @@ pub fn run_single<N: Nic>(
     let mut last_housekeeping = 0;
     let mut console = Console::new(stats_interval_ms);
     let mut idler = Idler::new(idle);
+    let mut counters = CoreStats::new(0, "all");
     nics.flush();
     loop {
         let now = clock::now_ms();
+        let start = clock::rdtsc();
         let mut busy = false;
         for i in 0..nics.nics.len() {
             nics.nics[i].rx_batch(&mut nics.pool, &mut rx, RX_BATCH);
             busy |= !rx.is_empty();
+            counters.batch(rx.len());
             for mut p in rx.drain(..) {
                 let room = nics.pool.frame_room(&mut p.buf);
                 match firewall.handle(now, i, room, p.len) {
@@ -261,10 +312,13 @@ pub fn run_single<N: Nic>(
             }
             console.serve(now, &nics, || {
                 print_firewall_stats(&firewall);
-                println!("stats: idle cpu0 halts={}", idler.halts);
+                counters.print(&idler);
             });
         }
         nics.flush();
+        if busy {
+            counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
+        }
         idler.round(busy);
     }
 }
@@ -281,6 +335,8 @@ static STATS_REQUEST: AtomicBool = AtomicBool::new(false);
 struct FirewallCore {
     firewall: Firewall,
     idle: Idle,
+    /// The CPU (MADT position) it runs on.
+    cpu: usize,
     memory: &'static PacketMemory,
     from_nics: Consumer<(usize, Packet)>,
     to_nics: Producer<Back>,
@@ -292,14 +348,17 @@ impl FirewallCore {
         // This core's own APIC timer, for `idle=halt`.
         let (idle, _) = crate::idle::start(self.idle);
         let mut idler = Idler::new(idle);
+        let mut counters = CoreStats::new(self.cpu, "firewall");
         let mut batch: Vec<(usize, Packet)> = Vec::with_capacity(RX_BATCH);
         let mut out: Vec<Back> = Vec::with_capacity(2 * RX_BATCH);
         let mut spare: Vec<BufId> = Vec::with_capacity(SPARES);
         let mut last_housekeeping = 0;
         loop {
             let now = clock::now_ms();
+            let start = clock::rdtsc();
             self.from_nics.pop_batch(&mut batch, RX_BATCH);
             let busy = !batch.is_empty();
+            counters.batch(batch.len());
             for (port, mut p) in batch.drain(..) {
                 let room = self.memory.frame_room(&mut p.buf);
                 match self.firewall.handle(now, port, room, p.len) {
@@ -326,6 +385,7 @@ impl FirewallCore {
                 }
                 if STATS_REQUEST.load(Ordering::Acquire) {
                     print_firewall_stats(&self.firewall);
+                    counters.print(&idler);
                     STATS_REQUEST.store(false, Ordering::Release);
                 }
             }
@@ -335,6 +395,9 @@ impl FirewallCore {
                 if self.to_nics.push_batch(&mut out) == 0 {
                     core::hint::spin_loop();
                 }
+            }
+            if busy {
+                counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
             }
             idler.round(busy);
         }
@@ -356,6 +419,7 @@ pub fn run_pipeline<N: Nic>(
     let core = FirewallCore {
         firewall,
         idle,
+        cpu: ap,
         memory: nics.pool.memory(),
         from_nics,
         to_nics,
@@ -373,13 +437,16 @@ pub fn run_pipeline<N: Nic>(
     let mut last_housekeeping = 0;
     let mut console = Console::new(stats_interval_ms);
     let mut idler = Idler::new(idle);
+    let mut counters = CoreStats::new(0, "nics");
     nics.flush();
     loop {
         let now = clock::now_ms();
+        let start = clock::rdtsc();
         let mut busy = false;
         for i in 0..nics.nics.len() {
             nics.nics[i].rx_batch(&mut nics.pool, &mut rx, RX_BATCH);
             busy |= !rx.is_empty();
+            counters.batch(rx.len());
             to_ring.extend(rx.drain(..).map(|p| (i, p)));
             to_fw.push_batch(&mut to_ring);
             for (_, p) in to_ring.drain(..) {
@@ -407,6 +474,7 @@ pub fn run_pipeline<N: Nic>(
             // The firewall core prints its own counters when asked; a
             // firewall core that does not answer within a second is skipped.
             console.serve(now, &nics, || {
+                counters.print(&idler);
                 STATS_REQUEST.store(true, Ordering::Release);
                 let deadline = now + 1000;
                 while STATS_REQUEST.load(Ordering::Acquire) && clock::now_ms() < deadline {
@@ -415,6 +483,9 @@ pub fn run_pipeline<N: Nic>(
             });
         }
         nics.flush();
+        if busy {
+            counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
+        }
         idler.round(busy);
     }
 }

@@ -68,6 +68,8 @@ fn mask_legacy_pic() {
 pub struct Idler {
     halt: bool,
     quiet: u32,
+    /// Rounds that found no work.
+    pub idle_rounds: u64,
     /// Halts so far (each ended by a timer tick).
     pub halts: u64,
 }
@@ -78,6 +80,7 @@ impl Idler {
         Self {
             halt: matches!(mode, Idle::Halt { .. }),
             quiet: 0,
+            idle_rounds: 0,
             halts: 0,
         }
     }
@@ -90,6 +93,7 @@ impl Idler {
             return;
         }
         self.quiet = self.quiet.saturating_add(1);
+        self.idle_rounds += 1;
         if self.halt && self.quiet >= QUIET_ROUNDS {
             self.halts += 1;
             // SAFETY: interrupts are enabled only across `hlt` (`sti`

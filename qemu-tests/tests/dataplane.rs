@@ -111,7 +111,7 @@ fn answers_arp_and_ping_on_both_sides() {
     assert_eq!(done.counter("firewall.echo_replies"), 2, "{}", done.console);
     assert!(done.counter("firewall.arp_replies") >= 2);
     assert!(
-        done.counter("idle.halts") > 0,
+        done.counter("core0.halts") > 0,
         "idle=halt (the default) halts between packets: {}",
         done.console
     );
@@ -123,7 +123,8 @@ fn forwards_with_idle_poll_too() {
     marker(&lab, 7);
     let done = lab.finish();
     assert_eq!(done.counter("firewall.to_upstream"), 1, "{}", done.console);
-    assert_eq!(done.counter("idle.halts"), 0, "polling never halts");
+    assert_eq!(done.counter("core0.halts"), 0, "polling never halts");
+    assert!(done.counter("core0.idle_rounds") > 0);
 }
 
 #[test]
