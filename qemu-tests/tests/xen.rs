@@ -11,7 +11,7 @@ const XL_CFG: &str = r#"name = "portcullis"
 type = "pvh"
 kernel = "/portcullis"
 memory = 64
-vcpus = 1
+vcpus = 2
 on_poweroff = "destroy"
 on_crash = "preserve"
 "#;
@@ -89,6 +89,9 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "{guest:#?}"
     );
     assert!(has("memory: ram 65536 KiB"), "{guest:#?}");
+    // Both vCPUs: the second started with INIT-SIPI-SIPI through Xen's
+    // emulated local APIC, as on bare metal.
+    assert!(has("smp: 2 of 2 cpus online"), "{guest:#?}");
     // XenStore, read over the shared ring: the domain's own name and id.
     assert!(
         has("xenstore: domain \"portcullis\", domid 1"),
