@@ -106,6 +106,8 @@ pub struct Flow<A = Ipv4Addr> {
     pub remote_port: u16,
     /// Source port (or ICMP id) on the uplink.
     pub nat_port: u16,
+    /// The caller's number for the client that owns the flow.
+    pub owner: u32,
     pub state: FlowState,
     pub expires: u64,
     /// Creation sequence number: tells a reused slot from the flow that
@@ -282,6 +284,18 @@ impl<A: Addr> Conntrack<A> {
         remote_port: u16,
         now: u64,
     ) -> Result<Flow<A>, CreateError> {
+        self.create_owned(client, remote, remote_port, now, 0)
+    }
+
+    /// As `create`, recording `owner` in the flow.
+    pub fn create_owned(
+        &mut self,
+        client: Tuple<A>,
+        remote: A,
+        remote_port: u16,
+        now: u64,
+        owner: u32,
+    ) -> Result<Flow<A>, CreateError> {
         if self.free.is_empty() {
             self.make_room(now);
         }
@@ -295,6 +309,7 @@ impl<A: Addr> Conntrack<A> {
             remote,
             remote_port,
             nat_port,
+            owner,
             state: FlowState::New,
             expires: 0,
             seq,

@@ -186,6 +186,40 @@ impl Stats {
     }
 }
 
+/// Binds client `ci` to the first port it is seen on and learns its MAC;
+/// false when it comes from another port (or does not exist).
+fn bind(clients: &mut [Client], ci: usize, port: usize, mac: Mac) -> bool {
+    let Some(c) = clients.get_mut(ci) else {
+        return false;
+    };
+    match c.port {
+        Some(p) if p != port => false,
+        _ => {
+            c.port = Some(port);
+            c.mac = Some(mac);
+            true
+        }
+    }
+}
+
+/// The connection-tracking tuple of a client's packet (ICMP: echo requests
+/// only, the identifier as the source port), `None` for what is not
+/// tracked.
+fn client_tuple(buf: &[u8], info: &Ipv4Info) -> Option<Tuple> {
+    let (sport, dport) = match info.proto {
+        PROTO_TCP | PROTO_UDP => (info.sport, info.dport),
+        PROTO_ICMP if info.sport == 8 => (get_u16(buf, info.l4 + 4).unwrap_or(0), 0),
+        _ => return None,
+    };
+    Some(Tuple {
+        proto: info.proto,
+        src: info.src,
+        sport,
+        dst: info.dst,
+        dport,
+    })
+}
+
 struct Client {
     ip: IpAddr,
     rules: Result<Ruleset, RuleError>,
@@ -652,15 +686,7 @@ impl Firewall {
 
     /// Binds a client to the first port it is seen on and learns its MAC.
     fn bind_client(&mut self, ci: usize, port: usize, mac: Mac) -> bool {
-        let c = &mut self.clients[ci];
-        match c.port {
-            Some(p) if p != port => false,
-            _ => {
-                c.port = Some(port);
-                c.mac = Some(mac);
-                true
-            }
-        }
+        bind(&mut self.clients, ci, port, mac)
     }
 
     /// An ARP request or neighbour solicitation the firewall wants sent,
@@ -872,10 +898,29 @@ impl Firewall {
     // ---- From clients --------------------------------------------------------
 
     fn client_packet(&mut self, now: u64, port: usize, buf: &mut [u8], info: &Ipv4Info) -> Verdict {
+        // Fast path: a packet of a tracked flow. Flows exist only for a
+        // connected client's traffic that passed every check below, so
+        // what is left to check is the client's port (anti-spoofing) and
+        // the TTL.
+        let tuple = client_tuple(buf, info);
+        let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
+        if let (0, true, Some(t)) = (info.frag_offset, info.ttl > 1, &tuple) {
+            let hit = self.ct.by_client(t, now).map(|f| {
+                let bound = bind(&mut self.clients, f.owner as usize, port, src_mac);
+                if bound {
+                    f.touch(now, true, info.tcp_flags);
+                }
+                (bound, *f)
+            });
+            match hit {
+                Some((true, flow)) => return self.send_upstream(now, buf, info, &flow),
+                Some((false, _)) => return self.drop(DropReason::Spoofed),
+                None => {}
+            }
+        }
         let Some(ci) = self.client_index.get(&info.src).copied() else {
             return self.drop(DropReason::Spoofed);
         };
-        let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
         if !self.bind_client(ci, port, src_mac) {
             return self.drop(DropReason::Spoofed);
         }
@@ -904,46 +949,28 @@ impl Firewall {
             };
             return self.icmp_error(now, buf, port, info, err);
         }
-        let tuple = match info.proto {
-            PROTO_TCP | PROTO_UDP => Tuple {
-                proto: info.proto,
-                src: info.src,
-                sport: info.sport,
-                dst: info.dst,
-                dport: info.dport,
-            },
-            PROTO_ICMP if info.sport == 8 => {
-                let id = get_u16(buf, info.l4 + 4).unwrap_or(0);
-                Tuple {
-                    proto: PROTO_ICMP,
-                    src: info.src,
-                    sport: id,
-                    dst: info.dst,
-                    dport: 0,
-                }
-            }
-            PROTO_ICMP => return self.drop(DropReason::IcmpUnsupported),
-            _ => return self.drop(DropReason::ProtoUnsupported),
+        let tuple = match tuple {
+            Some(t) => t,
+            None if info.proto == PROTO_ICMP => return self.drop(DropReason::IcmpUnsupported),
+            None => return self.drop(DropReason::ProtoUnsupported),
         };
-        let flow = match self.ct.by_client(&tuple, now) {
-            Some(f) => {
-                f.touch(now, true, info.tcp_flags);
-                *f
+        // The fast path looked this tuple up already (first fragment or
+        // whole datagram, TTL above 1): it starts a flow.
+        if !l4_checksum_ok(buf, info) {
+            return self.drop(DropReason::BadL4Checksum);
+        }
+        let flow = match self.new_flow(now, ci, &tuple, info) {
+            Ok(f) => f,
+            Err(DropReason::RuleReject) => {
+                let err = IcmpError {
+                    icmp_type: 3,
+                    code: 13,
+                    from: gw,
+                    drop: DropReason::RuleReject,
+                };
+                return self.icmp_error(now, buf, port, info, err);
             }
-            None if !l4_checksum_ok(buf, info) => return self.drop(DropReason::BadL4Checksum),
-            None => match self.new_flow(now, ci, &tuple, info) {
-                Ok(f) => f,
-                Err(reason) if reason == DropReason::RuleReject => {
-                    let err = IcmpError {
-                        icmp_type: 3,
-                        code: 13,
-                        from: gw,
-                        drop: reason,
-                    };
-                    return self.icmp_error(now, buf, port, info, err);
-                }
-                Err(reason) => return self.drop(reason),
-            },
+            Err(reason) => return self.drop(reason),
         };
         self.send_upstream(now, buf, info, &flow)
     }
@@ -992,7 +1019,7 @@ impl Firewall {
         }
         let flow = self
             .ct
-            .create(*tuple, remote, remote_port, now)
+            .create_owned(*tuple, remote, remote_port, now, ci as u32)
             .map_err(|e| match e {
                 CreateError::TableFull => DropReason::ConntrackFull,
                 CreateError::NoFreePort => DropReason::NatPortsExhausted,
@@ -1121,7 +1148,7 @@ impl Firewall {
             }
         }
         rewrite(buf, info, c.dst, sport, c.src, dport);
-        self.send_to_client(buf, c.src, info.end)
+        self.deliver(buf, Some(flow.owner as usize), info.end, ETHERTYPE_IPV4)
     }
 
     /// A fragment after the first: it follows the first fragment's verdict
@@ -1259,7 +1286,7 @@ impl Firewall {
         put_u16(buf, info.l4 + 2, 0);
         let cs = checksum(buf.get(info.l4..info.end).unwrap_or(&[]));
         put_u16(buf, info.l4 + 2, cs);
-        self.send_to_client(buf, c.src, info.end)
+        self.deliver(buf, Some(flow.owner as usize), info.end, ETHERTYPE_IPV4)
     }
 
     /// Reclaims expired flows; call now and then with a small budget.

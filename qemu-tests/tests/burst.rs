@@ -81,7 +81,11 @@ fn burst(cmdline: &str, cpus: u32) {
     );
     for flow in 0..FLOWS as u8 {
         let want: Vec<u16> = (0..PER_FLOW).collect();
-        assert_eq!(seen.get(&flow), Some(&want), "flow {flow}: every frame once, in order");
+        assert_eq!(
+            seen.get(&flow),
+            Some(&want),
+            "flow {flow}: every frame once, in order"
+        );
     }
     let done = lab.finish();
     let c = |k: &str| done.counter(k);

@@ -974,3 +974,49 @@ fn dsthost_rules_are_resolved_through_the_upstream_dns_server() {
         Verdict::Forward { port: UPLINK, .. }
     ));
 }
+
+#[test]
+fn an_established_flow_from_another_port_is_spoofed() {
+    // A firewall with two downlinks; the client's flow is set up on port 1.
+    let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(DB).unwrap()).unwrap();
+    let port2_mac = [0x52, 0x54, 0, 0, 0, 3];
+    let mut fw = Firewall::new(cfg, alloc::vec![UP_MAC, DOWN_MAC, port2_mac]);
+    let mut buf = [0u8; 64];
+    fw.poll_emit(0, &mut buf).unwrap();
+    let reply = arp_frame(ARP_REPLY, GW_MAC, GATEWAY, UPLINK_IP, UP_MAC);
+    assert_eq!(run(&mut fw, 0, UPLINK, &reply).0, Verdict::Consumed);
+    let pkt = |dst_mac, flags| {
+        ipv4(
+            dst_mac,
+            CLIENT_MAC,
+            CLIENT,
+            SERVER,
+            64,
+            PROTO_TCP,
+            &tcp_seg(40000, 5201, flags),
+        )
+    };
+    assert!(matches!(
+        run(&mut fw, 1, 1, &pkt(DOWN_MAC, TCP_SYN)).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    // The same tuple from port 2 (a FIN that would close the flow): dropped
+    // as spoofed, and the flow is untouched.
+    assert_eq!(
+        run(&mut fw, 2, 2, &pkt(port2_mac, TCP_FIN | TCP_ACK)).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    assert!(matches!(
+        run(&mut fw, 3, 1, &pkt(DOWN_MAC, TCP_ACK)).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    assert_eq!(fw.flows(), 1);
+    let ack = pkt(DOWN_MAC, TCP_ACK);
+    let tuple = client_tuple(&ack, &parsed(&ack)).unwrap();
+    let state = fw.ct.by_client(&tuple, 4).map(|f| f.state);
+    assert_eq!(
+        state,
+        Some(crate::conntrack::FlowState::Established),
+        "the spoofed FIN did not close it"
+    );
+}

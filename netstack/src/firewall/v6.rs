@@ -354,7 +354,7 @@ impl Firewall {
                     .check_rules(ci, &probe, false, info.tcp_flags)
                     .and_then(|()| {
                         self.ct6
-                            .create(tuple, info.dst, tuple.dport, now)
+                            .create_owned(tuple, info.dst, tuple.dport, now, ci as u32)
                             .map_err(|e| match e {
                                 CreateError::TableFull => DropReason::ConntrackFull,
                                 CreateError::NoFreePort => DropReason::NatPortsExhausted,
@@ -473,8 +473,7 @@ impl Firewall {
             }
         }
         rewrite6(buf, info, c.dst, sport, c.src, dport);
-        let ci = self.client_index6.get(&c.src).copied();
-        self.deliver(buf, ci, info.end, ETHERTYPE_IPV6)
+        self.deliver(buf, Some(flow.owner as usize), info.end, ETHERTYPE_IPV6)
     }
 
     /// A fragment after the first: it follows the first fragment's verdict
@@ -576,8 +575,7 @@ impl Firewall {
         put_ip6(buf, info.l3 + 24, c.src);
         put_u8(buf, info.l3 + 7, info.hop_limit - 1);
         set_icmpv6_checksum(buf, info.l4, info.end, info.src, c.src);
-        let ci = self.client_index6.get(&c.src).copied();
-        self.deliver(buf, ci, info.end, ETHERTYPE_IPV6)
+        self.deliver(buf, Some(flow.owner as usize), info.end, ETHERTYPE_IPV6)
     }
 }
 
