@@ -132,6 +132,55 @@ fn established(c: &mut Criterion) {
     g.finish();
 }
 
+/// The same over IPv6 (masqueraded to the uplink's IPv6 address).
+fn established_v6(c: &mut Criterion) {
+    use netstack::ipv6::*;
+    use std::net::Ipv6Addr;
+    let db = "/qubes-ip 10.0.2.15\n/qubes-netmask 255.255.255.0\n/qubes-gateway 10.0.2.2\n\
+              /qubes-netvm-gateway 10.137.0.1\n/qubes-ip6 2001:db8:1::15\n\
+              /qubes-gateway6 2001:db8:1::1\n/qubes-netvm-gateway6 fd09::1\n\
+              /connected-ips6 fd09::a\n/qubes-firewall/fd09::a/policy accept\n";
+    let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(db).unwrap()).unwrap();
+    let mut fw = Firewall::new(cfg, vec![UP_MAC, DOWN_MAC]);
+    let up6: Ipv6Addr = "2001:db8:1::15".parse().unwrap();
+    let gw6: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
+    let client: Ipv6Addr = "fd09::a".parse().unwrap();
+    let server: Ipv6Addr = "2001:db8:80::5".parse().unwrap();
+    let mut buf = [0u8; 2048];
+    while fw.poll_emit(0, &mut buf).is_some() {}
+    let na = Neighbor {
+        kind: ND_NEIGHBOR_ADVERT,
+        target: gw6,
+        lladdr: Some(GW_MAC),
+        flags: NA_SOLICITED | NA_OVERRIDE,
+    };
+    let n = na.emit(&mut buf, (GW_MAC, UP_MAC), gw6, up6);
+    assert_eq!(fw.handle(0, UPLINK, &mut buf, n), Verdict::Consumed);
+    // UDP, 64 bytes on the wire with the FCS: 14 + 40 + 8 + 2 + 4.
+    let payload = 2;
+    let mut f = vec![0u8; 14 + 40 + 8 + payload];
+    put_eth(&mut f, DOWN_MAC, CLIENT_MAC, ETHERTYPE_IPV6);
+    put_ipv6_header(&mut f, 14, 8 + payload, PROTO_UDP, 64, client, server);
+    put_u16(&mut f, 54, 40000);
+    put_u16(&mut f, 56, 5201);
+    put_u16(&mut f, 58, (8 + payload) as u16);
+    let sum = fold(sum16(
+        &f[54..],
+        pseudo_header_sum6(client, server, PROTO_UDP, 8 + payload),
+    ));
+    put_u16(&mut f, 60, sum);
+    assert!(matches!(
+        run(&mut fw, 1, 1, &f, &mut buf),
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    let mut g = c.benchmark_group("established_flow_v6");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function(BenchmarkId::new("client_to_upstream", f.len() + 4), |b| {
+        b.iter(|| black_box(run(&mut fw, 2, 1, black_box(&f), &mut buf)))
+    });
+    g.finish();
+}
+
 fn new_flows(c: &mut Criterion) {
     let mut g = c.benchmark_group("new_flow");
     g.throughput(Throughput::Elements(1));
@@ -377,6 +426,7 @@ criterion_group!(
     benches,
     parsers,
     established,
+    established_v6,
     new_flows,
     rule_matching,
     icmp_error,
