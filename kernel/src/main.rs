@@ -146,10 +146,7 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     println!("clock: tsc {} MHz ({source})", tsc_hz / 1_000_000);
     if xen::present() {
         match xenstore::XenStore::open() {
-            Some(mut store) => match (store.read("name"), store.read("domid")) {
-                (Ok(name), Ok(domid)) => println!("xenstore: domain \"{name}\", domid {domid}"),
-                (Err(e), _) | (_, Err(e)) => println!("xenstore: read failed: {e:?}"),
-            },
+            Some(mut store) => xenstore_report(&mut store),
             None => println!("xenstore: no ring"),
         }
     }
@@ -287,6 +284,42 @@ fn load_config(cmdline_text: &str) -> Result<NetConfig, String> {
         db.set(path, value).map_err(|e| e.to_string())?;
     }
     NetConfig::from_db(&db).map_err(|e| e.to_string())
+}
+
+/// The boot report's XenStore part: who we are, the paravirtual devices
+/// the toolstack gave us (and their backends), and a write of our own
+/// status read back.
+fn xenstore_report(store: &mut xenstore::XenStore) {
+    match (store.read("name"), store.read("domid")) {
+        (Ok(name), Ok(domid)) => println!("xenstore: domain \"{name}\", domid {domid}"),
+        (Err(e), _) | (_, Err(e)) => println!("xenstore: read failed: {e:?}"),
+    }
+    // `device` may not exist when the domain has no devices.
+    for class in store.directory("device").unwrap_or_default() {
+        for dev in store
+            .directory(&format!("device/{class}"))
+            .unwrap_or_default()
+        {
+            let node = format!("device/{class}/{dev}");
+            let backend = store.read(&format!("{node}/backend"));
+            let state = store.read(&format!("{node}/state"));
+            match (backend, state) {
+                (Ok(b), Ok(s)) => println!("xenstore: device {class}/{dev} backend {b} state {s}"),
+                (Err(e), _) | (_, Err(e)) => {
+                    println!("xenstore: device {class}/{dev} unreadable: {e:?}")
+                }
+            }
+        }
+    }
+    let status = concat!("booted ", env!("CARGO_PKG_VERSION"));
+    match store
+        .write("data/portcullis", status)
+        .and_then(|()| store.read("data/portcullis"))
+    {
+        Ok(v) if v == status => println!("xenstore: wrote data/portcullis and read it back"),
+        Ok(v) => println!("xenstore: data/portcullis reads back '{v}'"),
+        Err(e) => println!("xenstore: write failed: {e:?}"),
+    }
 }
 
 fn fmt_mac(m: &[u8; 6]) -> String {

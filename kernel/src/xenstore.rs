@@ -96,11 +96,10 @@ impl XenStore {
         Ok(())
     }
 
-    /// Reads `path` (relative to the domain's own node unless absolute).
-    pub fn read(&mut self, path: &str) -> Result<String, XsError> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        self.send(&xs::read(id, path)?)?;
+    /// Sends request `msg` (made with id `id`) and returns the payload of
+    /// its reply of type `kind`.
+    fn transact(&mut self, kind: u32, id: u32, msg: &[u8]) -> Result<Vec<u8>, XsError> {
+        self.send(msg)?;
         let deadline = clock::now_ms() + TIMEOUT_MS;
         loop {
             let mut raw = [0u8; xs::HEADER];
@@ -111,8 +110,34 @@ impl XenStore {
             if h.req_id != id {
                 continue; // a watch event or a stale reply: not ours
             }
-            let value = xs::check_reply(&h, &payload, xs::XS_READ, id)?;
-            return String::from_utf8(value).map_err(|_| XsError::NotText);
+            return xs::check_reply(&h, &payload, kind, id);
         }
+    }
+
+    fn id(&mut self) -> u32 {
+        let id = self.next_id;
+        self.next_id = self.next_id.wrapping_add(1);
+        id
+    }
+
+    /// Reads `path` (relative to the domain's own node unless absolute).
+    pub fn read(&mut self, path: &str) -> Result<String, XsError> {
+        let id = self.id();
+        let value = self.transact(xs::XS_READ, id, &xs::read(id, path)?)?;
+        String::from_utf8(value).map_err(|_| XsError::NotText)
+    }
+
+    /// Writes `value` to `path`.
+    pub fn write(&mut self, path: &str, value: &str) -> Result<(), XsError> {
+        let id = self.id();
+        self.transact(xs::XS_WRITE, id, &xs::write(id, path, value)?)
+            .map(|_| ())
+    }
+
+    /// The names of `path`'s children.
+    pub fn directory(&mut self, path: &str) -> Result<Vec<String>, XsError> {
+        let id = self.id();
+        let payload = self.transact(xs::XS_DIRECTORY, id, &xs::directory(id, path)?)?;
+        xs::directory_entries(&payload)
     }
 }

@@ -12,6 +12,7 @@ type = "pvh"
 kernel = "/portcullis"
 memory = 64
 vcpus = 2
+vif = ["bridge=br0"]
 on_poweroff = "destroy"
 on_crash = "preserve"
 "#;
@@ -95,6 +96,17 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     // XenStore, read over the shared ring: the domain's own name and id.
     assert!(
         has("xenstore: domain \"portcullis\", domid 1"),
+        "{guest:#?}"
+    );
+    // The vif the toolstack created, found in XenStore with its backend in
+    // dom0 (netback), still initialising (netfront is not written yet)...
+    assert!(
+        has("xenstore: device vif/0 backend /local/domain/0/backend/vif/1/0 state 1"),
+        "{guest:#?}"
+    );
+    // ...and a XenStore write of our own, read back.
+    assert!(
+        has("xenstore: wrote data/portcullis and read it back"),
         "{guest:#?}"
     );
     assert!(

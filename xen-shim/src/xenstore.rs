@@ -63,6 +63,38 @@ pub fn read(req_id: u32, path: &str) -> Result<Vec<u8>, XsError> {
     request(XS_READ, req_id, &[path.as_bytes(), b"\0"])
 }
 
+/// A `WRITE` of `value` to `path`: the path NUL-terminated, the value not.
+pub fn write(req_id: u32, path: &str, value: &str) -> Result<Vec<u8>, XsError> {
+    request(
+        XS_WRITE,
+        req_id,
+        &[path.as_bytes(), b"\0", value.as_bytes()],
+    )
+}
+
+/// A `DIRECTORY` of `path`: the names of its children.
+pub fn directory(req_id: u32, path: &str) -> Result<Vec<u8>, XsError> {
+    request(XS_DIRECTORY, req_id, &[path.as_bytes(), b"\0"])
+}
+
+/// The names in a `DIRECTORY` reply: NUL-terminated strings, each a
+/// non-empty UTF-8 name without `/`.
+pub fn directory_entries(payload: &[u8]) -> Result<Vec<String>, XsError> {
+    let mut out = Vec::new();
+    if payload.is_empty() {
+        return Ok(out);
+    }
+    let body = payload.strip_suffix(b"\0").ok_or(XsError::BadReply)?;
+    for name in body.split(|&b| b == 0) {
+        let name = core::str::from_utf8(name).map_err(|_| XsError::NotText)?;
+        if name.is_empty() || name.contains('/') {
+            return Err(XsError::BadReply);
+        }
+        out.push(name.into());
+    }
+    Ok(out)
+}
+
 /// A decoded reply header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Header {
@@ -129,6 +161,24 @@ mod tests {
             request(XS_WRITE, 1, &[&[0u8; 5000]]),
             Err(XsError::TooLarge)
         );
+    }
+
+    #[test]
+    fn encodes_write_and_directory_and_parses_listings() {
+        let m = write(3, "data/x", "v 1").unwrap();
+        assert_eq!(&m[..4], &XS_WRITE.to_le_bytes());
+        assert_eq!(&m[12..16], &10u32.to_le_bytes());
+        assert_eq!(&m[16..], b"data/x\0v 1");
+        let m = directory(4, "device").unwrap();
+        assert_eq!(
+            (&m[..4], &m[16..]),
+            (&XS_DIRECTORY.to_le_bytes()[..], &b"device\0"[..])
+        );
+        assert_eq!(directory_entries(b"vif\0vbd\0").unwrap(), ["vif", "vbd"]);
+        assert_eq!(directory_entries(b"").unwrap(), Vec::<String>::new());
+        for bad in [&b"vif"[..], b"a/b\0", b"\0\0", b"\xff\0"] {
+            assert!(directory_entries(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
