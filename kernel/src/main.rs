@@ -19,6 +19,7 @@ mod cpu;
 mod dataplane;
 mod exit;
 mod fw_cfg;
+mod gnttab;
 mod heap;
 mod idle;
 mod lapic;
@@ -149,6 +150,7 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
             Some(mut store) => xenstore_report(&mut store),
             None => println!("xenstore: no ring"),
         }
+        xen_sharing_report();
     }
     let apic_ids = acpi.as_ref().map(|a| a.cpus.clone()).unwrap_or_default();
     if apic_ids.len() > 1 {
@@ -286,6 +288,69 @@ fn load_config(cmdline_text: &str) -> Result<NetConfig, String> {
     NetConfig::from_db(&db).map_err(|e| e.to_string())
 }
 
+/// The boot report's part on what netfront will need: the shared-info
+/// page, the grant table, an event channel — each set up against Xen and
+/// checked: a page granted to dom0 and taken back.
+fn xen_sharing_report() {
+    let shared = gnttab::SharedInfo::map();
+    match &shared {
+        Ok(si) => println!(
+            "xen: shared info at {:#x}; console event channel {}",
+            si.address(),
+            if si.masked(xen::console_port()) {
+                "masked"
+            } else {
+                "unmasked"
+            }
+        ),
+        Err(e) => println!("xen: {e}"),
+    }
+    match gnttab::GrantTable::setup(1) {
+        Ok(mut t) => {
+            println!(
+                "xen: grant table v1, {} of {} frames at {:#x} ({} refs free)",
+                t.frames(),
+                t.max_frames,
+                t.base(),
+                t.free_refs()
+            );
+            let (page, _) = phys::alloc_dma(4096);
+            match t.grant(0, page >> 12, true) {
+                Some(r) if t.end(r) => {
+                    println!("xen: grant ref {} given to dom0 and taken back", r.0)
+                }
+                Some(r) => println!("xen: grant ref {} could not be taken back", r.0),
+                None => println!("xen: no grant reference free"),
+            }
+        }
+        Err(e) => println!("xen: {e}"),
+    }
+    match gnttab::alloc_unbound(0) {
+        Some(port) => println!("xen: event channel {port} allocated for dom0"),
+        None => println!("xen: EVTCHNOP_alloc_unbound failed"),
+    }
+    // A channel looped back to ourselves: an event sent on one end must be
+    // pending on the other, as netback's will be.
+    let (Ok(si), Some(a)) = (
+        &shared,
+        gnttab::alloc_unbound(xen_shim::hypercall::DOMID_SELF),
+    ) else {
+        return;
+    };
+    let Some(b) = xen::bind_interdomain(xen_shim::hypercall::DOMID_SELF, a) else {
+        println!("xen: EVTCHNOP_bind_interdomain failed");
+        return;
+    };
+    let before = si.take_pending(a);
+    xen::notify(b);
+    let after = si.take_pending(a);
+    if !before && after {
+        println!("xen: event channels {a} <-> {b}: an event sent on one is pending on the other");
+    } else {
+        println!("xen: event channels {a} <-> {b}: pending {before} before, {after} after a send");
+    }
+}
+
 /// The boot report's XenStore part: who we are, the paravirtual devices
 /// the toolstack gave us (and their backends), and a write of our own
 /// status read back.
@@ -301,13 +366,14 @@ fn xenstore_report(store: &mut xenstore::XenStore) {
             .unwrap_or_default()
         {
             let node = format!("device/{class}/{dev}");
-            let backend = store.read(&format!("{node}/backend"));
-            let state = store.read(&format!("{node}/state"));
-            match (backend, state) {
-                (Ok(b), Ok(s)) => println!("xenstore: device {class}/{dev} backend {b} state {s}"),
-                (Err(e), _) | (_, Err(e)) => {
-                    println!("xenstore: device {class}/{dev} unreadable: {e:?}")
-                }
+            // Entries without a backend (`device/suspend/event-channel`)
+            // are not devices.
+            let Ok(backend) = store.read(&format!("{node}/backend")) else {
+                continue;
+            };
+            match store.read(&format!("{node}/state")) {
+                Ok(st) => println!("xenstore: device {class}/{dev} backend {backend} state {st}"),
+                Err(e) => println!("xenstore: device {class}/{dev} state unreadable: {e:?}"),
             }
         }
     }

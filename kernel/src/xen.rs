@@ -79,23 +79,8 @@ pub fn tsc_hz() -> Option<u64> {
 /// The arguments must be valid for hypercall `number` (pointers to memory
 /// the hypervisor may read or write as that call defines).
 unsafe fn hypercall2(number: u32, a1: u64, a2: u64) -> i64 {
-    let entry = core::ptr::addr_of!(HYPERCALL_PAGE) as u64 + u64::from(number) * 32;
-    let ret: i64;
-    // SAFETY: `entry` is Xen's stub for `number` in the installed page; the
-    // stub follows the hypercall ABI (rdi, rsi in; rax out; rcx and r11
-    // clobbered by the `vmcall`/`syscall` it contains).
-    unsafe {
-        core::arch::asm!(
-            "call {entry}",
-            entry = in(reg) entry,
-            inlateout("rdi") a1 => _,
-            inlateout("rsi") a2 => _,
-            lateout("rax") ret,
-            lateout("rcx") _,
-            lateout("r11") _,
-        );
-    }
-    ret
+    // SAFETY: as the caller promised; the unused third argument is 0.
+    unsafe { hypercall3(number, a1, a2, 0) }
 }
 
 /// Ends the domain: powered off, or crashed (for failures).
@@ -163,6 +148,11 @@ fn init_console() {
     }
 }
 
+/// The PV console's event channel (0 when there is none).
+pub fn console_port() -> u32 {
+    CONSOLE_EVTCHN.load(Ordering::Relaxed)
+}
+
 /// Whether the PV console ring is in use.
 pub fn has_console_ring() -> bool {
     CONSOLE_RING.load(Ordering::Acquire) != 0
@@ -212,6 +202,113 @@ pub fn console_ring_write(bytes: &[u8]) {
     // The index store must be visible before the backend is woken.
     fence(Ordering::SeqCst);
     notify(CONSOLE_EVTCHN.load(Ordering::Relaxed));
+}
+
+/// `XENMEM_add_to_physmap` for this domain: places frame `idx` of
+/// `space` at guest frame `gpfn`. 0 on success.
+pub fn add_to_physmap(space: u32, idx: u64, gpfn: u64) -> i64 {
+    let mut a = xen_shim::grant::AddToPhysmap {
+        domid: DOMID_SELF,
+        size: 0,
+        space,
+        idx,
+        gpfn,
+    };
+    // SAFETY: XENMEM_add_to_physmap reads one `xen_add_to_physmap` at the
+    // pointer, a live local; `gpfn` is a page of our own RAM that the
+    // caller gives up to the mapping.
+    unsafe {
+        hypercall2(
+            xen_shim::grant::HYPERVISOR_MEMORY_OP,
+            u64::from(xen_shim::grant::XENMEM_ADD_TO_PHYSMAP),
+            &mut a as *mut _ as u64,
+        )
+    }
+}
+
+/// The grant table's current and maximum size in frames.
+pub fn grant_table_size() -> Option<xen_shim::grant::QuerySize> {
+    let mut q = xen_shim::grant::QuerySize {
+        dom: DOMID_SELF,
+        ..Default::default()
+    };
+    // SAFETY: GNTTABOP_query_size with a count of 1 reads and writes one
+    // `gnttab_query_size` at the pointer, a live local.
+    let rc = unsafe {
+        hypercall3(
+            xen_shim::grant::HYPERVISOR_GRANT_TABLE_OP,
+            u64::from(xen_shim::grant::GNTTABOP_QUERY_SIZE),
+            &mut q as *mut _ as u64,
+            1,
+        )
+    };
+    (rc == 0 && q.status == 0).then_some(q)
+}
+
+/// `EVTCHNOP_alloc_unbound`: a new port of `dom` that `remote` may bind.
+pub fn alloc_unbound(dom: u16, remote: u16) -> Option<u32> {
+    let mut a = xen_shim::grant::AllocUnbound {
+        dom,
+        remote_dom: remote,
+        port: 0,
+    };
+    // SAFETY: EVTCHNOP_alloc_unbound reads and writes one
+    // `evtchn_alloc_unbound` at the pointer, a live local.
+    let rc = unsafe {
+        hypercall2(
+            HYPERVISOR_EVENT_CHANNEL_OP,
+            u64::from(xen_shim::grant::EVTCHNOP_ALLOC_UNBOUND),
+            &mut a as *mut _ as u64,
+        )
+    };
+    (rc == 0).then_some(a.port)
+}
+
+/// `EVTCHNOP_bind_interdomain`: a local port connected to `remote`'s
+/// unbound `remote_port`.
+pub fn bind_interdomain(remote: u16, remote_port: u32) -> Option<u32> {
+    let mut b = xen_shim::grant::BindInterdomain {
+        remote_dom: remote,
+        remote_port,
+        local_port: 0,
+    };
+    // SAFETY: EVTCHNOP_bind_interdomain reads and writes one
+    // `evtchn_bind_interdomain` at the pointer, a live local.
+    let rc = unsafe {
+        hypercall2(
+            HYPERVISOR_EVENT_CHANNEL_OP,
+            u64::from(xen_shim::grant::EVTCHNOP_BIND_INTERDOMAIN),
+            &mut b as *mut _ as u64,
+        )
+    };
+    (rc == 0).then_some(b.local_port)
+}
+
+/// A three-argument hypercall.
+///
+/// # Safety
+///
+/// The arguments must be valid for hypercall `number` (pointers to memory
+/// the hypervisor may read or write as that call defines).
+unsafe fn hypercall3(number: u32, a1: u64, a2: u64, a3: u64) -> i64 {
+    let entry = core::ptr::addr_of!(HYPERCALL_PAGE) as u64 + u64::from(number) * 32;
+    let ret: i64;
+    // SAFETY: `entry` is Xen's stub for `number` in the installed page; the
+    // stub follows the hypercall ABI (rdi, rsi, rdx in; rax out; rcx and
+    // r11 clobbered by the `vmcall`/`syscall` it contains).
+    unsafe {
+        core::arch::asm!(
+            "call {entry}",
+            entry = in(reg) entry,
+            inlateout("rdi") a1 => _,
+            inlateout("rsi") a2 => _,
+            inlateout("rdx") a3 => _,
+            lateout("rax") ret,
+            lateout("rcx") _,
+            lateout("r11") _,
+        );
+    }
+    ret
 }
 
 /// `EVTCHNOP_send` on `port`.

@@ -104,6 +104,26 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         has("xenstore: device vif/0 backend /local/domain/0/backend/vif/1/0 state 1"),
         "{guest:#?}"
     );
+    // What netfront will need, set up against Xen and checked: shared
+    // info, the grant table (a page granted and taken back), event
+    // channels (one for dom0; a pair looped back to ourselves).
+    assert!(has("xen: shared info at 0x"), "{guest:#?}");
+    assert!(has("xen: grant table v1, 1 of "), "{guest:#?}");
+    assert!(
+        has("xen: grant ref 8 given to dom0 and taken back"),
+        "{guest:#?}"
+    );
+    assert!(
+        guest
+            .iter()
+            .any(|l| l.starts_with("xen: event channel") && l.ends_with("allocated for dom0")),
+        "{guest:#?}"
+    );
+    assert!(
+        guest.iter().any(|l| l.starts_with("xen: event channels")
+            && l.ends_with("an event sent on one is pending on the other")),
+        "{guest:#?}"
+    );
     // ...and a XenStore write of our own, read back.
     assert!(
         has("xenstore: wrote data/portcullis and read it back"),

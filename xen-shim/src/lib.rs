@@ -1,8 +1,9 @@
 //! Xen interfaces for Portcullis, as pure data and logic.
 //!
 //! This crate owns the Xen-facing formats: the PVH start-of-day structure
-//! (`hvm_start_info` and its memory map) today, and later hypercall numbers,
-//! event channels, grant tables, XenStore, console, vchan and QubesDB codecs.
+//! (`hvm_start_info` and its memory map), hypercall numbers and CPUID
+//! decoding, grant-table and event-channel layouts and bookkeeping
+//! (`grant`), the XenStore wire codec; later vchan and QubesDB codecs.
 //! It decodes what another party (Xen, QEMU's PVH loader, dom0) wrote into
 //! typed values and never trusts it: every parser takes bytes and returns a
 //! `Result`. It performs no hardware access itself; the kernel reads guest
@@ -13,6 +14,7 @@
 
 extern crate alloc;
 
+pub mod grant;
 pub mod hypercall;
 pub mod pvh;
 pub mod xenstore;

@@ -1,0 +1,179 @@
+//! Grant table v1, event channels and the shared-info page: numbers,
+//! argument layouts and the bookkeeping that needs no hardware (`public/
+//! grant_table.h`, `memory.h`, `event_channel.h`, `xen.h`).
+//!
+//! A v1 grant entry is 8 bytes: `u16 flags, u16 domid, u32 frame`. To
+//! grant, the domid and frame are written first and the flags last (with a
+//! write barrier between), so the other domain never sees a permitted entry
+//! with stale fields. To end access, the flags are cleared only while the
+//! other side is neither reading nor writing through the grant
+//! (`GTF_reading`/`GTF_writing`), with a compare-and-swap: a grant still
+//! mapped is never reused.
+
+use alloc::vec::Vec;
+
+pub const HYPERVISOR_MEMORY_OP: u32 = 12;
+pub const HYPERVISOR_GRANT_TABLE_OP: u32 = 20;
+
+pub const XENMEM_ADD_TO_PHYSMAP: u32 = 7;
+pub const XENMAPSPACE_SHARED_INFO: u32 = 0;
+pub const XENMAPSPACE_GRANT_TABLE: u32 = 1;
+
+pub const GNTTABOP_QUERY_SIZE: u32 = 6;
+pub const GTF_PERMIT_ACCESS: u16 = 1;
+pub const GTF_READONLY: u16 = 1 << 2;
+pub const GTF_READING: u16 = 1 << 3;
+pub const GTF_WRITING: u16 = 1 << 4;
+/// v1 entries in one 4 KiB frame.
+pub const ENTRIES_PER_FRAME: u32 = 512;
+pub const ENTRY_SIZE: usize = 8;
+/// Refs below this are the toolstack's (console, XenStore).
+pub const FIRST_FREE_REF: u32 = 8;
+
+pub const EVTCHNOP_BIND_INTERDOMAIN: u32 = 0;
+pub const EVTCHNOP_ALLOC_UNBOUND: u32 = 6;
+/// In the shared-info page: 32 `vcpu_info` of 64 bytes, then the pending
+/// and mask bitmaps (64 words of 64 bits each).
+pub const EVTCHN_PENDING: usize = 32 * 64;
+pub const EVTCHN_MASK: usize = EVTCHN_PENDING + 64 * 8;
+/// Event channel ports the 2-level ABI has.
+pub const EVTCHN_PORTS: u32 = 64 * 64;
+
+/// `xen_add_to_physmap`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddToPhysmap {
+    pub domid: u16,
+    pub size: u16,
+    pub space: u32,
+    pub idx: u64,
+    pub gpfn: u64,
+}
+
+/// `gnttab_query_size`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuerySize {
+    pub dom: u16,
+    pub nr_frames: u32,
+    pub max_nr_frames: u32,
+    pub status: i16,
+}
+
+/// `evtchn_alloc_unbound`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AllocUnbound {
+    pub dom: u16,
+    pub remote_dom: u16,
+    pub port: u32,
+}
+
+/// `evtchn_bind_interdomain`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BindInterdomain {
+    pub remote_dom: u16,
+    pub remote_port: u32,
+    pub local_port: u32,
+}
+
+/// A grant reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrantRef(pub u32);
+
+/// The flags that permit `domid` access (read-only or not); written last.
+pub fn permit_flags(readonly: bool) -> u16 {
+    GTF_PERMIT_ACCESS | if readonly { GTF_READONLY } else { 0 }
+}
+
+/// Whether access through a grant whose flags are `flags` may be ended now.
+pub fn can_end(flags: u16) -> bool {
+    flags & (GTF_READING | GTF_WRITING) == 0
+}
+
+/// Byte offset of `r`'s entry in the table, if it is within `frames`.
+pub fn entry_offset(r: GrantRef, frames: u32) -> Option<usize> {
+    (r.0 < frames * ENTRIES_PER_FRAME).then(|| r.0 as usize * ENTRY_SIZE)
+}
+
+/// The free grant references of a table of `frames` frames.
+#[derive(Debug, Clone)]
+pub struct RefAllocator {
+    free: Vec<u32>,
+    limit: u32,
+}
+
+impl RefAllocator {
+    pub fn new(frames: u32) -> Self {
+        let limit = frames * ENTRIES_PER_FRAME;
+        Self {
+            free: (FIRST_FREE_REF..limit).rev().collect(),
+            limit,
+        }
+    }
+
+    pub fn alloc(&mut self) -> Option<GrantRef> {
+        self.free.pop().map(GrantRef)
+    }
+
+    /// Returns a reference whose access has ended; a reference outside the
+    /// table, reserved, or already free is refused.
+    pub fn release(&mut self, r: GrantRef) -> bool {
+        if r.0 < FIRST_FREE_REF || r.0 >= self.limit || self.free.contains(&r.0) {
+            return false;
+        }
+        self.free.push(r.0);
+        true
+    }
+
+    pub fn available(&self) -> usize {
+        self.free.len()
+    }
+}
+
+/// Word and bit of event channel `port` in the 2-level bitmaps.
+pub fn port_bit(port: u32) -> Option<(usize, u64)> {
+    (port < EVTCHN_PORTS).then(|| ((port / 64) as usize, 1u64 << (port % 64)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layouts_match_the_c_structures() {
+        assert_eq!(core::mem::size_of::<AddToPhysmap>(), 24);
+        assert_eq!(core::mem::size_of::<QuerySize>(), 16);
+        assert_eq!(core::mem::size_of::<AllocUnbound>(), 8);
+        assert_eq!(core::mem::size_of::<BindInterdomain>(), 12);
+        assert_eq!(EVTCHN_PENDING, 2048);
+        assert_eq!(EVTCHN_MASK, 2560);
+    }
+
+    #[test]
+    fn refs_are_allocated_once_and_reserved_ones_never() {
+        let mut a = RefAllocator::new(1);
+        assert_eq!(a.available(), 504);
+        let r = a.alloc().unwrap();
+        assert_eq!(r, GrantRef(8));
+        assert!(!a.release(GrantRef(3)), "reserved");
+        assert!(!a.release(GrantRef(512)), "outside the table");
+        assert!(!a.release(GrantRef(9)), "already free");
+        assert!(a.release(r));
+        assert!(!a.release(r), "twice");
+        assert_eq!(entry_offset(GrantRef(511), 1), Some(4088));
+        assert_eq!(entry_offset(GrantRef(512), 1), None);
+    }
+
+    #[test]
+    fn access_ends_only_when_unused() {
+        let f = permit_flags(false);
+        assert!(can_end(f));
+        assert!(!can_end(f | GTF_READING));
+        assert!(!can_end(f | GTF_WRITING));
+        assert_eq!(permit_flags(true), GTF_PERMIT_ACCESS | GTF_READONLY);
+        assert_eq!(port_bit(65), Some((1, 2)));
+        assert_eq!(port_bit(EVTCHN_PORTS), None);
+    }
+}
