@@ -6,9 +6,11 @@
 //! takes the answers (`answer`); the firewall builds and receives the UDP
 //! datagrams. Each (name, family) is one entry: A records for an IPv4
 //! client's rules, AAAA for an IPv6 client's. A query is retried every
-//! `RETRY_MS`, `TRIES` times per server, over both servers; when every try
-//! fails, or the name does not exist, the entry resolves to no addresses
-//! (its rules match nothing) and is asked again after `NEGATIVE_TTL_MS`.
+//! `RETRY_MS`, `TRIES` times per server, over both servers. When every try
+//! of a first lookup fails, or the name does not exist, the entry resolves
+//! to no addresses (its rules match nothing); when a later lookup gets no
+//! answer, the addresses it had stay. Either way it is asked again after
+//! `NEGATIVE_TTL_MS`.
 //! Answers are checked against the outstanding query (id, server, the
 //! question) and parsed with bounds on every field and on compression
 //! pointers; anything else is ignored.
@@ -187,11 +189,12 @@ impl Resolver {
                     if server >= servers {
                         e.state = State::Done;
                         e.expires = now.saturating_add(NEGATIVE_TTL_MS);
-                        if !e.resolved || !e.addrs.is_empty() {
+                        // Never answered: the name resolves to nothing.
+                        // Answered before: the addresses stay (dropping them
+                        // would lift a `drop` rule on the name whenever the
+                        // servers are unreachable); asked again later.
+                        if !e.resolved {
                             e.resolved = true;
-                            // Stale addresses are dropped when no server
-                            // answers: fail closed.
-                            e.addrs.clear();
                             gave_up.push(Resolved {
                                 name: e.name.clone(),
                                 v6: e.v6,
@@ -494,6 +497,25 @@ mod tests {
         }
         assert_eq!(servers, vec![0, 0, 0, 1, 1, 1]);
         assert!(r.resolved("example.com", true), "resolved to nothing");
+    }
+
+    #[test]
+    fn a_failed_refresh_keeps_the_addresses() {
+        let mut r = Resolver::new([("example.com", false)], vec![SERVER], 7);
+        let mut buf = [0u8; MAX_QUERY];
+        let q = r.next_query(0, &mut buf).0.unwrap();
+        let ans = response(&buf[..q.len], 0, &[(TYPE_A, 60, &[192, 0, 2, 1])]);
+        assert!(r.answer(1, SERVER, &ans).is_some());
+        // The TTL runs out; no server answers any more.
+        let mut now = 61_000;
+        for _ in 0..10 {
+            let (_, gave_up) = r.next_query(now, &mut buf);
+            assert!(gave_up.is_empty(), "nothing is given up on");
+            now += RETRY_MS;
+        }
+        let (_, _, addrs, resolved) = r.entries().next().unwrap();
+        assert!(resolved);
+        assert_eq!(addrs, &[IpAddr::from([192, 0, 2, 1])]);
     }
 
     #[test]
