@@ -386,6 +386,21 @@ fn xenstore_report(store: &mut xenstore::XenStore) {
         Ok(v) => println!("xenstore: data/portcullis reads back '{v}'"),
         Err(e) => println!("xenstore: write failed: {e:?}"),
     }
+    // A watch on that key: the event xenstored sends when it is set, then
+    // one for a write of ours (how netfront will follow netback's state).
+    let watched = store
+        .watch("data/portcullis", "status")
+        .and_then(|()| store.next_event(2000))
+        .and_then(|_| store.write("data/portcullis", "watched"))
+        .and_then(|()| store.next_event(2000));
+    match watched {
+        // (The event names the path as the watch gave it.)
+        Ok((path, token)) if path.ends_with("data/portcullis") && token == "status" => {
+            println!("xenstore: watch on data/portcullis fired on a write")
+        }
+        Ok((path, token)) => println!("xenstore: unexpected watch event {path} {token}"),
+        Err(e) => println!("xenstore: watch failed: {e:?}"),
+    }
 }
 
 fn fmt_mac(m: &[u8; 6]) -> String {

@@ -4,6 +4,7 @@
 //! (`xen_shim::xenstore`) and a bad one is an error, never a panic or a
 //! hang: each wait has a deadline.
 
+use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{fence, AtomicU32, Ordering};
@@ -20,6 +21,8 @@ pub struct XenStore {
     page: u64,
     port: u32,
     next_id: u32,
+    /// Watch events that arrived while a reply was awaited.
+    events: VecDeque<(String, String)>,
 }
 
 fn index(page: u64, off: usize) -> &'static AtomicU32 {
@@ -39,6 +42,7 @@ impl XenStore {
             page,
             port,
             next_id: 1,
+            events: VecDeque::new(),
         })
     }
 
@@ -102,15 +106,48 @@ impl XenStore {
         self.send(msg)?;
         let deadline = clock::now_ms() + TIMEOUT_MS;
         loop {
-            let mut raw = [0u8; xs::HEADER];
-            self.receive(&mut raw, deadline)?;
-            let h = xs::Header::parse(&raw)?;
-            let mut payload: Vec<u8> = alloc::vec![0; h.len as usize];
-            self.receive(&mut payload, deadline)?;
+            let (h, payload) = self.message(deadline)?;
+            if h.kind == xs::XS_WATCH_EVENT {
+                self.events.push_back(xs::watch_event(&h, &payload)?);
+                continue;
+            }
             if h.req_id != id {
-                continue; // a watch event or a stale reply: not ours
+                continue; // a stale reply: not ours
             }
             return xs::check_reply(&h, &payload, kind, id);
+        }
+    }
+
+    /// The next message from xenstored: header and payload.
+    fn message(&mut self, deadline: u64) -> Result<(xs::Header, Vec<u8>), XsError> {
+        let mut raw = [0u8; xs::HEADER];
+        self.receive(&mut raw, deadline)?;
+        let h = xs::Header::parse(&raw)?;
+        let mut payload: Vec<u8> = alloc::vec![0; h.len as usize];
+        self.receive(&mut payload, deadline)?;
+        Ok((h, payload))
+    }
+
+    /// Watches `path` (and below); events carry `token`. xenstored sends
+    /// one event at once, then one per change.
+    pub fn watch(&mut self, path: &str, token: &str) -> Result<(), XsError> {
+        let id = self.id();
+        self.transact(xs::XS_WATCH, id, &xs::watch(id, path, token)?)
+            .map(|_| ())
+    }
+
+    /// The next watch event (path, token), waiting at most `timeout_ms`.
+    pub fn next_event(&mut self, timeout_ms: u64) -> Result<(String, String), XsError> {
+        if let Some(e) = self.events.pop_front() {
+            return Ok(e);
+        }
+        let deadline = clock::now_ms() + timeout_ms;
+        loop {
+            let (h, payload) = self.message(deadline)?;
+            if h.kind == xs::XS_WATCH_EVENT {
+                return xs::watch_event(&h, &payload);
+            }
+            // A late reply to an earlier request: nothing waits for it.
         }
     }
 

@@ -124,6 +124,11 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
             && l.ends_with("an event sent on one is pending on the other")),
         "{guest:#?}"
     );
+    // A XenStore watch: its event for a write of ours.
+    assert!(
+        has("xenstore: watch on data/portcullis fired on a write"),
+        "{guest:#?}"
+    );
     // ...and a XenStore write of our own, read back.
     assert!(
         has("xenstore: wrote data/portcullis and read it back"),

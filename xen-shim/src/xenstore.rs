@@ -22,7 +22,10 @@ pub const PAYLOAD_MAX: u32 = 4096;
 
 pub const XS_DIRECTORY: u32 = 1;
 pub const XS_READ: u32 = 2;
+pub const XS_WATCH: u32 = 4;
+pub const XS_UNWATCH: u32 = 5;
 pub const XS_WRITE: u32 = 11;
+pub const XS_WATCH_EVENT: u32 = 15;
 pub const XS_ERROR: u32 = 16;
 
 /// Why a reply or the ring state was refused.
@@ -93,6 +96,32 @@ pub fn directory_entries(payload: &[u8]) -> Result<Vec<String>, XsError> {
         out.push(name.into());
     }
     Ok(out)
+}
+
+/// A `WATCH` of `path` (and everything below it), events tagged `token`.
+pub fn watch(req_id: u32, path: &str, token: &str) -> Result<Vec<u8>, XsError> {
+    request(
+        XS_WATCH,
+        req_id,
+        &[path.as_bytes(), b"\0", token.as_bytes(), b"\0"],
+    )
+}
+
+/// A watch event's (path that changed, token).
+pub fn watch_event(h: &Header, payload: &[u8]) -> Result<(String, String), XsError> {
+    if h.kind != XS_WATCH_EVENT || payload.len() != h.len as usize {
+        return Err(XsError::BadReply);
+    }
+    let mut parts = payload.split(|&b| b == 0);
+    let (Some(path), Some(token)) = (parts.next(), parts.next()) else {
+        return Err(XsError::BadReply);
+    };
+    let text = |b: &[u8]| {
+        core::str::from_utf8(b)
+            .map(String::from)
+            .map_err(|_| XsError::NotText)
+    };
+    Ok((text(path)?, text(token)?))
 }
 
 /// A decoded reply header.
@@ -179,6 +208,27 @@ mod tests {
         for bad in [&b"vif"[..], b"a/b\0", b"\0\0", b"\xff\0"] {
             assert!(directory_entries(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn watches_and_their_events() {
+        let m = watch(5, "data/x", "tok").unwrap();
+        assert_eq!(&m[..4], &XS_WATCH.to_le_bytes());
+        assert_eq!(&m[16..], b"data/x\0tok\0");
+        let payload = b"/local/domain/1/data/x\0tok\0";
+        let h = Header {
+            kind: XS_WATCH_EVENT,
+            req_id: 0,
+            tx_id: 0,
+            len: payload.len() as u32,
+        };
+        assert_eq!(
+            watch_event(&h, payload).unwrap(),
+            ("/local/domain/1/data/x".to_string(), "tok".to_string())
+        );
+        assert!(watch_event(&h, b"no-nul").is_err());
+        let read = Header { kind: XS_READ, ..h };
+        assert!(watch_event(&read, payload).is_err());
     }
 
     #[test]
