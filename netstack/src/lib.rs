@@ -1,11 +1,12 @@
 //! The firewall stage: parsing, rules, connection tracking, NAT.
 //!
 //! This crate owns everything Portcullis decides about a packet — frame and
-//! header parsing that never panics (`wire`, `ipv6`), the QubesDB configuration
-//! model (`config`), the Qubes rule language and its matching (`rules`),
-//! stateful connection tracking with source NAT and DNS redirection
-//! (`conntrack`), and the per-frame pipeline with ARP, ICMP and counters
-//! (`firewall`). It is pure logic: no `unsafe`, no hardware, no logging; the
+//! header parsing that never panics (`wire`, `ipv6`), the QubesDB
+//! configuration model (`config`), the Qubes rule language and its matching
+//! (`rules`), the resolver for `dsthost` names (`dns`), stateful connection
+//! tracking with source NAT and DNS redirection (`conntrack`), and the
+//! per-frame pipeline for IPv4 and IPv6 with ARP, neighbour discovery, ICMP
+//! and counters (`firewall`). It is pure logic: no `unsafe`, no hardware, no logging; the
 //! kernel moves batches of frames through `Firewall::handle` and supplies
 //! the time. Allocation happens when configuration loads and when a flow is
 //! created, never per established-flow packet.
