@@ -26,7 +26,9 @@ use core::fmt::Debug;
 use core::hash::{Hash, Hasher};
 use core::net::{Ipv4Addr, Ipv6Addr};
 
-use hashbrown::HashMap;
+use core::hash::BuildHasher;
+
+use hashbrown::DefaultHashBuilder;
 
 use crate::ipv6::PROTO_ICMPV6;
 use crate::wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
@@ -184,8 +186,11 @@ pub struct Conntrack<A = Ipv4Addr> {
     uplink: A,
     slots: Vec<Option<Flow<A>>>,
     free: Vec<u32>,
-    by_client: HashMap<Tuple<A>, u32>,
-    by_reply: HashMap<Tuple<A>, u32>,
+    /// Slot numbers by the client-side tuple and by the reply tuple: the
+    /// keys live in the slots, the indexes hold 4 bytes a bucket.
+    by_client: SlotIndex,
+    by_reply: SlotIndex,
+    hasher: DefaultHashBuilder,
     next_port: u16,
     sweep: usize,
     /// Flows in creation order, to find the oldest one not yet answered
@@ -202,10 +207,11 @@ impl<A: Addr> Conntrack<A> {
             uplink,
             slots: alloc::vec![None; capacity],
             free: (0..capacity as u32).rev().collect(),
-            // Twice the flows: with churn, hashbrown then rehashes in place
-            // instead of growing, so the memory stays what it was at start.
-            by_client: HashMap::with_capacity(2 * capacity),
-            by_reply: HashMap::with_capacity(2 * capacity),
+            // Twice as many buckets as flows, never grown: the memory stays
+            // what it was at start.
+            by_client: SlotIndex::new(capacity),
+            by_reply: SlotIndex::new(capacity),
+            hasher: DefaultHashBuilder::default(),
             next_port: NAT_PORT_FIRST,
             sweep: 0,
             unreplied: VecDeque::with_capacity(2 * capacity + 1),
@@ -231,16 +237,21 @@ impl<A: Addr> Conntrack<A> {
     pub fn memory_bytes(&self) -> usize {
         self.slots.capacity() * core::mem::size_of::<Option<Flow<A>>>()
             + self.free.capacity() * core::mem::size_of::<u32>()
-            + self.by_client.allocation_size()
-            + self.by_reply.allocation_size()
+            + self.by_client.memory_bytes()
+            + self.by_reply.memory_bytes()
             + self.unreplied.capacity() * core::mem::size_of::<(u32, u64)>()
     }
 
     fn remove(&mut self, idx: u32) {
         if let Some(f) = self.slots.get_mut(idx as usize).and_then(Option::take) {
-            self.by_client.remove(&f.client);
-            self.by_reply.remove(&f.reply_tuple(self.uplink));
+            let (hc, hr) = (
+                self.hasher.hash_one(f.client),
+                self.hasher.hash_one(f.reply_tuple(self.uplink)),
+            );
+            self.by_client.remove(hc, idx);
+            self.by_reply.remove(hr, idx);
             self.free.push(idx);
+            self.rebuild_if_worn();
         }
     }
 
@@ -256,15 +267,49 @@ impl<A: Addr> Conntrack<A> {
         }
     }
 
+    fn find_client(&self, t: &Tuple<A>) -> Option<u32> {
+        let slots = &self.slots;
+        self.by_client.find(
+            self.hasher.hash_one(t),
+            |i| matches!(slots.get(i as usize), Some(Some(f)) if f.client == *t),
+        )
+    }
+
+    fn find_reply(&self, t: &Tuple<A>) -> Option<u32> {
+        let (slots, uplink) = (&self.slots, self.uplink);
+        self.by_reply.find(
+            self.hasher.hash_one(t),
+            |i| matches!(slots.get(i as usize), Some(Some(f)) if f.reply_tuple(uplink) == *t),
+        )
+    }
+
+    /// Removals leave tombstones in the indexes; when they pile up, both
+    /// indexes are rebuilt from the live flows (in place, no allocation).
+    fn rebuild_if_worn(&mut self) {
+        if !self.by_client.worn() && !self.by_reply.worn() {
+            return;
+        }
+        self.by_client.clear();
+        self.by_reply.clear();
+        for (i, f) in self.slots.iter().enumerate() {
+            if let Some(f) = f {
+                let hc = self.hasher.hash_one(f.client);
+                let hr = self.hasher.hash_one(f.reply_tuple(self.uplink));
+                self.by_client.insert(hc, i as u32);
+                self.by_reply.insert(hr, i as u32);
+            }
+        }
+    }
+
     /// The flow a client packet belongs to.
     pub fn by_client(&mut self, t: &Tuple<A>, now: u64) -> Option<&mut Flow<A>> {
-        let idx = self.live(self.by_client.get(t).copied(), now)?;
+        let idx = self.live(self.find_client(t), now)?;
         self.slots.get_mut(idx as usize)?.as_mut()
     }
 
     /// The flow a reply arriving on the uplink belongs to.
     pub fn by_reply(&mut self, t: &Tuple<A>, now: u64) -> Option<&mut Flow<A>> {
-        let idx = self.live(self.by_reply.get(t).copied(), now)?;
+        let idx = self.live(self.find_reply(t), now)?;
         self.slots.get_mut(idx as usize)?.as_mut()
     }
 
@@ -315,8 +360,10 @@ impl<A: Addr> Conntrack<A> {
             seq,
         };
         flow.touch(now, true, 0);
-        self.by_client.insert(client, idx);
-        self.by_reply.insert(flow.reply_tuple(self.uplink), idx);
+        let hc = self.hasher.hash_one(client);
+        let hr = self.hasher.hash_one(flow.reply_tuple(self.uplink));
+        self.by_client.insert(hc, idx);
+        self.by_reply.insert(hr, idx);
         self.slots[idx as usize] = Some(flow);
         if self.unreplied.len() >= 2 * self.slots.len() {
             let slots = &self.slots;
@@ -371,7 +418,7 @@ impl<A: Addr> Conntrack<A> {
                 dst: uplink,
                 dport: port,
             };
-            let idx = s.by_reply.get(&t).copied();
+            let idx = s.find_reply(&t);
             s.live(idx, now).is_some()
         };
         if client.sport >= NAT_PORT_FIRST && !taken(self, client.sport) {
@@ -403,6 +450,99 @@ impl<A: Addr> Conntrack<A> {
                 self.remove(self.sweep as u32);
             }
         }
+    }
+}
+
+/// An open-addressing index of slot numbers (linear probing, at most half
+/// full): the key of each entry is read from the slot it names, so a
+/// bucket is 4 bytes. Removal leaves a tombstone; `worn` says when
+/// tombstones take a quarter of the buckets and a rebuild is due.
+#[derive(Debug)]
+struct SlotIndex {
+    buckets: Vec<u32>,
+    tombstones: usize,
+}
+
+const EMPTY: u32 = u32::MAX;
+const TOMBSTONE: u32 = u32::MAX - 1;
+
+impl SlotIndex {
+    fn new(capacity: usize) -> Self {
+        let n = (2 * capacity.max(1)).next_power_of_two();
+        Self {
+            buckets: alloc::vec![EMPTY; n],
+            tombstones: 0,
+        }
+    }
+
+    fn memory_bytes(&self) -> usize {
+        self.buckets.capacity() * core::mem::size_of::<u32>()
+    }
+
+    fn mask(&self) -> usize {
+        self.buckets.len() - 1
+    }
+
+    /// The slot whose key `is` says matches, among those filed under `hash`.
+    #[inline]
+    fn find(&self, hash: u64, is: impl Fn(u32) -> bool) -> Option<u32> {
+        let mask = self.mask();
+        let mut b = hash as usize & mask;
+        // Never more probes than buckets: a full ring of tombstones ends.
+        for _ in 0..self.buckets.len() {
+            match self.buckets[b] {
+                EMPTY => return None,
+                TOMBSTONE => {}
+                slot if is(slot) => return Some(slot),
+                _ => {}
+            }
+            b = (b + 1) & mask;
+        }
+        None
+    }
+
+    fn insert(&mut self, hash: u64, slot: u32) {
+        let mask = self.mask();
+        let mut b = hash as usize & mask;
+        for _ in 0..self.buckets.len() {
+            match self.buckets[b] {
+                EMPTY => {
+                    self.buckets[b] = slot;
+                    return;
+                }
+                TOMBSTONE => {
+                    self.buckets[b] = slot;
+                    self.tombstones -= 1;
+                    return;
+                }
+                _ => b = (b + 1) & mask,
+            }
+        }
+    }
+
+    fn remove(&mut self, hash: u64, slot: u32) {
+        let mask = self.mask();
+        let mut b = hash as usize & mask;
+        for _ in 0..self.buckets.len() {
+            match self.buckets[b] {
+                EMPTY => return,
+                s if s == slot => {
+                    self.buckets[b] = TOMBSTONE;
+                    self.tombstones += 1;
+                    return;
+                }
+                _ => b = (b + 1) & mask,
+            }
+        }
+    }
+
+    fn worn(&self) -> bool {
+        self.tombstones * 4 > self.buckets.len()
+    }
+
+    fn clear(&mut self) {
+        self.buckets.fill(EMPTY);
+        self.tombstones = 0;
     }
 }
 
@@ -543,6 +683,49 @@ mod tests {
         let reply = f.reply_tuple(up);
         assert_eq!((reply.dst, reply.dport), (up, 5000));
         assert_eq!(ct.by_reply(&reply, 1).unwrap().client, c);
+    }
+
+    /// The slot index against a model, with colliding hashes, churn,
+    /// tombstones and rebuilds: every filed slot is found, nothing else.
+    #[test]
+    fn slot_index_matches_a_model_under_churn() {
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut idx = SlotIndex::new(64);
+        let mut model: std::collections::HashMap<u32, u64> = Default::default();
+        let mut rebuilds = 0;
+        for step in 0..60_000 {
+            // Few hashes (long collision chains), then many (tombstones
+            // left all over the index).
+            let hashes = if step < 30_000 { 16 } else { 1 << 16 };
+            let slot = rnd(64) as u32;
+            match model.remove(&slot) {
+                Some(h) => idx.remove(h, slot),
+                None => {
+                    let h = rnd(hashes);
+                    idx.insert(h, slot);
+                    model.insert(slot, h);
+                }
+            }
+            if idx.worn() {
+                idx.clear();
+                for (s, h) in &model {
+                    idx.insert(*h, *s);
+                }
+                rebuilds += 1;
+            }
+            for (s, h) in &model {
+                assert_eq!(idx.find(*h, |c| c == *s), Some(*s));
+            }
+            let absent = 64 + rnd(64) as u32;
+            assert_eq!(idx.find(rnd(hashes), |c| c == absent), None);
+        }
+        assert!(rebuilds > 0, "the churn wore the index out at least once");
     }
 
     #[test]
