@@ -40,11 +40,11 @@ pub fn start(mode: Idle) -> (Idle, u32) {
     lapic::write(lapic::TIMER_INITIAL, u32::MAX);
     clock::delay_us(CALIBRATION_US);
     let elapsed = u64::from(u32::MAX - lapic::read(lapic::TIMER_CURRENT));
-    let ticks = (elapsed * u64::from(wake_us) / CALIBRATION_US).clamp(1, u64::from(u32::MAX));
     if elapsed == 0 {
         lapic::write(lapic::TIMER_INITIAL, 0);
         return (Idle::Poll, 0);
     }
+    let ticks = (elapsed * u64::from(wake_us) / CALIBRATION_US).clamp(1, u64::from(u32::MAX));
     lapic::write(lapic::LVT_TIMER, LVT_PERIODIC | u32::from(cpu::WAKE_VECTOR));
     lapic::write(lapic::TIMER_INITIAL, ticks as u32);
     // A tick that came before the first halt is pending: acknowledge it.

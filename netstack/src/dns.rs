@@ -141,6 +141,11 @@ impl Resolver {
         self.entries.is_empty()
     }
 
+    /// Server number `i` (as in `Query::server`).
+    pub fn server(&self, i: usize) -> Option<Ipv4Addr> {
+        self.servers.get(i).copied()
+    }
+
     /// Whether (`name`, family) has been resolved at least once.
     pub fn resolved(&self, name: &str, v6: bool) -> bool {
         self.entries

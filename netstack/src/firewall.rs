@@ -727,23 +727,10 @@ impl Firewall {
         let (query, gave_up) = self.resolver.next_query(now, buf.get_mut(at..)?);
         self.apply_resolved(gave_up);
         let query = query?;
-        let server = self
-            .cfg
-            .upstream_dns
-            .iter()
-            .flatten()
-            .nth(query.server)
-            .copied()?;
-        let next_hop = if self.cfg.on_uplink_subnet(server) {
-            server
-        } else {
-            self.cfg.gateway
-        };
-        let Some(mac) = self.arp_lookup(next_hop, now) else {
-            // This try is lost; the resolver tries again in a second.
-            self.arp_want(next_hop);
-            return None;
-        };
+        let server = self.resolver.server(query.server)?;
+        // Without the next hop's MAC this try is lost; the resolver tries
+        // again in a second.
+        let mac = self.uplink_next_hop(server, now)?;
         let udp_len = 8 + query.len;
         let l4 = ETH_HEADER + IPV4_MIN_HEADER;
         put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV4);
@@ -1062,21 +1049,37 @@ impl Firewall {
         Ok(())
     }
 
-    fn send_upstream(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info, flow: &Flow) -> Verdict {
-        let next_hop = if self.cfg.on_uplink_subnet(flow.remote) {
-            flow.remote
+    /// The MAC of the next hop towards `dst` on the uplink (`dst` itself
+    /// on the uplink's subnet, else the gateway); ARP is asked when it is
+    /// not known.
+    #[inline]
+    fn uplink_next_hop(&mut self, dst: Ipv4Addr, now: u64) -> Option<Mac> {
+        let hop = if self.cfg.on_uplink_subnet(dst) {
+            dst
         } else {
             self.cfg.gateway
         };
-        let Some(mac) = self.arp_lookup(next_hop, now) else {
-            self.arp_want(next_hop);
+        let mac = self.arp_lookup(hop, now);
+        if mac.is_none() {
+            self.arp_want(hop);
+        }
+        mac
+    }
+
+    /// Sends the frame's first `len` bytes out of the uplink to `mac`.
+    #[inline]
+    fn send_on_uplink(&mut self, buf: &mut [u8], mac: Mac, ethertype: u16, len: usize) -> Verdict {
+        put_eth(buf, mac, self.mac(UPLINK), ethertype);
+        self.stats.to_upstream += 1;
+        Verdict::Forward { port: UPLINK, len }
+    }
+
+    fn send_upstream(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info, flow: &Flow) -> Verdict {
+        let Some(mac) = self.uplink_next_hop(flow.remote, now) else {
             return self.drop(DropReason::ArpUnresolved);
         };
-        let (sport, dport) = if info.proto == PROTO_ICMP {
-            (flow.nat_port, 0)
-        } else {
-            (flow.nat_port, flow.remote_port)
-        };
+        // (An ICMP echo flow's remote port is 0; `sport` is its identifier.)
+        let (sport, dport) = (flow.nat_port, flow.remote_port);
         if info.more_fragments {
             let rewrite_to = (self.cfg.uplink_ip, flow.remote);
             if let Err(reason) = self.frags.start(Piece::of(info), rewrite_to, None, now) {
@@ -1084,12 +1087,7 @@ impl Firewall {
             }
         }
         rewrite(buf, info, self.cfg.uplink_ip, sport, flow.remote, dport);
-        put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV4);
-        self.stats.to_upstream += 1;
-        Verdict::Forward {
-            port: UPLINK,
-            len: info.end,
-        }
+        self.send_on_uplink(buf, mac, ETHERTYPE_IPV4, info.end)
     }
 
     // ---- From upstream ---------------------------------------------------------
@@ -1164,22 +1162,10 @@ impl Firewall {
         rewrite_ip(buf, info, src, dst);
         match to_client {
             Some(client) => self.send_to_client(buf, client, info.end),
-            None => {
-                let next_hop = if self.cfg.on_uplink_subnet(dst) {
-                    dst
-                } else {
-                    self.cfg.gateway
-                };
-                let Some(mac) = self.arp_lookup(next_hop, now) else {
-                    return self.drop(DropReason::ArpUnresolved);
-                };
-                put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV4);
-                self.stats.to_upstream += 1;
-                Verdict::Forward {
-                    port: UPLINK,
-                    len: info.end,
-                }
-            }
+            None => match self.uplink_next_hop(dst, now) {
+                Some(mac) => self.send_on_uplink(buf, mac, ETHERTYPE_IPV4, info.end),
+                None => self.drop(DropReason::ArpUnresolved),
+            },
         }
     }
 

@@ -251,20 +251,25 @@ impl Lab {
     /// Asks the kernel to print its counters and stop; checks it exits
     /// with success.
     pub fn finish(mut self) -> Finished {
-        self.machine.send_keys(b"q");
-        let (status, console) = self
-            .machine
-            .drain_until_exit(Instant::now() + Duration::from_secs(30));
-        assert_eq!(
-            status.and_then(|s| s.code()),
-            Some(EXIT_SUCCESS),
-            "{console}"
-        );
+        let done = quit(&mut self.machine);
         let _ = std::fs::remove_dir_all(&self.dir);
-        Finished {
-            counters: parse_counters(&console),
-            console,
-        }
+        done
+    }
+}
+
+/// Asks a running kernel to print its counters and stop (console key
+/// `q`), checks that it exits with success, and returns what it printed.
+pub fn quit(machine: &mut RunningMachine) -> Finished {
+    machine.send_keys(b"q");
+    let (status, console) = machine.drain_until_exit(Instant::now() + Duration::from_secs(30));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(EXIT_SUCCESS),
+        "{console}"
+    );
+    Finished {
+        counters: parse_counters(&console),
+        console,
     }
 }
 

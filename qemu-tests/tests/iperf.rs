@@ -5,9 +5,9 @@
 
 use std::time::{Duration, Instant};
 
-use qemu_tests::lab::{parse_counters, QUBESDB};
+use qemu_tests::lab::{quit, QUBESDB};
 use qemu_tests::netns::{Topology, CLIENT_GATEWAY, SERVER, UPLINK};
-use qemu_tests::{kernel, RunningMachine, EXIT_SUCCESS};
+use qemu_tests::{kernel, RunningMachine};
 
 fn json(out: &std::process::Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
@@ -128,21 +128,12 @@ fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str) {
 
     let _ = server.kill();
     let _ = server.wait();
-    vm.send_keys(b"q");
-    let (status, console) = vm.drain_until_exit(Instant::now() + Duration::from_secs(30));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(EXIT_SUCCESS),
-        "{console}"
-    );
-    let c = parse_counters(&console);
+    let done = quit(&mut vm);
+    assert!(done.counter("drops.rule-reject") >= 1, "{}", done.console);
     assert!(
-        c.get("drops.rule-reject").copied().unwrap_or(0) >= 1,
-        "{console}"
-    );
-    assert!(
-        c.get("firewall.to_upstream").copied().unwrap_or(0) > 100,
-        "{console}"
+        done.counter("firewall.to_upstream") > 100,
+        "{}",
+        done.console
     );
     let _ = std::fs::remove_dir_all(&dir);
 }

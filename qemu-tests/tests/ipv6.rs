@@ -8,9 +8,9 @@
 
 use std::time::{Duration, Instant};
 
-use qemu_tests::lab::{parse_counters, QUBESDB6};
+use qemu_tests::lab::{quit, QUBESDB6};
 use qemu_tests::netns::{Topology, CLIENT_GATEWAY6, SERVER6, UPLINK6};
-use qemu_tests::{kernel, RunningMachine, EXIT_SUCCESS};
+use qemu_tests::{kernel, RunningMachine};
 
 #[test]
 fn ipv6_crosses_the_firewall_masqueraded_and_blocked_ports_are_rejected() {
@@ -109,15 +109,8 @@ fn ipv6_crosses_the_firewall_masqueraded_and_blocked_ports_are_rejected() {
 
     let _ = server.kill();
     let _ = server.wait();
-    vm.send_keys(b"q");
-    let (status, console) = vm.drain_until_exit(Instant::now() + Duration::from_secs(30));
-    assert_eq!(
-        status.and_then(|s| s.code()),
-        Some(EXIT_SUCCESS),
-        "{console}"
-    );
-    let c = parse_counters(&console);
-    let n = |k: &str| c.get(k).copied().unwrap_or(0);
+    let done = quit(&mut vm);
+    let (n, console) = (|k: &str| done.counter(k), &done.console);
     assert!(n("drops.rule-reject") >= 1, "{console}");
     assert!(n("firewall.nd_adverts") >= 1, "{console}");
     assert!(n("firewall.nd_solicits_sent") >= 1, "{console}");

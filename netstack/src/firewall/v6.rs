@@ -395,12 +395,7 @@ impl Firewall {
             flow.remote,
             flow.remote_port,
         );
-        put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV6);
-        self.stats.to_upstream += 1;
-        Verdict::Forward {
-            port: UPLINK,
-            len: info.end,
-        }
+        self.send_on_uplink(buf, mac, ETHERTYPE_IPV6, info.end)
     }
 
     // ---- From upstream ---------------------------------------------------
@@ -495,17 +490,10 @@ impl Firewall {
                 let ci = self.client_index6.get(&client).copied();
                 self.deliver(buf, ci, info.end, ETHERTYPE_IPV6)
             }
-            None => {
-                let Some(mac) = self.gateway6_mac(now) else {
-                    return self.drop(DropReason::NeighborUnresolved);
-                };
-                put_eth(buf, mac, self.mac(UPLINK), ETHERTYPE_IPV6);
-                self.stats.to_upstream += 1;
-                Verdict::Forward {
-                    port: UPLINK,
-                    len: info.end,
-                }
-            }
+            None => match self.gateway6_mac(now) {
+                Some(mac) => self.send_on_uplink(buf, mac, ETHERTYPE_IPV6, info.end),
+                None => self.drop(DropReason::NeighborUnresolved),
+            },
         }
     }
 
