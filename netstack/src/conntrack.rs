@@ -31,7 +31,9 @@ use core::hash::BuildHasher;
 use hashbrown::DefaultHashBuilder;
 
 use crate::ipv6::PROTO_ICMPV6;
-use crate::wire::{PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use crate::wire::{
+    ChecksumDelta, PROTO_ICMP, PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN,
+};
 
 const SECOND: u64 = 1000;
 const TCP_HANDSHAKE: u64 = 60 * SECOND;
@@ -50,6 +52,8 @@ pub trait Addr: Copy + Eq + Hash + Debug {
     /// Feeds a tuple of this family to a hasher in as few writes as fit
     /// (the derived `Hash` would make seven).
     fn hash_tuple<H: Hasher>(t: &Tuple<Self>, h: &mut H);
+    /// `d` plus the checksum change of replacing address `old` by `new`.
+    fn delta(d: ChecksumDelta, old: Self, new: Self) -> ChecksumDelta;
 }
 
 impl Addr for Ipv4Addr {
@@ -59,6 +63,11 @@ impl Addr for Ipv4Addr {
         h.write_u64(u64::from(u32::from(t.src)) << 32 | u64::from(u32::from(t.dst)));
         h.write_u64(u64::from(t.sport) << 24 | u64::from(t.dport) << 8 | u64::from(t.proto));
     }
+
+    #[inline]
+    fn delta(d: ChecksumDelta, old: Self, new: Self) -> ChecksumDelta {
+        d.dword(u32::from(old), u32::from(new))
+    }
 }
 
 impl Addr for Ipv6Addr {
@@ -67,6 +76,11 @@ impl Addr for Ipv6Addr {
         h.write_u128(u128::from(t.src));
         h.write_u128(u128::from(t.dst));
         h.write_u64(u64::from(t.sport) << 24 | u64::from(t.dport) << 8 | u64::from(t.proto));
+    }
+
+    #[inline]
+    fn delta(d: ChecksumDelta, old: Self, new: Self) -> ChecksumDelta {
+        d.ipv6(old, new)
     }
 }
 
@@ -110,6 +124,13 @@ pub struct Flow<A = Ipv4Addr> {
     pub nat_port: u16,
     /// The caller's number for the client that owns the flow.
     pub owner: u32,
+    /// The checksum changes of the translation on the way out (client →
+    /// uplink), folded: of the addresses (the pseudo-header) and of the
+    /// ports or ICMP identifier. Fixed for the flow's life, so a packet's
+    /// checksums are updated by adding them (RFC 1624) without looking at
+    /// the old fields; replies add their negations.
+    addr_delta: u16,
+    port_delta: u16,
     pub state: FlowState,
     pub expires: u64,
     /// Creation sequence number: tells a reused slot from the flow that
@@ -138,6 +159,25 @@ impl<A: Addr> Flow<A> {
         } else {
             (c.dport, c.sport)
         }
+    }
+
+    /// The checksum changes (addresses, ports) of a packet from the client.
+    #[inline]
+    pub fn out_deltas(&self) -> (ChecksumDelta, ChecksumDelta) {
+        (
+            ChecksumDelta::folded(self.addr_delta),
+            ChecksumDelta::folded(self.port_delta),
+        )
+    }
+
+    /// The checksum changes (addresses, ports) of a reply: the way out
+    /// undone.
+    #[inline]
+    pub fn back_deltas(&self) -> (ChecksumDelta, ChecksumDelta) {
+        (
+            ChecksumDelta::folded(!self.addr_delta),
+            ChecksumDelta::folded(!self.port_delta),
+        )
     }
 
     fn timeout(&self) -> u64 {
@@ -349,12 +389,19 @@ impl<A: Addr> Conntrack<A> {
         self.free.pop();
         let seq = self.next_seq;
         self.next_seq += 1;
+        let addresses = A::delta(ChecksumDelta::default(), client.src, self.uplink);
+        // (ICMP echo: the identifier is the source port, both other ports 0.)
+        let ports = ChecksumDelta::default()
+            .word(client.sport, nat_port)
+            .word(client.dport, remote_port);
         let mut flow = Flow {
             client,
             remote,
             remote_port,
             nat_port,
             owner,
+            addr_delta: A::delta(addresses, client.dst, remote).fold(),
+            port_delta: ports.fold(),
             state: FlowState::New,
             expires: 0,
             seq,

@@ -1086,7 +1086,8 @@ impl Firewall {
                 return self.drop(reason);
             }
         }
-        rewrite(buf, info, self.cfg.uplink_ip, sport, flow.remote, dport);
+        let (up, remote) = ((self.cfg.uplink_ip, sport), (flow.remote, dport));
+        rewrite(buf, info, up, remote, flow.out_deltas());
         self.send_on_uplink(buf, mac, ETHERTYPE_IPV4, info.end)
     }
 
@@ -1145,7 +1146,13 @@ impl Firewall {
                 return self.drop(reason);
             }
         }
-        rewrite(buf, info, c.dst, sport, c.src, dport);
+        rewrite(
+            buf,
+            info,
+            (c.dst, sport),
+            (c.src, dport),
+            flow.back_deltas(),
+        );
         self.deliver(buf, Some(flow.owner as usize), info.end, ETHERTYPE_IPV4)
     }
 
@@ -1159,7 +1166,10 @@ impl Firewall {
         if info.ttl <= 1 {
             return self.drop(DropReason::TtlExceeded);
         }
-        rewrite_ip(buf, info, src, dst);
+        let addresses = ChecksumDelta::default()
+            .dword(u32::from(info.src), u32::from(src))
+            .dword(u32::from(info.dst), u32::from(dst));
+        rewrite_ip(buf, info, src, dst, addresses);
         match to_client {
             Some(client) => self.send_to_client(buf, client, info.end),
             None => match self.uplink_next_hop(dst, now) {
@@ -1304,44 +1314,55 @@ fn quoted_reply<A: Addr>(proto: u8, (ours, remote): (A, A), words: [u16; 3]) -> 
 }
 
 /// Rewrites the IPv4 addresses and decrements the TTL, updating the header
-/// checksum incrementally.
-fn rewrite_ip(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, dst: Ipv4Addr) {
+/// checksum incrementally by `addresses`, the change of the addresses.
+fn rewrite_ip(
+    buf: &mut [u8],
+    info: &Ipv4Info,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    addresses: ChecksumDelta,
+) {
     let Some(h) = buf.get_mut(info.l3..info.l3 + IPV4_MIN_HEADER) else {
         return;
     };
-    let old_ttl = u16::from_be_bytes([h[8], h[9]]);
-    let new_ttl = old_ttl.wrapping_sub(0x100);
-    let delta = ChecksumDelta::default()
-        .dword(u32::from(info.src), u32::from(src))
-        .dword(u32::from(info.dst), u32::from(dst))
-        .word(old_ttl, new_ttl);
-    let ipc = delta.apply(u16::from_be_bytes([h[10], h[11]]));
-    h[8..10].copy_from_slice(&new_ttl.to_be_bytes());
+    let ipc = addresses
+        .and(TTL_DELTA)
+        .apply(u16::from_be_bytes([h[10], h[11]]));
+    h[8] = h[8].wrapping_sub(1);
     h[10..12].copy_from_slice(&ipc.to_be_bytes());
     h[12..16].copy_from_slice(&src.octets());
     h[16..20].copy_from_slice(&dst.octets());
 }
 
+/// The checksum change of a TTL (or hop limit) decrement: the 16-bit word
+/// TTL·256 + protocol loses 0x100, and `~old + new` ≡ −0x100.
+const TTL_DELTA: ChecksumDelta = ChecksumDelta::folded(0xfeff);
+
 /// Rewrites addresses and ports (for ICMP echo: `sport` is the identifier)
-/// with incremental checksum updates, and decrements the TTL.
-fn rewrite(buf: &mut [u8], info: &Ipv4Info, src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) {
-    rewrite_ip(buf, info, src, dst);
-    let addresses = ChecksumDelta::default()
-        .dword(u32::from(info.src), u32::from(src))
-        .dword(u32::from(info.dst), u32::from(dst));
-    rewrite_l4(buf, info.l4, info.proto, addresses, sport, dport);
+/// of a flow's packet and decrements the TTL, updating the checksums by
+/// the flow's `deltas` (addresses, ports) — see `Flow::out_deltas`.
+#[inline]
+fn rewrite(
+    buf: &mut [u8],
+    info: &Ipv4Info,
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    (addresses, ports): (ChecksumDelta, ChecksumDelta),
+) {
+    rewrite_ip(buf, info, src, dst, addresses);
+    rewrite_l4(buf, info.l4, info.proto, (addresses, ports), sport, dport);
 }
 
 /// Rewrites the transport header at `l4`: the ports, or for an ICMP or
 /// ICMPv6 echo the identifier (given as `sport`), updating its checksum
-/// incrementally by the port changes and by `addresses`, the change of the
-/// pseudo-header (which ICMP over IPv4 does not cover).
+/// incrementally by the port change and by the address change (the
+/// pseudo-header, which ICMP over IPv4 does not cover).
 #[inline(always)]
 fn rewrite_l4(
     buf: &mut [u8],
     l4: usize,
     proto: u8,
-    addresses: ChecksumDelta,
+    (addresses, ports): (ChecksumDelta, ChecksumDelta),
     sport: u16,
     dport: u16,
 ) {
@@ -1351,20 +1372,13 @@ fn rewrite_l4(
             let Some(seg) = buf.get_mut(l4..l4 + off + 2) else {
                 return;
             };
-            let old = u16::from_be_bytes([seg[off], seg[off + 1]]);
-            let (old_sport, old_dport) = (
-                u16::from_be_bytes([seg[0], seg[1]]),
-                u16::from_be_bytes([seg[2], seg[3]]),
-            );
             seg[0..2].copy_from_slice(&sport.to_be_bytes());
             seg[2..4].copy_from_slice(&dport.to_be_bytes());
+            let old = u16::from_be_bytes([seg[off], seg[off + 1]]);
             if proto == PROTO_UDP && old == 0 {
                 return; // no checksum sent, none to keep
             }
-            let mut c = addresses
-                .word(old_sport, sport)
-                .word(old_dport, dport)
-                .apply(old);
+            let mut c = addresses.and(ports).apply(old);
             if proto == PROTO_UDP && c == 0 {
                 c = 0xffff;
             }
@@ -1374,15 +1388,12 @@ fn rewrite_l4(
             let Some(seg) = buf.get_mut(l4..l4 + 6) else {
                 return;
             };
-            let old_id = u16::from_be_bytes([seg[4], seg[5]]);
-            let pseudo = if proto == PROTO_ICMPV6 {
-                addresses
+            let delta = if proto == PROTO_ICMPV6 {
+                addresses.and(ports)
             } else {
-                ChecksumDelta::default()
+                ports
             };
-            let c = pseudo
-                .word(old_id, sport)
-                .apply(u16::from_be_bytes([seg[2], seg[3]]));
+            let c = delta.apply(u16::from_be_bytes([seg[2], seg[3]]));
             seg[2..4].copy_from_slice(&c.to_be_bytes());
             seg[4..6].copy_from_slice(&sport.to_be_bytes());
         }

@@ -85,36 +85,62 @@ pub fn put_bytes(b: &mut [u8], off: usize, v: &[u8]) -> bool {
 /// The one's-complement sum of `data` (as 16-bit big-endian words) added
 /// to `initial`, not yet folded or inverted.
 pub fn sum16(data: &[u8], initial: u32) -> u32 {
-    let mut sum = initial as u64;
-    let mut chunks = data.chunks_exact(2);
+    // The one's-complement sum does not depend on byte order (RFC 1071
+    // §2(B)): add native-endian words eight bytes at a time, fold, and
+    // swap the bytes of the result once.
+    let mut sum = 0u64;
+    let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        sum += u64::from(u16::from_be_bytes([c[0], c[1]]));
+        let w = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        sum += (w & 0xffff_ffff) + (w >> 32);
     }
-    if let [last] = chunks.remainder() {
-        sum += u64::from(*last) << 8;
+    let mut pairs = chunks.remainder().chunks_exact(2);
+    for p in &mut pairs {
+        sum += u64::from(u16::from_ne_bytes([p[0], p[1]]));
     }
-    while sum > 0xffff_ffff {
-        sum = (sum & 0xffff_ffff) + (sum >> 32);
+    if let [last] = pairs.remainder() {
+        sum += u64::from(u16::from_ne_bytes([*last, 0]));
     }
-    sum as u32
+    let mut total = u64::from(native_to_be_sum(sum)) + u64::from(initial);
+    while total > 0xffff_ffff {
+        total = (total & 0xffff_ffff) + (total >> 32);
+    }
+    total as u32
 }
 
-/// The one's-complement sum of a 20-byte IPv4 header, unrolled.
-#[inline]
+/// A one's-complement sum of native-endian words, as the sum of the same
+/// bytes read big-endian (folded to 16 bits).
+#[inline(always)]
+fn native_to_be_sum(sum: u64) -> u16 {
+    u16::from_be(fold64(sum))
+}
+
+/// A 64-bit one's-complement sum folded to 16 bits (end-around carries),
+/// without a loop: each step at least halves the width that can carry.
+#[inline(always)]
+fn fold64(mut sum: u64) -> u16 {
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff_ffff) + (sum >> 32);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum as u16
+}
+
+/// The one's-complement sum of a 20-byte IPv4 header: five native-endian
+/// 32-bit words.
+#[inline(always)]
 fn header_sum(h: &[u8; IPV4_MIN_HEADER]) -> u32 {
-    let mut sum = 0u32;
-    for i in 0..IPV4_MIN_HEADER / 2 {
-        sum += u32::from(u16::from_be_bytes([h[2 * i], h[2 * i + 1]]));
+    let mut sum = 0u64;
+    for w in h.chunks_exact(4) {
+        sum += u64::from(u32::from_ne_bytes([w[0], w[1], w[2], w[3]]));
     }
-    sum
+    u32::from(native_to_be_sum(sum))
 }
 
 /// Folds a sum to 16 bits and inverts it: the Internet checksum.
-pub fn fold(mut sum: u32) -> u16 {
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
+#[inline]
+pub fn fold(sum: u32) -> u16 {
+    !fold64(u64::from(sum))
 }
 
 pub fn checksum(data: &[u8]) -> u16 {
@@ -163,14 +189,29 @@ impl ChecksumDelta {
         (0..8).fold(self, |d, i| d.word(o[i], n[i]))
     }
 
+    /// A change already folded to 16 bits (see `fold`).
+    #[inline]
+    pub const fn folded(sum: u16) -> Self {
+        Self(sum as u64)
+    }
+
+    /// Both changes.
+    #[inline]
+    pub fn and(self, other: Self) -> Self {
+        Self(self.0 + other.0)
+    }
+
+    /// The change folded to 16 bits (the same change, modulo 0xffff); its
+    /// bitwise NOT is the change that undoes it.
+    #[inline]
+    pub fn fold(self) -> u16 {
+        fold64(self.0)
+    }
+
     /// The checksum `hc` after every recorded change.
     #[inline]
     pub fn apply(self, hc: u16) -> u16 {
-        let mut sum = u64::from(!hc) + self.0;
-        while sum > 0xffff {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        !(sum as u16)
+        !Self(u64::from(!hc) + self.0).fold()
     }
 }
 
@@ -255,6 +296,7 @@ pub fn l4_checksum_offset(proto: u8) -> Option<usize> {
 /// so the firewall checks it where a packet starts something (a new flow, a
 /// reply from the firewall itself), not on every packet of an established
 /// flow, which it forwards with the checksum updated, as routers do.
+#[inline]
 pub fn parse_ipv4(frame: &[u8]) -> Result<Ipv4Info, Malformed> {
     let l3 = ETH_HEADER;
     // The fixed 20 bytes as an array: every field below is in bounds.
@@ -496,6 +538,45 @@ mod tests {
         let data = [0x00, 0x01, 0xf2, 0x03, 0xf4, 0xf5, 0xf6, 0xf7];
         assert_eq!(fold(sum16(&data, 0)), !0xddf2);
         assert_eq!(checksum(&[0xff]), !0xff00);
+    }
+
+    /// The word-at-a-time sum against the definition: big-endian 16-bit
+    /// words, a trailing byte padded with zero, carries folded back.
+    #[test]
+    fn sum_matches_the_definition_at_every_length() {
+        let reference = |data: &[u8], initial: u32| {
+            let mut sum = u64::from(initial);
+            for (i, b) in data.iter().enumerate() {
+                sum += u64::from(*b) << if i % 2 == 0 { 8 } else { 0 };
+            }
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            sum as u16
+        };
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut data = alloc::vec![0u8; 1600];
+        for b in data.iter_mut() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            *b = x as u8;
+        }
+        data[100..200].fill(0xff);
+        for start in 0..9 {
+            for len in (0..300).chain([1499, 1500, 1591]) {
+                let d = &data[start..start + len];
+                for initial in [0, 0x1_2345, u32::MAX] {
+                    assert_eq!(
+                        fold(sum16(d, initial)),
+                        !reference(d, initial),
+                        "start {start} len {len} initial {initial:#x}"
+                    );
+                }
+            }
+        }
+        let h: [u8; 20] = data[10..30].try_into().unwrap();
+        assert_eq!(fold(header_sum(&h)), !reference(&h, 0));
     }
 
     #[test]

@@ -145,7 +145,11 @@ fn ready() -> Firewall {
 }
 
 fn parsed(frame: &[u8]) -> Ipv4Info {
-    parse_ipv4(frame).expect("output frame is valid IPv4 with valid checksums")
+    let i = parse_ipv4(frame).expect("output frame is valid IPv4 with valid checksums");
+    if !i.fragment {
+        assert!(l4_checksum_ok(frame, &i), "output transport checksum");
+    }
+    i
 }
 
 #[test]

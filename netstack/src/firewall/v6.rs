@@ -387,14 +387,11 @@ impl Firewall {
                 return self.drop(reason);
             }
         }
-        rewrite6(
-            buf,
-            info,
-            v6.uplink_ip,
-            flow.nat_port,
-            flow.remote,
-            flow.remote_port,
+        let (up, remote) = (
+            (v6.uplink_ip, flow.nat_port),
+            (flow.remote, flow.remote_port),
         );
+        rewrite6(buf, info, up, remote, flow.out_deltas());
         self.send_on_uplink(buf, mac, ETHERTYPE_IPV6, info.end)
     }
 
@@ -467,7 +464,13 @@ impl Firewall {
                 return self.drop(reason);
             }
         }
-        rewrite6(buf, info, c.dst, sport, c.src, dport);
+        rewrite6(
+            buf,
+            info,
+            (c.dst, sport),
+            (c.src, dport),
+            flow.back_deltas(),
+        );
         self.deliver(buf, Some(flow.owner as usize), info.end, ETHERTYPE_IPV6)
     }
 
@@ -568,16 +571,20 @@ impl Firewall {
 }
 
 /// Rewrites addresses and ports (for ICMPv6 echo: `sport` is the
-/// identifier) with an incremental checksum update (every IPv6 upper-layer
-/// checksum covers the addresses), and decrements the hop limit.
-fn rewrite6(buf: &mut [u8], info: &Ipv6Info, src: Ipv6Addr, sport: u16, dst: Ipv6Addr, dport: u16) {
+/// identifier) of a flow's packet with an incremental checksum update by
+/// the flow's `deltas` (every IPv6 upper-layer checksum covers the
+/// addresses), and decrements the hop limit.
+fn rewrite6(
+    buf: &mut [u8],
+    info: &Ipv6Info,
+    (src, sport): (Ipv6Addr, u16),
+    (dst, dport): (Ipv6Addr, u16),
+    deltas: (ChecksumDelta, ChecksumDelta),
+) {
     put_u8(buf, info.l3 + 7, info.hop_limit.saturating_sub(1));
     put_ip6(buf, info.l3 + 8, src);
     put_ip6(buf, info.l3 + 24, dst);
-    let addresses = ChecksumDelta::default()
-        .ipv6(info.src, src)
-        .ipv6(info.dst, dst);
-    rewrite_l4(buf, info.l4, info.proto, addresses, sport, dport);
+    rewrite_l4(buf, info.l4, info.proto, deltas, sport, dport);
 }
 
 #[cfg(test)]
