@@ -1,7 +1,7 @@
 //! NIC drivers behind one batch interface.
 //!
 //! This crate owns the network devices Portcullis drives — virtio-net over
-//! PCI today; Xen netfront and netback later — behind the `Nic` trait, which
+//! PCI and Xen netfront (netback later) — behind the `Nic` trait, which
 //! moves *batches* of packet buffers and notifies the device once per batch,
 //! never once per packet. Buffers come from a preallocated `PacketPool` in
 //! DMA memory and travel between NICs without copies.
@@ -17,6 +17,7 @@
 
 extern crate alloc;
 
+pub mod netfront;
 pub mod pool;
 pub mod spsc;
 pub mod virtio_net;
@@ -76,6 +77,8 @@ pub struct NicStats {
     pub tx_ring_full: u64,
     /// Device-written ring entries that failed validation.
     pub ring_errors: u64,
+    /// Frames the device reported it could not send.
+    pub tx_errors: u64,
     /// Notifications sent to the device.
     pub notifications: u64,
 }

@@ -92,7 +92,7 @@ impl<N: Nic> Nics<N> {
             let s = nic.stats();
             let role = if i == 0 { "uplink" } else { "downlink" };
             println!(
-                "stats: nic{i} {role} rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} rx_errors={} tx_ring_full={} tx_backlog_drops={} ring_errors={} notifications={}",
+                "stats: nic{i} {role} rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} rx_errors={} tx_ring_full={} tx_backlog_drops={} ring_errors={} tx_errors={} notifications={}",
                 s.rx_packets,
                 s.rx_bytes,
                 s.tx_packets,
@@ -101,6 +101,7 @@ impl<N: Nic> Nics<N> {
                 s.tx_ring_full,
                 self.tx_backlog_drops[i],
                 s.ring_errors,
+                s.tx_errors,
                 s.notifications
             );
         }

@@ -23,8 +23,10 @@ mod gnttab;
 mod heap;
 mod idle;
 mod lapic;
+mod netfront;
 mod pci_bus;
 mod phys;
+mod ports;
 mod smp;
 mod virtio_hal;
 mod xen;
@@ -145,12 +147,20 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
         clock::Source::Assumed => "no PIT; assumed",
     };
     println!("clock: tsc {} MHz ({source})", tsc_hz / 1_000_000);
+    // Under Xen: XenStore and the grant table, kept for netfront.
+    let mut xen_io = None;
     if xen::present() {
-        match xenstore::XenStore::open() {
-            Some(mut store) => xenstore_report(&mut store),
-            None => println!("xenstore: no ring"),
+        let store = xenstore::XenStore::open();
+        match store {
+            Some(mut store) => {
+                xenstore_report(&mut store);
+                xen_io = xen_sharing_report().map(|t| (store, t));
+            }
+            None => {
+                println!("xenstore: no ring");
+                xen_sharing_report();
+            }
         }
-        xen_sharing_report();
     }
     let apic_ids = acpi.as_ref().map(|a| a.cpus.clone()).unwrap_or_default();
     if apic_ids.len() > 1 {
@@ -170,12 +180,42 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     }
     println!("portcullis: boot complete");
 
-    if nics.is_empty() {
+    // A netfront needs a vif in XenStore.
+    let vif = xen_io
+        .as_mut()
+        .and_then(|(store, _)| store.directory("device/vif").ok())
+        .and_then(|devs| devs.into_iter().next());
+    if nics.is_empty() && vif.is_none() {
         println!("portcullis: no network devices; nothing to forward");
         exit::success();
     }
     let cmdline_text = core::str::from_utf8(raw_cmdline).unwrap_or("");
-    start_dataplane(cmdline_text, &config, pci_access, &nics);
+    let netfront = vif.zip(xen_io);
+    start_dataplane(cmdline_text, &config, pci_access, &nics, netfront);
+}
+
+/// Connects the netfront of `device/vif/<dev>`; any failure stops the
+/// kernel (a firewall without its uplink has nothing to do).
+fn connect_netfront(
+    dev: &str,
+    (mut store, table): (xenstore::XenStore, gnttab::GrantTable),
+) -> ports::Port {
+    match netfront::connect(&mut store, table, dev) {
+        Ok(c) => {
+            println!(
+                "netfront: vif/{dev} connected to backend domain {} in {} ms (event channel {}, {} receive pages)",
+                c.backend_id,
+                c.connect_ms,
+                c.port,
+                c.nic.rx_posted()
+            );
+            ports::Port::Netfront(c.nic)
+        }
+        Err(e) => {
+            println!("netfront: vif/{dev}: {e}");
+            exit::failure();
+        }
+    }
 }
 
 /// Loads the configuration, brings the NICs up and runs the forwarding
@@ -185,6 +225,7 @@ fn start_dataplane(
     config: &BootConfig,
     access: pci_bus::ConfigAccess,
     nics: &[&PciFunction],
+    netfront: Option<(String, (xenstore::XenStore, gnttab::GrantTable))>,
 ) -> ! {
     let net = match load_config(cmdline_text) {
         Ok(n) => n,
@@ -194,7 +235,13 @@ fn start_dataplane(
             exit::failure();
         }
     };
-    if nics.len() < 2 {
+    // The uplink: the netfront under Xen, else the first virtio NIC.
+    let mut devices = Vec::new();
+    if let Some((dev, io)) = netfront {
+        devices.push(connect_netfront(&dev, io));
+    }
+    if devices.len() + nics.len() < 2 && !matches!(devices.first(), Some(ports::Port::Netfront(_)))
+    {
         println!(
             "config error: need an uplink and at least one downlink NIC, found {}",
             nics.len()
@@ -206,7 +253,6 @@ fn start_dataplane(
             println!("rules: client {}: {e}; dropping all its traffic", c.ip);
         }
     }
-    let mut devices = Vec::new();
     for f in nics {
         let a = f.address;
         let nic = virtio_hal::transport(access, a.bus(), a.device(), a.function()).and_then(|t| {
@@ -215,7 +261,7 @@ fn start_dataplane(
                 .map_err(|_| "device refused set-up")
         });
         match nic {
-            Ok(n) => devices.push(n),
+            Ok(n) => devices.push(ports::Port::Virtio(n)),
             Err(e) => {
                 println!(
                     "nic {:02x}:{:02x}.{}: {e}",
@@ -228,6 +274,9 @@ fn start_dataplane(
         }
     }
     let buffers = devices.len() * 2 * usize::from(drivers::virtio_net::QUEUE_SIZE) + 512;
+    if devices.len() == 1 {
+        println!("dataplane: uplink only (no client NICs): answering ARP and ping on the uplink");
+    }
     let pool = PacketPool::new(phys::dma_region(buffers * drivers::pool::BUF_SIZE));
     println!(
         "memory: {} packet buffers, {} KiB free after rings and buffers",
@@ -244,6 +293,21 @@ fn start_dataplane(
     // second polling vCPU costs QEMU's I/O threads more than it gains
     // (docs/benchmarks.md).
     let layout = config.layout.unwrap_or(Layout::Single);
+    // Under Xen the local APIC timer was measured not to wake a halted
+    // vCPU (the loop stalled after its first halt), so the loop polls
+    // there until halting blocks in Xen itself (SCHEDOP_poll on the
+    // netfront's event channel, with a timeout).
+    if xen::present() && config.idle != cmdline::Idle::Poll {
+        println!("idle: poll (under Xen the local APIC timer does not wake a halted vCPU)");
+        run_layout(
+            layout,
+            nics,
+            firewall,
+            stats_interval_ms,
+            &aps,
+            cmdline::Idle::Poll,
+        );
+    }
     let (idle, ticks) = idle::start(config.idle);
     match (config.idle, idle) {
         (_, cmdline::Idle::Halt { wake_us }) => {
@@ -254,6 +318,18 @@ fn start_dataplane(
         }
         _ => println!("idle: poll"),
     }
+    run_layout(layout, nics, firewall, stats_interval_ms, &aps, idle)
+}
+
+/// Starts the forwarding loops in `layout`.
+fn run_layout(
+    layout: Layout,
+    nics: dataplane::Nics<ports::Port>,
+    firewall: Firewall,
+    stats_interval_ms: u64,
+    aps: &[usize],
+    idle: cmdline::Idle,
+) -> ! {
     match (layout, aps.first()) {
         (Layout::Pipeline, Some(&ap)) => {
             println!("dataplane: layout pipeline (nics on cpu 0, firewall on cpu {ap})");
@@ -291,7 +367,7 @@ fn load_config(cmdline_text: &str) -> Result<NetConfig, String> {
 /// The boot report's part on what netfront will need: the shared-info
 /// page, the grant table, an event channel — each set up against Xen and
 /// checked: a page granted to dom0 and taken back.
-fn xen_sharing_report() {
+fn xen_sharing_report() -> Option<gnttab::GrantTable> {
     let shared = gnttab::SharedInfo::map();
     match &shared {
         Ok(si) => println!(
@@ -305,7 +381,7 @@ fn xen_sharing_report() {
         ),
         Err(e) => println!("xen: {e}"),
     }
-    match gnttab::GrantTable::setup(1) {
+    let table = match gnttab::GrantTable::setup(1) {
         Ok(mut t) => {
             println!(
                 "xen: grant table v1, {} of {} frames at {:#x} ({} refs free)",
@@ -322,9 +398,13 @@ fn xen_sharing_report() {
                 Some(r) => println!("xen: grant ref {} could not be taken back", r.0),
                 None => println!("xen: no grant reference free"),
             }
+            Some(t)
         }
-        Err(e) => println!("xen: {e}"),
-    }
+        Err(e) => {
+            println!("xen: {e}");
+            None
+        }
+    };
     match gnttab::alloc_unbound(0) {
         Some(port) => println!("xen: event channel {port} allocated for dom0"),
         None => println!("xen: EVTCHNOP_alloc_unbound failed"),
@@ -335,11 +415,11 @@ fn xen_sharing_report() {
         &shared,
         gnttab::alloc_unbound(xen_shim::hypercall::DOMID_SELF),
     ) else {
-        return;
+        return table;
     };
     let Some(b) = xen::bind_interdomain(xen_shim::hypercall::DOMID_SELF, a) else {
         println!("xen: EVTCHNOP_bind_interdomain failed");
-        return;
+        return table;
     };
     let before = si.take_pending(a);
     xen::notify(b);
@@ -349,6 +429,7 @@ fn xen_sharing_report() {
     } else {
         println!("xen: event channels {a} <-> {b}: pending {before} before, {after} after a send");
     }
+    table
 }
 
 /// The boot report's XenStore part: who we are, the paravirtual devices

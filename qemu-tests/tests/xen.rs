@@ -12,14 +12,22 @@ type = "pvh"
 kernel = "/portcullis"
 memory = 64
 vcpus = 2
-vif = ["bridge=br0"]
+vif = ["bridge=br0,mac=00:16:3e:00:00:0f"]
+extra = "/qubes-ip=10.0.2.15 /qubes-netmask=255.255.255.0 /qubes-gateway=10.0.2.2 /qubes-netvm-gateway=10.137.0.1 stats-interval=1"
 on_poweroff = "destroy"
 on_crash = "preserve"
 "#;
 
-/// Creates the domain twice — as configured (domain 1), then with a bad
-/// command line (domain 2) — and reports how each ended.
+/// Creates the domain three times: without a vif, so it reports its
+/// boot (both vCPUs online) and ends itself (domain 1); as configured but
+/// with one vCPU (domain 2) — waits for its netfront to connect to dom0's
+/// netback, pings it from dom0 across the bridge, destroys it; and with a
+/// bad command line (domain 3), reporting how that ended. (Domain 2 has
+/// one vCPU: with two, a guest triple fault was seen in two of five runs
+/// while its loop ran — the Xen issue's notes.)
 const SCRIPT: &str = r#"#!/bin/sh
+log=/var/log/xen/console/guest-portcullis.log
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
 run() {
     xl create /etc/xen/portcullis.cfg "$@" && echo "test: created"
     i=0
@@ -35,9 +43,28 @@ run() {
     echo "test: still running after 60 s"
     xl destroy portcullis
 }
-run
+run 'vif=[]'
+rm -f $log
+t0=$(ms)
+xl create /etc/xen/portcullis.cfg 'vcpus=1' && echo "test: created"
+first=none
+up=none
+i=0
+while [ $i -lt 900 ]; do
+    if [ "$first" = none ] && [ -s $log ]; then first=$(( $(ms) - t0 )); fi
+    if grep -q "netfront: vif/0 connected" $log 2>/dev/null; then up=$(( $(ms) - t0 )); break; fi
+    if grep -q "netfront: vif/0: " $log 2>/dev/null; then break; fi
+    xl list portcullis >/dev/null 2>&1 || break
+    sleep 0.1
+    i=$((i + 1))
+done
+echo "test: first console line after $first ms, netfront connected after $up ms"
+busybox ping -c 5 -W 3 10.0.2.15 2>&1 | sed 's/^/test: ping: /'
+ip neigh show 10.0.2.15 | sed 's/^/test: neighbour: /'
+sleep 1.5
+xl destroy portcullis && echo "test: destroyed"
 echo "test: console log begins"
-cat /var/log/xen/console/guest-portcullis.log
+cat $log
 echo "test: console log ends"
 run 'extra="bogus"'
 "#;
@@ -53,6 +80,7 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         .run(kernel(), XL_CFG, SCRIPT, Duration::from_secs(400))
         .unwrap_or_else(|e| panic!("{e}"));
     let guest = run.guest_lines(1);
+    let net = run.guest_lines(2);
     println!(
         "nested Xen run: {:.1} s, {} guest lines",
         run.elapsed.as_secs_f64(),
@@ -77,12 +105,8 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         .take_while(|l| !l.starts_with("test: console log ends"))
         .collect();
     assert!(
-        log.iter().any(|l| l.contains("portcullis: booting")),
-        "console log: {log:#?}"
-    );
-    assert!(
-        log.iter()
-            .any(|l| l.contains("portcullis: no network devices")),
+        log.iter().any(|l| l.contains("portcullis: booting"))
+            && log.iter().any(|l| l.contains("netfront: vif/0 connected")),
         "console log: {log:#?}"
     );
     assert!(
@@ -96,12 +120,6 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     // XenStore, read over the shared ring: the domain's own name and id.
     assert!(
         has("xenstore: domain \"portcullis\", domid 1"),
-        "{guest:#?}"
-    );
-    // The vif the toolstack created, found in XenStore with its backend in
-    // dom0 (netback), still initialising (netfront is not written yet)...
-    assert!(
-        has("xenstore: device vif/0 backend /local/domain/0/backend/vif/1/0 state 1"),
         "{guest:#?}"
     );
     // What netfront will need, set up against Xen and checked: shared
@@ -138,7 +156,80 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         has("portcullis: no network devices; nothing to forward"),
         "{guest:#?}"
     );
-    // The domain ended itself with SCHEDOP_shutdown(poweroff)...
+    // Domain 2: the vif the toolstack created, found in XenStore with its
+    // backend in dom0 (netback), before netfront connects it...
+    let guest = net;
+    let has = |prefix: &str| guest.iter().any(|l| l.starts_with(prefix));
+    assert!(
+        has("xenstore: device vif/0 backend /local/domain/0/backend/vif/2/0 state 1"),
+        "{guest:#?}"
+    );
+    // ...netfront: the xenbus handshake with Linux netback completed...
+    let test = |prefix: &str| -> Vec<&str> {
+        run.console
+            .lines()
+            .filter_map(|l| l.strip_prefix(prefix))
+            .collect()
+    };
+    let connected: Vec<&String> = guest
+        .iter()
+        .filter(|l| l.starts_with("netfront: vif/0 connected to backend domain 0 in "))
+        .collect();
+    assert_eq!(connected.len(), 1, "{guest:#?}");
+    assert!(
+        connected[0].ends_with("128 receive pages)"),
+        "{connected:?}"
+    );
+    println!("{}", connected[0]);
+    for t in test("test: first console line") {
+        println!("xl create -> first console line{t}");
+    }
+    assert!(has("dataplane: uplink only (no client NICs)"), "{guest:#?}");
+    // Halting is not used under Xen yet (see ARCHITECTURE.md, idle).
+    assert!(has("idle: poll (under Xen"), "{guest:#?}");
+    // ...and frames cross it both ways: dom0 resolves our address with ARP
+    // and every ping is answered, through our netfront and its netback.
+    let ping = test("test: ping: ");
+    assert!(
+        ping.iter()
+            .any(|l| l.starts_with("5 packets transmitted, 5 packets received")),
+        "ping from dom0 through netback and our netfront:\n{}",
+        run.console
+    );
+    let neighbour = test("test: neighbour: ");
+    assert!(
+        neighbour
+            .iter()
+            .any(|l| l.contains("lladdr 00:16:3e:00:00:0f")),
+        "{neighbour:?}"
+    );
+    // The counters agree: the netfront received and sent frames, the
+    // firewall asked for the gateway and answered the five pings.
+    let last = |prefix: &str| -> String {
+        guest
+            .iter()
+            .rev()
+            .find(|l| l.starts_with(prefix))
+            .cloned()
+            .unwrap_or_else(|| panic!("no '{prefix}' line: {guest:#?}"))
+    };
+    let fw = last("stats: firewall ");
+    let field = |line: &str, key: &str| -> u64 {
+        line.split_whitespace()
+            .find_map(|w| w.strip_prefix(key))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {key} in {line}"))
+    };
+    assert!(field(&fw, "echo_replies=") >= 5, "{fw}");
+    // (dom0 learns our MAC from our ARP request for the gateway, so it
+    // may never need to ask us.)
+    assert!(field(&fw, "arp_requests_sent=") >= 1, "{fw}");
+    let nic = last("stats: nic0 uplink ");
+    assert!(field(&nic, "rx_packets=") >= 6, "{nic}");
+    assert!(field(&nic, "tx_packets=") >= 6, "{nic}");
+    assert_eq!(field(&nic, "ring_errors="), 0, "{nic}");
+    // The first domain ended itself with SCHEDOP_shutdown(poweroff), the
+    // forwarding one ran until destroyed...
     let ends: Vec<&str> = run
         .console
         .lines()
@@ -150,9 +241,10 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "{}",
         run.console
     );
+    assert_eq!(test("test: destroyed").len(), 1, "{}", run.console);
     // ...and, given a bad command line, refused to start and reported a
     // crash (SCHEDOP_shutdown(crash)), which `on_crash` kept for us to see.
-    let second = run.guest_lines(2);
+    let second = run.guest_lines(3);
     assert!(
         second
             .iter()

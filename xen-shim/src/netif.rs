@@ -179,6 +179,21 @@ impl RxResponse {
     }
 }
 
+/// A MAC address as the toolstack writes it in XenStore
+/// (`00:16:3e:5e:6c:00`).
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.trim().split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.is_empty() || p.len() > 2 || !p.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// The xenbus states (`io/xenbus.h`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum XenbusState {
@@ -254,6 +269,24 @@ pub fn frontend_step(backend: XenbusState, ours: XenbusState) -> FrontendStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn macs_as_xenstore_writes_them() {
+        assert_eq!(
+            parse_mac("00:16:3e:5e:6c:0a\n"),
+            Some([0, 0x16, 0x3e, 0x5e, 0x6c, 0x0a])
+        );
+        for bad in [
+            "",
+            "00:16:3e:5e:6c",
+            "00:16:3e:5e:6c:0a:01",
+            "00:16:3e:5e:6c:zz",
+            "000:16:3e:5e:6c:0a",
+            "+0:16:3e:5e:6c:0a",
+        ] {
+            assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn ring_geometry() {

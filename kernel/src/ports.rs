@@ -1,0 +1,48 @@
+//! The kinds of NIC the dataplane drives, behind one `Nic`: virtio-net
+//! over PCI (QEMU, HVM) and Xen netfront (PVH under Xen). One match per
+//! batch call, not per packet.
+
+use alloc::vec::Vec;
+
+use drivers::netfront::Netfront;
+use drivers::virtio_net::VirtioNet;
+use drivers::{Nic, NicStats, Packet, PacketPool};
+use virtio_drivers::transport::pci::PciTransport;
+
+use crate::netfront::XenGrants;
+
+pub enum Port {
+    Virtio(VirtioNet<PciTransport>),
+    Netfront(Netfront<XenGrants>),
+}
+
+macro_rules! each {
+    ($self:ident, $n:ident => $e:expr) => {
+        match $self {
+            Port::Virtio($n) => $e,
+            Port::Netfront($n) => $e,
+        }
+    };
+}
+
+impl Nic for Port {
+    fn mac(&self) -> [u8; 6] {
+        each!(self, n => n.mac())
+    }
+
+    fn rx_batch(&mut self, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
+        each!(self, n => n.rx_batch(pool, out, max))
+    }
+
+    fn tx_batch(&mut self, pool: &mut PacketPool, batch: &mut Vec<Packet>) {
+        each!(self, n => n.tx_batch(pool, batch))
+    }
+
+    fn maintain(&mut self, pool: &mut PacketPool) {
+        each!(self, n => n.maintain(pool))
+    }
+
+    fn stats(&self) -> NicStats {
+        each!(self, n => n.stats())
+    }
+}
