@@ -77,7 +77,8 @@ pub struct NicStats {
     pub tx_ring_full: u64,
     /// Device-written ring entries that failed validation.
     pub ring_errors: u64,
-    /// Frames the device reported it could not send.
+    /// Frames the device reported it could not send, or that were dropped
+    /// because it stopped working.
     pub tx_errors: u64,
     /// Notifications sent to the device.
     pub notifications: u64,

@@ -39,6 +39,7 @@ pub const RX_BUFFERS: usize = 128;
 /// Transmit slots.
 pub const TX_SLOTS: usize = 128;
 const TX_SLOT: usize = 2048;
+const _: () = assert!(MAX_FRAME <= TX_SLOT, "a frame fits a transmit slot");
 const TX_RING: usize = 0;
 const RX_RING: usize = PAGE;
 const RX_PAGES: usize = 2 * PAGE;
@@ -203,12 +204,30 @@ impl<X: XenIo> Netfront<X> {
     fn write_entry(&self, off: usize, bytes: &[u8]) {
         debug_assert!(off + bytes.len() <= region_bytes());
         // SAFETY: `off` is a ring slot (`slot_offset` keeps it inside its
-        // page) or a transmit slot; volatile, the backend reads it.
+        // page); volatile, the backend reads the ring.
         unsafe {
             let p = self.mem.ptr().as_ptr().add(off);
             for (i, b) in bytes.iter().enumerate() {
                 p.add(i).write_volatile(*b);
             }
+        }
+    }
+
+    /// Copies a frame into transmit slot `id` (plain stores: the backend
+    /// reads the slot only after the request naming it is published,
+    /// with a release store, as a device reads a pool buffer).
+    fn fill_tx_slot(&mut self, id: u16, frame: &[u8]) {
+        let len = frame.len().min(TX_SLOT);
+        // SAFETY: transmit slot `id < TX_SLOTS` lies inside the region
+        // (`region_bytes`), and no request for it is outstanding (it came
+        // from `tx_free`), so nothing else writes it.
+        unsafe {
+            let slot = self
+                .mem
+                .ptr()
+                .as_ptr()
+                .add(TX_PAGES + usize::from(id) * TX_SLOT);
+            core::ptr::copy_nonoverlapping(frame.as_ptr(), slot, len);
         }
     }
 
@@ -333,7 +352,9 @@ impl<X: XenIo> Nic for Netfront<X> {
 
     fn tx_batch(&mut self, pool: &mut PacketPool, batch: &mut Vec<Packet>) {
         if self.dead {
-            // A dead device sends nothing: drop rather than queue forever.
+            // A dead device sends nothing: drop (counted) rather than
+            // queue forever.
+            self.stats.tx_errors += batch.len() as u64;
             for p in batch.drain(..) {
                 pool.free(p.buf);
             }
@@ -347,9 +368,11 @@ impl<X: XenIo> Nic for Netfront<X> {
                 break;
             }
             let Some(id) = self.tx_free.pop() else { break };
-            let len = p.len.min(MAX_FRAME).min(TX_SLOT);
+            // (`frame` is at most `MAX_FRAME` bytes, less than a slot.)
+            let frame = pool.frame(p);
+            let len = frame.len();
+            self.fill_tx_slot(id, frame);
             let slot = usize::from(id) * TX_SLOT;
-            self.write_entry(TX_PAGES + slot, &pool.frame(p)[..len]);
             let req = TxRequest {
                 gref: self.tx_grefs[slot / PAGE],
                 offset: (slot % PAGE) as u16,

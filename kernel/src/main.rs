@@ -150,8 +150,7 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     // Under Xen: XenStore and the grant table, kept for netfront.
     let mut xen_io = None;
     if xen::present() {
-        let store = xenstore::XenStore::open();
-        match store {
+        match xenstore::XenStore::open() {
             Some(mut store) => {
                 xenstore_report(&mut store);
                 xen_io = xen_sharing_report().map(|t| (store, t));
@@ -240,8 +239,8 @@ fn start_dataplane(
     if let Some((dev, io)) = netfront {
         devices.push(connect_netfront(&dev, io));
     }
-    if devices.len() + nics.len() < 2 && !matches!(devices.first(), Some(ports::Port::Netfront(_)))
-    {
+    // A netfront uplink may run alone; virtio NICs need a downlink too.
+    if devices.is_empty() && nics.len() < 2 {
         println!(
             "config error: need an uplink and at least one downlink NIC, found {}",
             nics.len()
@@ -293,44 +292,19 @@ fn start_dataplane(
     // second polling vCPU costs QEMU's I/O threads more than it gains
     // (docs/benchmarks.md).
     let layout = config.layout.unwrap_or(Layout::Single);
-    // Under Xen, with `idle=halt`, the loop stopped after its first halt
-    // in the nested test (not yet diagnosed: the timer interrupt not
-    // delivered, or its delivery faulting), so the loop polls there until
-    // halting blocks in Xen itself (SCHEDOP_poll on the netfront's event
-    // channel, with a timeout).
-    if xen::present() && config.idle != cmdline::Idle::Poll {
-        println!("idle: poll (under Xen halting is not supported yet)");
-        run_layout(
-            layout,
-            nics,
-            firewall,
-            stats_interval_ms,
-            &aps,
-            cmdline::Idle::Poll,
-        );
-    }
     let (idle, ticks) = idle::start(config.idle);
     match (config.idle, idle) {
         (_, cmdline::Idle::Halt { wake_us }) => {
             println!("idle: halt, woken every {wake_us} us (local APIC timer, {ticks} ticks)")
+        }
+        (cmdline::Idle::Halt { .. }, cmdline::Idle::Poll) if xen::present() => {
+            println!("idle: poll (under Xen halting is not supported yet)")
         }
         (cmdline::Idle::Halt { .. }, cmdline::Idle::Poll) => {
             println!("idle: poll (halt asked, but there is no usable local APIC timer)")
         }
         _ => println!("idle: poll"),
     }
-    run_layout(layout, nics, firewall, stats_interval_ms, &aps, idle)
-}
-
-/// Starts the forwarding loops in `layout`.
-fn run_layout(
-    layout: Layout,
-    nics: dataplane::Nics<ports::Port>,
-    firewall: Firewall,
-    stats_interval_ms: u64,
-    aps: &[usize],
-    idle: cmdline::Idle,
-) -> ! {
     match (layout, aps.first()) {
         (Layout::Pipeline, Some(&ap)) => {
             println!("dataplane: layout pipeline (nics on cpu 0, firewall on cpu {ap})");

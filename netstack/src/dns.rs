@@ -100,8 +100,6 @@ pub struct Resolver {
     servers: Vec<Ipv4Addr>,
     /// xorshift state for query ids.
     rng: u32,
-    pub queries_sent: u64,
-    pub answers: u64,
 }
 
 impl Resolver {
@@ -132,8 +130,6 @@ impl Resolver {
             entries,
             servers,
             rng: seed | 1,
-            queries_sent: 0,
-            answers: 0,
         }
     }
 
@@ -235,7 +231,6 @@ impl Resolver {
             sent: now,
             tries,
         };
-        self.queries_sent += 1;
         (Some(Query { server, len }), gave_up)
     }
 
@@ -264,7 +259,6 @@ impl Resolver {
         });
         e.resolved = true;
         e.addrs = addrs;
-        self.answers += 1;
         Some(Resolved {
             name: e.name.clone(),
             v6: e.v6,

@@ -113,6 +113,15 @@ drop_reasons! {
     ClientUnreachable => "client-unreachable",
 }
 
+impl From<CreateError> for DropReason {
+    fn from(e: CreateError) -> Self {
+        match e {
+            CreateError::TableFull => Self::ConntrackFull,
+            CreateError::NoFreePort => Self::NatPortsExhausted,
+        }
+    }
+}
+
 impl From<Malformed> for DropReason {
     fn from(m: Malformed) -> Self {
         match m {
@@ -202,20 +211,45 @@ fn bind(clients: &mut [Client], ci: usize, port: usize, mac: Mac) -> bool {
     }
 }
 
-/// The connection-tracking tuple of a client's packet (ICMP: echo requests
-/// only, the identifier as the source port), `None` for what is not
-/// tracked.
+/// The connection-tracking tuple of a client's IPv4 packet.
 fn client_tuple(buf: &[u8], info: &Ipv4Info) -> Option<Tuple> {
-    let (sport, dport) = match info.proto {
-        PROTO_TCP | PROTO_UDP => (info.sport, info.dport),
-        PROTO_ICMP if info.sport == 8 => (get_u16(buf, info.l4 + 4).unwrap_or(0), 0),
+    let ports = (info.sport, info.dport);
+    flow_tuple(
+        buf,
+        (info.proto, PROTO_ICMP),
+        (info.src, info.dst),
+        ports,
+        info.l4,
+    )
+}
+
+/// The connection-tracking tuple of a client's packet of either family
+/// (`icmp`: the family's ICMP protocol number; `ports`: as parsed, for
+/// ICMP (type, code)): TCP and UDP by ports, an echo request of the
+/// family's ICMP by its identifier (read at `l4 + 4`) as the source port;
+/// `None` for what is not tracked.
+fn flow_tuple<A: Addr>(
+    buf: &[u8],
+    (proto, icmp): (u8, u8),
+    (src, dst): (A, A),
+    (sport, dport): (u16, u16),
+    l4: usize,
+) -> Option<Tuple<A>> {
+    let echo = if icmp == PROTO_ICMPV6 {
+        u16::from(crate::ipv6::ICMPV6_ECHO_REQUEST)
+    } else {
+        8
+    };
+    let (sport, dport) = match proto {
+        PROTO_TCP | PROTO_UDP => (sport, dport),
+        p if p == icmp && sport == echo => (get_u16(buf, l4 + 4).unwrap_or(0), 0),
         _ => return None,
     };
     Some(Tuple {
-        proto: info.proto,
-        src: info.src,
+        proto,
+        src,
         sport,
-        dst: info.dst,
+        dst,
         dport,
     })
 }
@@ -1006,11 +1040,7 @@ impl Firewall {
         }
         let flow = self
             .ct
-            .create_owned(*tuple, remote, remote_port, now, ci as u32)
-            .map_err(|e| match e {
-                CreateError::TableFull => DropReason::ConntrackFull,
-                CreateError::NoFreePort => DropReason::NatPortsExhausted,
-            })?;
+            .create_owned(*tuple, remote, remote_port, now, ci as u32)?;
         self.stats.flows_created += 1;
         Ok(flow)
     }

@@ -440,9 +440,7 @@ impl Matcher {
                 .icmp_type
                 .is_none_or(|t| p.proto == self.icmp && p.icmp_type == t)
     }
-}
 
-impl Matcher {
     /// A `dsthost` rule's destination must be one of the name's addresses.
     #[inline]
     fn host_ok(&self, dst: u128, hosts: &[Host]) -> bool {

@@ -360,6 +360,7 @@ fn a_runaway_index_kills_the_device() {
     r.nf.tx_batch(&mut r.pool, &mut batch);
     assert!(batch.is_empty());
     assert_eq!(r.pool.available(), free + 1);
+    assert_eq!(r.nf.stats().tx_errors, 1, "the dropped frame is counted");
     assert_eq!(rd32(r.be.tx, REQ_PROD), 0);
 }
 

@@ -15,11 +15,11 @@
 use core::net::{IpAddr, Ipv6Addr};
 
 use super::{
-    quoted_reply, rewrite_l4, swap_macs, DropReason, Firewall, Piece, Verdict, ARP_LIFETIME_MS,
-    ARP_RETRY_MS, TTL_OWN, UPLINK,
+    flow_tuple, quoted_reply, rewrite_l4, swap_macs, DropReason, Firewall, Piece, Verdict,
+    ARP_LIFETIME_MS, ARP_RETRY_MS, TTL_OWN, UPLINK,
 };
 use crate::config::Ipv6Config;
-use crate::conntrack::{CreateError, Tuple};
+use crate::conntrack::Tuple;
 use crate::ipv6::*;
 use crate::rules::Probe;
 use crate::wire::*;
@@ -317,23 +317,12 @@ impl Firewall {
             };
             return self.icmp6_error(now, buf, port, info, err);
         }
-        let tuple = match info.proto {
-            PROTO_TCP | PROTO_UDP => Tuple {
-                proto: info.proto,
-                src: info.src,
-                sport: info.sport,
-                dst: info.dst,
-                dport: info.dport,
-            },
-            PROTO_ICMPV6 if info.sport == u16::from(ICMPV6_ECHO_REQUEST) => Tuple {
-                proto: PROTO_ICMPV6,
-                src: info.src,
-                sport: get_u16(buf, info.l4 + 4).unwrap_or(0),
-                dst: info.dst,
-                dport: 0,
-            },
-            PROTO_ICMPV6 => return self.drop(DropReason::IcmpUnsupported),
-            _ => return self.drop(DropReason::ProtoUnsupported),
+        let ports = (info.sport, info.dport);
+        let protos = (info.proto, PROTO_ICMPV6);
+        let tuple = match flow_tuple(buf, protos, (info.src, info.dst), ports, info.l4) {
+            Some(t) => t,
+            None if info.proto == PROTO_ICMPV6 => return self.drop(DropReason::IcmpUnsupported),
+            None => return self.drop(DropReason::ProtoUnsupported),
         };
         let flow = match self.ct6.by_client(&tuple, now) {
             Some(f) => {
@@ -355,10 +344,7 @@ impl Firewall {
                     .and_then(|()| {
                         self.ct6
                             .create_owned(tuple, info.dst, tuple.dport, now, ci as u32)
-                            .map_err(|e| match e {
-                                CreateError::TableFull => DropReason::ConntrackFull,
-                                CreateError::NoFreePort => DropReason::NatPortsExhausted,
-                            })
+                            .map_err(DropReason::from)
                     });
                 match created {
                     Ok(f) => {
