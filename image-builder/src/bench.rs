@@ -1,5 +1,7 @@
 //! `cargo xtask bench`: measurements that print numbers, never pass/fail.
 //!
+//! `bench` alone (root) is Portcullis against a Linux firewall VM (see
+//! `versus`).
 //! `bench boot` boots the kernel repeatedly and times, from the moment QEMU
 //! is started, the kernel's first console line and QEMU's exit. `bench
 //! netstack` runs the firewall stage's criterion benchmarks on the host.
@@ -18,13 +20,15 @@ const BOOT_GOAL: Duration = Duration::from_millis(300);
 
 pub fn run(args: &[String]) -> Result<(), String> {
     match args.first().map(String::as_str) {
+        None => crate::versus::run(args),
+        Some(a) if a.starts_with("--") => crate::versus::run(args),
         Some("boot") => boot(&args[1..]),
         Some("netstack") => netstack(&args[1..]),
         Some("idle") => idle(&args[1..]),
         Some("rings") => crate::check(
             crate::cargo().args(["bench", "--package", "drivers", "--bench", "rings", "--"]).args(&args[1..]),
         ),
-        _ => Err("usage: cargo xtask bench boot [--runs N] [--accel tcg|kvm] | bench netstack | bench rings [criterion args] | bench idle [--runs N]".into()),
+        _ => Err("usage: cargo xtask bench [--quick] [--rounds N] [--cpus 1,2] | bench boot [--runs N] [--accel tcg|kvm] | bench netstack | bench rings [criterion args] | bench idle [--runs N]".into()),
     }
 }
 

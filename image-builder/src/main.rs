@@ -13,6 +13,7 @@ mod bench;
 mod demo;
 mod fuzz;
 mod setup;
+mod versus;
 
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -40,6 +41,10 @@ commands:
   fuzz [--seconds N] [TARGET...]
                      run the netstack fuzz targets (nightly + cargo-fuzz), N seconds each
                      (default 30), growing the corpus in netstack/fuzz/corpus
+  bench [--quick] [--rounds N] [--cpus 1,2] [--accel tcg|kvm]
+                     (root) Portcullis vs a Linux firewall VM and the limit (firewall=off),
+                     interleaved: iperf3 TCP/UDP, 64-byte packet rate, ping, boot, memory;
+                     table with ratios, CSV/JSON/SVG in target/bench/ (--quick: 1 round, short)
   bench boot [--runs N] [--accel tcg|kvm]
                      time from QEMU start to the kernel's first console line
   bench netstack [criterion args]
@@ -133,8 +138,8 @@ pub fn parse_options(args: &[String], defaults: MachineOptions) -> Result<Machin
             other => return Err(format!("unknown option '{other}'\n\n{USAGE}")),
         }
     }
-    if o.cpus == 0 || o.memory_mib < 16 || o.runs == 0 {
-        return Err("--cpus and --runs must be at least 1, --memory at least 16".into());
+    if o.cpus == 0 || o.memory_mib < 4 || o.runs == 0 {
+        return Err("--cpus and --runs must be at least 1, --memory at least 4".into());
     }
     Ok(o)
 }

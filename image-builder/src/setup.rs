@@ -21,6 +21,10 @@ const TOOLS: &[(&str, &str)] = &[
     ("ip", "iproute2"),
     ("iperf3", "iperf3"),
     ("ping", "iputils-ping"),
+    // The Linux baseline VM of `cargo xtask bench` (and the nftables
+    // differential test) carry the machine's `nft`; its initramfs is cpio.
+    ("nft", "nftables"),
+    ("cpio", "cpio"),
 ];
 
 /// Runs every check and installs what is missing.

@@ -62,6 +62,9 @@ pub struct BootConfig {
     /// `None`: chosen by the CPUs online.
     pub layout: Option<Layout>,
     pub idle: Idle,
+    /// `firewall=off`: forward without filtering (the benchmark's limit
+    /// mode, `Firewall::set_forward_only`); never for deployment.
+    pub firewall_off: bool,
 }
 
 impl Default for BootConfig {
@@ -77,6 +80,7 @@ impl Default for BootConfig {
             idle: Idle::Halt {
                 wake_us: DEFAULT_WAKE_US,
             },
+            firewall_off: false,
         }
     }
 }
@@ -193,6 +197,13 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
                             expected: "poll|halt",
                         }))
                     }
+                }
+            }
+            "firewall" => {
+                config.firewall_off = match value {
+                    "on" => false,
+                    "off" => true,
+                    _ => return Err(err(CmdlineErrorKind::BadValue { expected: "on|off" })),
                 }
             }
             "idle-wake-us" => {
@@ -316,6 +327,10 @@ mod tests {
             Some(Layout::Pipeline)
         );
         assert!(parse("layout=rtc").is_err());
+        assert!(!parse("").unwrap().firewall_off);
+        assert!(parse("firewall=off").unwrap().firewall_off);
+        assert!(!parse("firewall=off firewall=on").unwrap().firewall_off);
+        assert!(parse("firewall=no").is_err());
         let o: Vec<_> = qubesdb_overrides(line).collect();
         assert_eq!(
             o,

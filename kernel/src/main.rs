@@ -284,7 +284,14 @@ fn start_dataplane(
     );
     let macs: Vec<[u8; 6]> = devices.iter().map(|d| d.mac()).collect();
     print_ready(&net, &macs);
-    let firewall = Firewall::new(net, macs);
+    let mut firewall = Firewall::new(net, macs);
+    if config.firewall_off {
+        firewall.set_forward_only(true);
+        println!(
+            "WARNING: firewall=off: forwarding without rules, connection tracking or NAT \
+             (a benchmark's limit mode; never deploy this)"
+        );
+    }
     let nics = dataplane::Nics::new(devices, pool);
     let stats_interval_ms = u64::from(config.stats_interval_s) * 1000;
     let aps = smp::online_aps();

@@ -433,6 +433,8 @@ pub struct Firewall {
     frags6: FragmentTable<Ipv6Addr>,
     icmp_bucket: TokenBucket,
     stats: Stats,
+    /// The benchmark's limit mode (`set_forward_only`).
+    forward_only: bool,
 }
 
 fn swap_macs(buf: &mut [u8], new_src: Mac) {
@@ -515,6 +517,7 @@ impl Firewall {
                 last: 0,
             },
             stats: Stats::default(),
+            forward_only: false,
         };
         // Names that cannot be asked (no DNS server) are settled already.
         let settled: Vec<Resolved> = fw
@@ -533,6 +536,18 @@ impl Firewall {
 
     pub fn config(&self) -> &NetConfig {
         &self.cfg
+    }
+
+    /// Turns the firewall off, for measuring what the machine can forward
+    /// at all (`cargo xtask bench`'s limit column): IPv4 frames then cross
+    /// with their Ethernet addresses rewritten and nothing else — no rules,
+    /// no connection tracking, no NAT, no TTL — between connected clients
+    /// (by source address from their ports, by destination address from the
+    /// uplink) and the uplink's next hop. ARP is answered as usual; every
+    /// other frame is dropped. Never for deployment: the kernel says so
+    /// loudly when its command line asks for it.
+    pub fn set_forward_only(&mut self, on: bool) {
+        self.forward_only = on;
     }
 
     pub fn stats(&self) -> &Stats {
@@ -620,12 +635,15 @@ impl Firewall {
                 if dst == BROADCAST || multicast6 {
                     return self.drop(DropReason::NotForUs);
                 }
-                if port == UPLINK {
+                if self.forward_only {
+                    self.forward_plain(now, port, buf, &info)
+                } else if port == UPLINK {
                     self.upstream_packet(now, buf, &info)
                 } else {
                     self.client_packet(now, port, buf, &info)
                 }
             }
+            Some(ETHERTYPE_IPV6) if self.forward_only => self.drop(DropReason::NotForUs),
             Some(ETHERTYPE_IPV6) if dst != BROADCAST => self.handle_ipv6(now, port, buf, len),
             Some(ETHERTYPE_ARP | ETHERTYPE_IPV6) => self.drop(DropReason::NotForUs),
             _ => self.drop(DropReason::UnknownEthertype),
@@ -1206,6 +1224,25 @@ impl Firewall {
                 Some(mac) => self.send_on_uplink(buf, mac, ETHERTYPE_IPV4, info.end),
                 None => self.drop(DropReason::ArpUnresolved),
             },
+        }
+    }
+
+    /// `set_forward_only`'s path for an IPv4 frame.
+    fn forward_plain(&mut self, now: u64, port: usize, buf: &mut [u8], info: &Ipv4Info) -> Verdict {
+        if port == UPLINK {
+            return self.send_to_client(buf, info.dst, info.end);
+        }
+        let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
+        let bound = match self.client_index.get(&info.src).copied() {
+            Some(ci) => self.bind_client(ci, port, src_mac),
+            None => false,
+        };
+        if !bound {
+            return self.drop(DropReason::Spoofed);
+        }
+        match self.uplink_next_hop(info.dst, now) {
+            Some(mac) => self.send_on_uplink(buf, mac, ETHERTYPE_IPV4, info.end),
+            None => self.drop(DropReason::ArpUnresolved),
         }
     }
 

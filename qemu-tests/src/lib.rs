@@ -346,7 +346,11 @@ impl RunningMachine {
     }
 
     /// Waits for the first console line that satisfies `pred`.
-    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Option<String> {
+    pub fn wait_for(
+        &self,
+        timeout: Duration,
+        mut pred: impl FnMut(&str) -> bool,
+    ) -> Option<String> {
         let deadline = Instant::now() + timeout;
         loop {
             let left = deadline.checked_duration_since(Instant::now())?;
@@ -511,6 +515,7 @@ impl BootReport {
 }
 
 pub mod lab;
+pub mod linux_fw;
 pub mod netns;
 pub mod xen;
 

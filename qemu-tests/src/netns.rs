@@ -118,6 +118,37 @@ impl Topology {
             })
     }
 
+    /// Waits until process `pid` (QEMU) has opened both taps, so that they
+    /// can be attached while the guest boots; tun file descriptors name
+    /// their device in `/proc/<pid>/fdinfo` (`iff:`).
+    pub fn wait_opened(&self, pid: u32, timeout: std::time::Duration) -> Result<(), String> {
+        let deadline = std::time::Instant::now() + timeout;
+        let n = &self.names;
+        loop {
+            let mut opened = Vec::new();
+            if let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fdinfo")) {
+                for e in dir.flatten() {
+                    let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+                    opened.extend(
+                        text.lines()
+                            .filter_map(|l| l.strip_prefix("iff:"))
+                            .map(|v| v.trim().to_string()),
+                    );
+                }
+            }
+            if [&n.upstream_tap, &n.client_tap]
+                .iter()
+                .all(|t| opened.iter().any(|o| o == *t))
+            {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("QEMU did not open the taps in {timeout:?}"));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+    }
+
     /// Moves the taps (already opened by QEMU) into their namespaces and
     /// configures addresses and routes.
     pub fn attach(&self) -> Result<(), String> {

@@ -127,6 +127,51 @@ fn forwards_with_idle_poll_too() {
     assert!(done.counter("core0.idle_rounds") > 0);
 }
 
+/// The benchmark's limit mode: frames cross with new Ethernet addresses
+/// and nothing else changed, whatever the rules say; addresses that are not
+/// a client's still do not cross.
+#[test]
+fn firewall_off_forwards_unfiltered_and_untranslated() {
+    let lab = Lab::start_with(QUBESDB, "firewall=off");
+    // Port 22 is not allowed by the rules; with the firewall off it crosses,
+    // not NATed, TTL unchanged.
+    let sent = client_udp(SERVER_IP, 40000, 22, b"unfiltered");
+    lab.downlink.send(&sent);
+    let out = lab.uplink.recv(WAIT).expect("forwarded upstream");
+    assert_eq!(&out[..12], &[GATEWAY_MAC, UPLINK_MAC].concat()[..]);
+    assert_eq!(out[12..], sent[12..]);
+    let reply = udp(
+        (GATEWAY_MAC, UPLINK_MAC),
+        SERVER_IP,
+        CLIENT_IP,
+        60,
+        (22, 40000),
+        b"back",
+    );
+    lab.uplink.send(&reply);
+    let back = lab.downlink.recv(WAIT).expect("delivered to the client");
+    assert_eq!(&back[..12], &[CLIENT_MAC, DOWNLINK_MAC].concat()[..]);
+    assert_eq!(back[12..], reply[12..]);
+    // A source that is no client's is dropped; the next frame comes out
+    // first.
+    lab.downlink.send(&udp(
+        (CLIENT_MAC, DOWNLINK_MAC),
+        [10, 137, 0, 99],
+        SERVER_IP,
+        64,
+        (1, 2),
+        b"spoofed",
+    ));
+    lab.downlink.send(&sent);
+    let out = lab.uplink.recv(WAIT).expect("forwarded upstream");
+    assert_eq!(out[12..], sent[12..]);
+    let done = lab.finish();
+    assert_eq!(done.counter("drops.spoofed-source"), 1, "{}", done.console);
+    assert_eq!(done.counter("firewall.to_upstream"), 2);
+    assert_eq!(done.counter("firewall.to_clients"), 1);
+    assert_eq!(done.counter("firewall.flows_created"), 0);
+}
+
 #[test]
 fn nats_allowed_traffic_and_delivers_replies() {
     let lab = Lab::start(QUBESDB);

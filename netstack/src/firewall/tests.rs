@@ -1024,3 +1024,85 @@ fn an_established_flow_from_another_port_is_spoofed() {
         "the spoofed FIN did not close it"
     );
 }
+
+#[test]
+fn forward_only_rewrites_ethernet_addresses_and_nothing_else() {
+    let mut fw = ready();
+    fw.set_forward_only(true);
+    // A port no rule allows, from a client: out unchanged but for the MACs
+    // (no NAT, no TTL change), to the gateway.
+    let out = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        SERVER,
+        64,
+        PROTO_TCP,
+        &tcp_seg(40000, 22, TCP_SYN),
+    );
+    let (v, sent) = run(&mut fw, 10, 1, &out);
+    assert_eq!(
+        v,
+        Verdict::Forward {
+            port: UPLINK,
+            len: out.len()
+        }
+    );
+    assert_eq!(get_mac(&sent, 0), Some(GW_MAC));
+    assert_eq!(get_mac(&sent, 6), Some(UP_MAC));
+    assert_eq!(sent[12..], out[12..]);
+    assert_eq!(fw.flows(), 0);
+    // The reply, addressed to the client itself, goes to its port and MAC.
+    let back = ipv4(
+        UP_MAC,
+        GW_MAC,
+        SERVER,
+        CLIENT,
+        64,
+        PROTO_TCP,
+        &tcp_seg(22, 40000, TCP_SYN | TCP_ACK),
+    );
+    let (v, sent) = run(&mut fw, 11, UPLINK, &back);
+    assert_eq!(
+        v,
+        Verdict::Forward {
+            port: 1,
+            len: back.len()
+        }
+    );
+    assert_eq!(get_mac(&sent, 0), Some(CLIENT_MAC));
+    assert_eq!(get_mac(&sent, 6), Some(DOWN_MAC));
+    assert_eq!(sent[12..], back[12..]);
+    // Not a client's address: neither way.
+    let spoofed = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        Ipv4Addr::new(10, 137, 0, 99),
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(1, 2, b"x"),
+    );
+    assert_eq!(
+        run(&mut fw, 12, 1, &spoofed).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    let stray = ipv4(
+        UP_MAC,
+        GW_MAC,
+        SERVER,
+        Ipv4Addr::new(10, 137, 0, 99),
+        64,
+        PROTO_UDP,
+        &udp_seg(1, 2, b"x"),
+    );
+    assert_eq!(
+        run(&mut fw, 13, UPLINK, &stray).0,
+        Verdict::Drop(DropReason::ClientUnreachable)
+    );
+    // Turned back on, the rules apply again: port 22 is rejected.
+    fw.set_forward_only(false);
+    let (v, _) = run(&mut fw, 14, 1, &out);
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    assert_eq!(fw.flows(), 0);
+}
