@@ -120,6 +120,16 @@ const METRICS: &[Metric] = &[
         unit: "ms",
     },
     Metric {
+        key: "gen64",
+        label: "kernel generator, 64 B frames (tap rx)",
+        unit: "pps",
+    },
+    Metric {
+        key: "gen1514",
+        label: "kernel generator, 1514 B frames (tap rx)",
+        unit: "Mbit/s",
+    },
+    Metric {
         key: "memory",
         label: "memory (see below)",
         unit: "MiB",
@@ -270,6 +280,41 @@ pub fn run(args: &[String]) -> Result<(), String> {
                     }
                     Err(e) => println!("bench:   {} failed: {e}", vm.name()),
                 }
+            }
+        }
+        // The kernel's traffic generator: what Portcullis's transmit path
+        // alone gets into the host's tap.
+        let cpus = plan.cpus[0];
+        for (len, metric) in [(60u32, "gen64"), (1514, "gen1514")] {
+            println!(
+                "bench: round {round}/{}, {cpus} cpu(s), generator {len} B",
+                plan.rounds
+            );
+            let session = Session {
+                plan: &plan,
+                kernel: &kernel,
+                linux: &linux,
+                vm: Vm::Portcullis,
+                cpus,
+                memory_mib: None,
+            };
+            match session.generate(len) {
+                Ok(pps) => {
+                    let value = if len == 60 {
+                        pps
+                    } else {
+                        pps * f64::from(len) * 8.0 / 1e6
+                    };
+                    println!("bench:   {metric}={value:.0}");
+                    samples.push(Sample {
+                        round,
+                        cpus,
+                        vm: Vm::Portcullis,
+                        metric,
+                        value,
+                    });
+                }
+                Err(e) => println!("bench:   generator failed: {e}"),
             }
         }
     }
@@ -586,6 +631,53 @@ impl Session<'_> {
         let brief: Vec<String> = out.iter().map(|(k, v)| format!("{k}={v:.1}")).collect();
         println!("bench:   {}", brief.join(" "));
         Ok(out)
+    }
+
+    /// Boots Portcullis with `generate=len` and counts, over `udp_s`
+    /// seconds, the frames its uplink's tap receives: packets/s.
+    fn generate(&self, len: u32) -> Result<f64, String> {
+        let topo = Topology::create("bench")?;
+        let db = qemu_tests::workspace_root().join("config/demo.qubesdb");
+        let m = self.machine(&topo, &db).append(&format!("generate={len}"));
+        let mut vm = RunningMachine::spawn(&m)?;
+        topo.wait_opened(vm.pid(), Duration::from_secs(10))?;
+        topo.attach()?;
+        vm.wait_for(Duration::from_secs(30), |l| {
+            l.starts_with("portcullis: ready") || l.starts_with("FATAL")
+        })
+        .filter(|l| l.starts_with("portcullis: ready"))
+        .ok_or("no ready line")?;
+        let n = &topo.names;
+        let counter = || -> Option<u64> {
+            let out = Topology::run(topo.in_upstream(
+                "cat",
+                &[&format!(
+                    "/sys/class/net/{}/statistics/rx_packets",
+                    n.upstream_tap
+                )],
+            ));
+            String::from_utf8_lossy(&out.stdout).trim().parse().ok()
+        };
+        // Running once the gateway (the upstream namespace) answered ARP.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while counter().unwrap_or(0) < 1000 {
+            if Instant::now() > deadline {
+                return Err("the generator did not start".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let (c0, t0) = (counter().ok_or("tap counter")?, Instant::now());
+        std::thread::sleep(Duration::from_secs(u64::from(self.plan.udp_s)));
+        let (c1, t1) = (counter().ok_or("tap counter")?, Instant::now());
+        vm.send_keys(b"q");
+        let (_, console) = vm.drain_until_exit(Instant::now() + Duration::from_secs(20));
+        for l in console
+            .lines()
+            .filter(|l| l.starts_with("stats: generator") || l.starts_with("stats: nic0"))
+        {
+            println!("bench:   {l}");
+        }
+        Ok(c1.saturating_sub(c0) as f64 / (t1 - t0).as_secs_f64())
     }
 
     /// A short TCP run only, for the memory search: Mbit/s, or `None` if

@@ -65,6 +65,9 @@ pub struct BootConfig {
     /// `firewall=off`: forward without filtering (the benchmark's limit
     /// mode, `Firewall::set_forward_only`); never for deployment.
     pub firewall_off: bool,
+    /// `generate=LEN`: the traffic generator sends synthetic UDP frames of
+    /// LEN bytes (60-1514) out of the uplink as fast as it can.
+    pub generate: Option<u16>,
 }
 
 impl Default for BootConfig {
@@ -81,6 +84,7 @@ impl Default for BootConfig {
                 wake_us: DEFAULT_WAKE_US,
             },
             firewall_off: false,
+            generate: None,
         }
     }
 }
@@ -205,6 +209,17 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
                     "off" => true,
                     _ => return Err(err(CmdlineErrorKind::BadValue { expected: "on|off" })),
                 }
+            }
+            "generate" => {
+                config.generate = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|n| (60..=1514).contains(n))
+                        .ok_or(err(CmdlineErrorKind::BadValue {
+                            expected: "a frame length, 60-1514",
+                        }))?,
+                )
             }
             "idle-wake-us" => {
                 let wake_us = value
@@ -331,6 +346,11 @@ mod tests {
         assert!(parse("firewall=off").unwrap().firewall_off);
         assert!(!parse("firewall=off firewall=on").unwrap().firewall_off);
         assert!(parse("firewall=no").is_err());
+        assert_eq!(parse("").unwrap().generate, None);
+        assert_eq!(parse("generate=60").unwrap().generate, Some(60));
+        assert_eq!(parse("generate=1514").unwrap().generate, Some(1514));
+        assert!(parse("generate=59").is_err());
+        assert!(parse("generate=1515").is_err());
         let o: Vec<_> = qubesdb_overrides(line).collect();
         assert_eq!(
             o,

@@ -273,12 +273,52 @@ impl CoreStats {
     }
 }
 
-/// Everything on the boot CPU.
+/// Frames the traffic generator queues per loop round, at most.
+const GENERATOR_BATCH: usize = 64;
+
+/// The traffic generator (`generate=LEN`): synthetic UDP frames from the
+/// uplink's address to its gateway's, once the gateway's MAC is known.
+pub struct Generator {
+    pub len: usize,
+    /// Frames handed to the uplink.
+    pub sent: u64,
+}
+
+impl Generator {
+    /// Tops the uplink's empty backlog up with `GENERATOR_BATCH` frames.
+    fn fill<N: Nic>(&mut self, nics: &mut Nics<N>, firewall: &Firewall) {
+        let Some(gateway_mac) = firewall.gateway_mac() else {
+            return;
+        };
+        if !nics.tx[0].is_empty() {
+            return;
+        }
+        let cfg = firewall.config();
+        let macs = (nics.nics[0].mac(), gateway_mac);
+        let addrs = (cfg.uplink_ip, cfg.gateway);
+        for _ in 0..GENERATOR_BATCH {
+            let Some(mut buf) = nics.pool.alloc() else {
+                break;
+            };
+            let room = nics.pool.frame_room(&mut buf);
+            if !netstack::wire::synthetic_udp(room, self.len, macs, addrs) {
+                nics.pool.free(buf);
+                break;
+            }
+            nics.tx[0].push(Packet { buf, len: self.len });
+            self.sent += 1;
+        }
+    }
+}
+
+/// Everything on the boot CPU; with `generator`, the uplink also sends
+/// synthetic frames as fast as it can.
 pub fn run_single<N: Nic>(
     mut nics: Nics<N>,
     mut firewall: Firewall,
     stats_interval_ms: u64,
     idle: Idle,
+    mut generator: Option<Generator>,
 ) -> ! {
     let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
     let mut last_housekeeping = 0;
@@ -302,6 +342,10 @@ pub fn run_single<N: Nic>(
                 }
             }
         }
+        if let Some(g) = generator.as_mut() {
+            g.fill(&mut nics, &firewall);
+            busy = true;
+        }
         if now.wrapping_sub(last_housekeeping) >= HOUSEKEEPING_MS {
             last_housekeeping = now;
             firewall.expire(now, 256);
@@ -314,6 +358,9 @@ pub fn run_single<N: Nic>(
             console.serve(now, &nics, || {
                 print_firewall_stats(&firewall);
                 counters.print(&idler);
+                if let Some(g) = &generator {
+                    println!("stats: generator len={} sent={}", g.len, g.sent);
+                }
             });
         }
         nics.flush();

@@ -312,7 +312,21 @@ fn start_dataplane(
         }
         _ => println!("idle: poll"),
     }
+    let generator = config.generate.map(|len| {
+        println!(
+            "generator: sending {len}-byte UDP frames to the gateway out of the uplink, as fast \
+             as it can (stats: generator ...)"
+        );
+        dataplane::Generator {
+            len: usize::from(len),
+            sent: 0,
+        }
+    });
     match (layout, aps.first()) {
+        (Layout::Pipeline, Some(_)) if generator.is_some() => {
+            println!("config error: generate= runs in layout=single only");
+            exit::failure();
+        }
         (Layout::Pipeline, Some(&ap)) => {
             println!("dataplane: layout pipeline (nics on cpu 0, firewall on cpu {ap})");
             dataplane::run_pipeline(nics, firewall, stats_interval_ms, ap, idle)
@@ -324,7 +338,7 @@ fn start_dataplane(
         (Layout::Single, _) => {
             smp::park_idle();
             println!("dataplane: layout single (everything on cpu 0)");
-            dataplane::run_single(nics, firewall, stats_interval_ms, idle)
+            dataplane::run_single(nics, firewall, stats_interval_ms, idle, generator)
         }
     }
 }

@@ -509,9 +509,59 @@ pub fn put_ipv4_header(
     put_bytes(buf, l3, &h);
 }
 
+/// Frame lengths (without the FCS) a synthetic frame may have: from the
+/// Ethernet minimum to a full 1500-byte IPv4 packet.
+pub const SYNTHETIC_LENGTHS: core::ops::RangeInclusive<usize> = 60..=1514;
+
+/// Writes a synthetic UDP frame of `len` bytes (`SYNTHETIC_LENGTHS`) into
+/// `buf`, from `src` to `dst` (MACs and addresses), port 9 (discard) to
+/// port 9, payload zero, no UDP checksum (allowed over IPv4): the kernel's
+/// traffic generator sends copies of it. Returns false (and writes
+/// nothing) when `len` is out of range or `buf` too small.
+pub fn synthetic_udp(
+    buf: &mut [u8],
+    len: usize,
+    (src_mac, dst_mac): (Mac, Mac),
+    (src, dst): (Ipv4Addr, Ipv4Addr),
+) -> bool {
+    if !SYNTHETIC_LENGTHS.contains(&len) || buf.len() < len {
+        return false;
+    }
+    buf[..len].fill(0);
+    put_eth(buf, dst_mac, src_mac, ETHERTYPE_IPV4);
+    let ip_len = len - ETH_HEADER;
+    put_ipv4_header(buf, ETH_HEADER, ip_len, 64, PROTO_UDP, src, dst);
+    let l4 = ETH_HEADER + IPV4_MIN_HEADER;
+    put_u16(buf, l4, 9) && put_u16(buf, l4 + 2, 9) && put_u16(buf, l4 + 4, (ip_len - 20) as u16)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn synthetic_frames_are_valid_udp_of_the_asked_length() {
+        let (a, b) = (Ipv4Addr::new(10, 0, 2, 15), Ipv4Addr::new(10, 0, 2, 2));
+        let mut buf = [0xffu8; 1600];
+        for len in [60, 64, 1000, 1514] {
+            assert!(synthetic_udp(&mut buf, len, ([2; 6], [4; 6]), (a, b)));
+            let info = parse_ipv4(&buf[..len]).expect("valid IPv4");
+            assert_eq!((info.src, info.dst, info.proto), (a, b, PROTO_UDP));
+            assert_eq!(
+                (info.end, get_u16(&buf, info.l4 + 4)),
+                (len, Some((len - 34) as u16))
+            );
+            assert_eq!(get_mac(&buf, 0), Some([4; 6]));
+        }
+        assert!(!synthetic_udp(&mut buf, 59, ([2; 6], [4; 6]), (a, b)));
+        assert!(!synthetic_udp(&mut buf, 1515, ([2; 6], [4; 6]), (a, b)));
+        assert!(!synthetic_udp(
+            &mut buf[..100],
+            101,
+            ([2; 6], [4; 6]),
+            (a, b)
+        ));
+    }
 
     /// A UDP frame 10.137.0.10:1234 -> 8.8.8.8:53 with payload "hi".
     pub(crate) fn udp_frame() -> [u8; 44] {

@@ -172,6 +172,29 @@ fn firewall_off_forwards_unfiltered_and_untranslated() {
     assert_eq!(done.counter("firewall.flows_created"), 0);
 }
 
+/// The traffic generator: once the gateway answered ARP, synthetic UDP
+/// frames of the asked length leave the uplink for it, and the counters
+/// say how many.
+#[test]
+fn the_generator_sends_synthetic_frames_to_the_gateway() {
+    let lab = Lab::start_with(QUBESDB, "generate=100");
+    for _ in 0..50 {
+        let f = lab.uplink.recv(WAIT).expect("a generated frame");
+        let frame = Frame::parse(&f);
+        assert_eq!(f.len(), 100);
+        assert_eq!((frame.dst, frame.src), (GATEWAY_MAC, UPLINK_MAC));
+        let ip = frame.ip();
+        assert_eq!(
+            (ip.src, ip.dst, ip.proto, ip.sport, ip.dport),
+            (UPLINK_IP, GATEWAY_IP, 17, 9, 9)
+        );
+        assert!(ip.checksums_ok, "{frame:?}");
+    }
+    let done = lab.finish();
+    assert!(done.counter("generator.sent") >= 50, "{}", done.console);
+    assert!(done.counter("nic0.tx_packets") >= 50);
+}
+
 #[test]
 fn nats_allowed_traffic_and_delivers_replies() {
     let lab = Lab::start(QUBESDB);
