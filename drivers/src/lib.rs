@@ -102,4 +102,12 @@ pub trait Nic {
     fn maintain(&mut self, pool: &mut PacketPool);
 
     fn stats(&self) -> NicStats;
+
+    /// Before the core blocks until this device signals (Xen netfront's
+    /// event channel): asks the device to signal its next received frame,
+    /// and returns whether frames are already waiting (then the core must
+    /// not block). Devices that do not wake a blocked core return false.
+    fn arm(&mut self) -> bool {
+        false
+    }
 }

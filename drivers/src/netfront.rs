@@ -21,8 +21,9 @@
 //! page, flags we did not negotiate or an error status are counted and
 //! skipped, never followed.
 //!
-//! Notifications: we poll, so the backend is never asked to notify us
-//! (`rsp_event` is left where `SHARED_RING_INIT` put it); we notify it
+//! Notifications: we poll; only before the core blocks in Xen (`arm_rx`)
+//! is the backend asked to notify us of the next receive response; we
+//! notify it
 //! after publishing a batch when its `req_event` lies within what we
 //! published (`need_notify`, behind a full fence as `RING_PUSH_REQUESTS_AND_CHECK_NOTIFY`).
 
@@ -283,6 +284,23 @@ impl<X: XenIo> Netfront<X> {
         self.publish(RX_RING, old, self.rx_prod);
     }
 
+    /// Asks the backend to notify the event channel at its next receive
+    /// response (`rsp_event` one past what we consumed, as
+    /// `RING_FINAL_CHECK_FOR_RESPONSES`), before the core blocks on it.
+    /// Returns whether responses are already waiting — then the core must
+    /// not block: the backend may have produced them before it could see
+    /// the request.
+    pub fn arm_rx(&mut self) -> bool {
+        if self.dead {
+            return false;
+        }
+        self.index(RX_RING, RSP_EVENT)
+            .store(self.rx_cons.wrapping_add(1), Ordering::Relaxed);
+        // The store must be visible before rsp_prod is read again.
+        fence(Ordering::SeqCst);
+        self.index(RX_RING, RSP_PROD).load(Ordering::Acquire) != self.rx_cons
+    }
+
     /// Responses ready on `ring` given our consumer index and the
     /// requests made; a count beyond either is the backend misbehaving.
     fn ready(&mut self, ring: usize, cons: u32, prod: u32, size: u32) -> u32 {
@@ -302,6 +320,10 @@ impl<X: XenIo> Netfront<X> {
 impl<X: XenIo> Nic for Netfront<X> {
     fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    fn arm(&mut self) -> bool {
+        self.arm_rx()
     }
 
     fn rx_batch(&mut self, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {

@@ -367,7 +367,9 @@ pub fn run_single<N: Nic>(
         if busy {
             counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
         }
-        idler.round(busy);
+        idler.round(busy, || {
+            nics.nics.iter_mut().fold(false, |w, n| n.arm() | w)
+        });
     }
 }
 
@@ -447,7 +449,7 @@ impl FirewallCore {
             if busy {
                 counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
             }
-            idler.round(busy);
+            idler.round(busy, || false);
         }
     }
 }
@@ -534,6 +536,8 @@ pub fn run_pipeline<N: Nic>(
         if busy {
             counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
         }
-        idler.round(busy);
+        idler.round(busy, || {
+            nics.nics.iter_mut().fold(false, |w, n| n.arm() | w)
+        });
     }
 }

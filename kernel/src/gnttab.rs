@@ -129,6 +129,36 @@ impl SharedInfo {
             .is_some_and(|(w, bit)| w.fetch_and(!bit, Ordering::AcqRel) & bit != 0)
     }
 
+    /// vCPU 0's time record, read consistently (retried while Xen writes
+    /// it); `None` if Xen has not filled it in.
+    pub fn vcpu0_time(&self) -> Option<xen_shim::hypercall::VcpuTime> {
+        use xen_shim::hypercall::{VcpuTime, VCPU0_TIME, VCPU_TIME_SIZE};
+        for _ in 0..100 {
+            let mut raw = [0u8; VCPU_TIME_SIZE];
+            for (i, chunk) in raw.chunks_exact_mut(8).enumerate() {
+                // SAFETY: a word of vcpu_info[0].time inside the mapped
+                // shared-info page, which Xen updates concurrently.
+                let w = unsafe {
+                    AtomicU64::from_ptr((self.page as usize + VCPU0_TIME + i * 8) as *mut u64)
+                };
+                chunk.copy_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+            }
+            let t = VcpuTime::decode(&raw);
+            fence(Ordering::Acquire);
+            // SAFETY: the version word of the same record.
+            let again = unsafe {
+                core::sync::atomic::AtomicU32::from_ptr(
+                    (self.page as usize + VCPU0_TIME) as *mut u32,
+                )
+            }
+            .load(Ordering::Acquire);
+            if t.version == again && t.version.is_multiple_of(2) {
+                return t.valid().then_some(t);
+            }
+        }
+        None
+    }
+
     /// Whether `port` is masked (no upcall; polling still sees it pending).
     pub fn masked(&self, port: u32) -> bool {
         self.word(EVTCHN_MASK, port)

@@ -7,12 +7,19 @@
 //! sleeps until the next timer tick (every `wake_us`), so a packet waits at
 //! most that long, and under load (work every round) nothing changes.
 //! Each core that halts programs its own APIC timer (`start`).
+//!
+//! Under Xen the boot CPU's loop blocks in Xen instead (`start_xen`):
+//! `SCHEDOP_poll` on the netfront's event channel, with a timeout of
+//! `wake_us` in Xen's system time, after asking netback to signal the next
+//! received frame. (Halting with the APIC timer stopped the loop after its
+//! first halt in the nested test; not diagnosed, and not needed any more.)
 
 use core::arch::asm;
 
 use kernel::cmdline::Idle;
+use spin::Once;
 
-use crate::{clock, cpu, lapic, xen};
+use crate::{clock, cpu, gnttab, lapic, xen};
 
 const LVT_MASKED: u32 = 1 << 16;
 const LVT_PERIODIC: u32 = 1 << 17;
@@ -21,13 +28,56 @@ const LVT_PERIODIC: u32 = 1 << 17;
 const QUIET_ROUNDS: u32 = 32;
 const CALIBRATION_US: u64 = 10_000;
 
+/// Blocking in Xen: the event channel that wakes the loop, the longest
+/// block, and the shared-info page with the pending bits and the clock.
+struct XenWait {
+    port: u32,
+    wake_ns: u64,
+    shared: gnttab::SharedInfo,
+}
+
+static XEN_WAIT: Once<XenWait> = Once::new();
+
+/// Makes `idle=halt` loops on the boot CPU block in Xen on event channel
+/// `port` for at most `wake_us`; false (the loops poll) when the
+/// shared-info page cannot be mapped or carries no time record.
+pub fn start_xen(port: u32, wake_us: u32) -> bool {
+    let Ok(shared) = gnttab::SharedInfo::map() else {
+        return false;
+    };
+    if shared.vcpu0_time().is_none() {
+        return false;
+    }
+    XEN_WAIT.call_once(|| XenWait {
+        port,
+        wake_ns: u64::from(wake_us) * 1000,
+        shared,
+    });
+    true
+}
+
+impl XenWait {
+    /// Blocks until the port is signalled or the timeout, unless `arm`
+    /// (asking the device to signal) says work is already waiting.
+    fn block(&self, arm: impl FnOnce() -> bool) {
+        // An old signal would end the block at once: clear it first.
+        self.shared.take_pending(self.port);
+        if arm() {
+            return;
+        }
+        let Some(t) = self.shared.vcpu0_time() else {
+            return;
+        };
+        let deadline = t.system_time_ns(clock::rdtsc()) + self.wake_ns;
+        xen::poll(self.port, deadline);
+        self.shared.take_pending(self.port);
+    }
+}
+
 /// Programs this core's APIC timer for `mode`: the mode in force, and the
 /// timer ticks per wake period (0 for `poll`). `halt` falls back to `poll`
-/// when there is no usable local APIC, and under Xen, where the loop
-/// stopped after its first halt in the nested test (not yet diagnosed:
-/// the timer interrupt not delivered, or its delivery faulting); halting
-/// there is to block in Xen (`SCHEDOP_poll` on the netfront's event
-/// channel, with a timeout).
+/// when there is no usable local APIC, and under Xen (where the boot CPU
+/// blocks in Xen instead, `start_xen`).
 pub fn start(mode: Idle) -> (Idle, u32) {
     let Idle::Halt { wake_us } = mode else {
         return (Idle::Poll, 0);
@@ -71,34 +121,44 @@ fn mask_legacy_pic() {
 /// One loop's idle policy.
 pub struct Idler {
     halt: bool,
+    xen: Option<&'static XenWait>,
     quiet: u32,
     /// Rounds that found no work.
     pub idle_rounds: u64,
-    /// Halts so far (each ended by a timer tick).
+    /// Halts so far (each ended by a timer tick, or, in Xen, by the event
+    /// channel or the timeout).
     pub halts: u64,
 }
 
 impl Idler {
-    /// For a core whose timer `start` set up for `mode`.
+    /// For a core whose timer `start` set up for `mode`, or, on the boot
+    /// CPU under Xen, `start_xen` (mode `halt`).
     pub fn new(mode: Idle) -> Self {
+        let halt = matches!(mode, Idle::Halt { .. });
         Self {
-            halt: matches!(mode, Idle::Halt { .. }),
+            halt,
+            xen: XEN_WAIT.get().filter(|_| halt),
             quiet: 0,
             idle_rounds: 0,
             halts: 0,
         }
     }
 
-    /// Called once per round: `busy` says whether it found work.
+    /// Called once per round: `busy` says whether it found work. `arm` is
+    /// called before blocking in Xen: it asks the devices to signal and
+    /// says whether work is already waiting.
     #[inline]
-    pub fn round(&mut self, busy: bool) {
+    pub fn round(&mut self, busy: bool, arm: impl FnOnce() -> bool) {
         if busy {
             self.quiet = 0;
             return;
         }
         self.quiet = self.quiet.saturating_add(1);
         self.idle_rounds += 1;
-        if self.halt && self.quiet >= QUIET_ROUNDS {
+        if let (Some(x), true) = (self.xen, self.quiet >= QUIET_ROUNDS) {
+            self.halts += 1;
+            x.block(arm);
+        } else if self.halt && self.quiet >= QUIET_ROUNDS {
             self.halts += 1;
             // SAFETY: interrupts are enabled only across `hlt` (`sti`
             // takes effect after the next instruction, so no interrupt is

@@ -193,12 +193,13 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     start_dataplane(cmdline_text, &config, pci_access, &nics, netfront);
 }
 
-/// Connects the netfront of `device/vif/<dev>`; any failure stops the
-/// kernel (a firewall without its uplink has nothing to do).
+/// Connects the netfront of `device/vif/<dev>`: the port and its event
+/// channel. Any failure stops the kernel (a firewall without its uplink
+/// has nothing to do).
 fn connect_netfront(
     dev: &str,
     (mut store, table): (xenstore::XenStore, gnttab::GrantTable),
-) -> ports::Port {
+) -> (ports::Port, u32) {
     match netfront::connect(&mut store, table, dev) {
         Ok(c) => {
             println!(
@@ -208,7 +209,7 @@ fn connect_netfront(
                 c.port,
                 c.nic.rx_posted()
             );
-            ports::Port::Netfront(c.nic)
+            (ports::Port::Netfront(c.nic), c.port)
         }
         Err(e) => {
             println!("netfront: vif/{dev}: {e}");
@@ -236,8 +237,11 @@ fn start_dataplane(
     };
     // The uplink: the netfront under Xen, else the first virtio NIC.
     let mut devices = Vec::new();
+    let mut netfront_port = None;
     if let Some((dev, io)) = netfront {
-        devices.push(connect_netfront(&dev, io));
+        let (port, evtchn) = connect_netfront(&dev, io);
+        devices.push(port);
+        netfront_port = Some(evtchn);
     }
     // A netfront uplink may run alone; virtio NICs need a downlink too.
     if devices.is_empty() && nics.len() < 2 {
@@ -300,12 +304,24 @@ fn start_dataplane(
     // (docs/benchmarks.md).
     let layout = config.layout.unwrap_or(Layout::Single);
     let (idle, ticks) = idle::start(config.idle);
+    let idle = match (config.idle, netfront_port) {
+        (cmdline::Idle::Halt { wake_us }, Some(port))
+            if xen::present() && idle::start_xen(port, wake_us) =>
+        {
+            println!(
+                "idle: block in Xen (SCHEDOP_poll on event channel {port}, at most {wake_us} us)"
+            );
+            config.idle
+        }
+        _ => idle,
+    };
     match (config.idle, idle) {
+        (_, cmdline::Idle::Halt { .. }) if xen::present() => {}
         (_, cmdline::Idle::Halt { wake_us }) => {
             println!("idle: halt, woken every {wake_us} us (local APIC timer, {ticks} ticks)")
         }
         (cmdline::Idle::Halt { .. }, cmdline::Idle::Poll) if xen::present() => {
-            println!("idle: poll (under Xen halting is not supported yet)")
+            println!("idle: poll (blocking in Xen needs a netfront and Xen's time record)")
         }
         (cmdline::Idle::Halt { .. }, cmdline::Idle::Poll) => {
             println!("idle: poll (halt asked, but there is no usable local APIC timer)")

@@ -45,4 +45,8 @@ impl Nic for Port {
     fn stats(&self) -> NicStats {
         each!(self, n => n.stats())
     }
+
+    fn arm(&mut self) -> bool {
+        each!(self, n => n.arm())
+    }
 }

@@ -104,6 +104,27 @@ pub fn shutdown(crashed: bool) {
     };
 }
 
+/// Blocks this vCPU in Xen until event channel `port` is pending or Xen's
+/// system time reaches `timeout_ns` (`SCHEDOP_poll`); Xen's return code.
+pub fn poll(port: u32, timeout_ns: u64) -> i64 {
+    let ports = [port];
+    let arg = SchedPoll {
+        ports: ports.as_ptr() as u64,
+        nr_ports: 1,
+        pad: 0,
+        timeout: timeout_ns,
+    };
+    // SAFETY: SCHEDOP_poll reads one `sched_poll` at the pointer and
+    // `nr_ports` ports at `arg.ports`, both live locals.
+    unsafe {
+        hypercall2(
+            HYPERVISOR_SCHED_OP,
+            u64::from(SCHEDOP_POLL),
+            &arg as *const SchedPoll as u64,
+        )
+    }
+}
+
 #[repr(C)]
 struct HvmParam {
     domid: u16,

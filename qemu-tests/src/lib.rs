@@ -514,6 +514,7 @@ impl BootReport {
     }
 }
 
+mod debian;
 pub mod lab;
 pub mod linux_fw;
 pub mod netns;

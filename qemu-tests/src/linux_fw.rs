@@ -20,6 +20,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::debian::{self, cpio, run};
 use crate::Machine;
 
 /// Bumped when the recipe changes, so old caches are rebuilt.
@@ -130,18 +131,6 @@ pub struct LinuxFirewall {
     pub initrd: PathBuf,
 }
 
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    } else {
-        Err(format!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 fn io(e: std::io::Error) -> String {
     e.to_string()
 }
@@ -215,34 +204,14 @@ impl LinuxFirewall {
             return Err("the Linux baseline needs nft (apt-get install nftables)".into());
         }
         let _ = std::fs::remove_dir_all(&dir);
-        let debs = dir.join("debs");
-        std::fs::create_dir_all(&debs).map_err(io)?;
-        let kernel_pkg = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?
-            .split_whitespace()
-            .find(|w| w.starts_with("linux-image-6"))
-            .map(str::to_string)
-            .ok_or("no linux-image-6.* behind linux-image-amd64")?;
-        let kver = kernel_pkg.trim_start_matches("linux-image-").to_string();
-        run(Command::new("apt-get").current_dir(&debs).args([
-            "download",
-            &kernel_pkg,
-            "busybox-static",
-        ]))?;
-        for (pattern, into) in [("linux-image", "k"), ("busybox-static", "b")] {
-            let deb = std::fs::read_dir(&debs)
-                .map_err(io)?
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(pattern))
-                })
-                .ok_or(format!("no {pattern} package downloaded"))?;
-            run(Command::new("dpkg-deb")
-                .arg("-x")
-                .arg(&deb)
-                .arg(dir.join(into)))?;
-        }
+        let (kernel_pkg, kver) = debian::kernel_package()?;
+        debian::fetch(
+            &dir.join("debs"),
+            &[
+                (&kernel_pkg, &dir.join("k")),
+                ("busybox-static", &dir.join("b")),
+            ],
+        )?;
         let busybox = dir.join("b/bin/busybox");
         let k = dir.join("k");
         run(Command::new(&busybox)
@@ -271,17 +240,7 @@ impl LinuxFirewall {
         std::fs::write(root.join("rules.nft"), RULESET).map_err(io)?;
         std::fs::write(root.join("init"), INIT).map_err(io)?;
         run(Command::new("chmod").arg("+x").arg(root.join("init")))?;
-        let file = std::fs::File::create(&fw.initrd).map_err(io)?;
-        let status = Command::new("sh")
-            .arg("-c")
-            .arg("find . | cpio -o -H newc --quiet")
-            .current_dir(&root)
-            .stdout(file)
-            .status()
-            .map_err(io)?;
-        if !status.success() {
-            return Err("cpio of the Linux firewall's initramfs failed".into());
-        }
+        cpio(&root, &fw.initrd)?;
         std::fs::copy(k.join(format!("boot/vmlinuz-{kver}")), &fw.kernel).map_err(io)?;
         for scratch in ["debs", "k", "b", "root"] {
             let _ = std::fs::remove_dir_all(dir.join(scratch));

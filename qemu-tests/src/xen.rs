@@ -12,9 +12,10 @@
 //! root and the Debian package mirrors.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::debian::{self, cpio, run};
 use crate::RunningMachine;
 
 /// Bumped when the recipe changes, so old caches are rebuilt.
@@ -24,21 +25,6 @@ pub const CACHE: &str = "/var/cache/portcullis/xen";
 /// The built images.
 pub struct XenImages {
     pub dir: PathBuf,
-}
-
-fn run(cmd: &mut Command) -> Result<String, String> {
-    let out = cmd
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| format!("{cmd:?}: {e}"))?;
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).to_string())
-    } else {
-        Err(format!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
 }
 
 /// The machine's Debian mirror for the main and the security suites, read
@@ -146,32 +132,14 @@ impl XenImages {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(dir.join("debs")).map_err(|e| e.to_string())?;
         let (main, security) = mirrors()?;
-        let kernel_pkg = run(Command::new("apt-cache").args(["depends", "linux-image-amd64"]))?
-            .split_whitespace()
-            .find(|w| w.starts_with("linux-image-6"))
-            .map(str::to_string)
-            .ok_or("no linux-image-6.* behind linux-image-amd64")?;
-        let kver = kernel_pkg.trim_start_matches("linux-image-").to_string();
-        run(Command::new("apt-get").current_dir(dir.join("debs")).args([
-            "download",
-            "xen-hypervisor-4.17-amd64",
-            &kernel_pkg,
-        ]))?;
-        for (pattern, into) in [("xen-hypervisor", "x"), ("linux-image", "k")] {
-            let deb = std::fs::read_dir(dir.join("debs"))
-                .map_err(|e| e.to_string())?
-                .flatten()
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with(pattern))
-                })
-                .ok_or(format!("no {pattern} package downloaded"))?;
-            run(Command::new("dpkg-deb")
-                .arg("-x")
-                .arg(&deb)
-                .arg(dir.join(into)))?;
-        }
+        let (kernel_pkg, kver) = debian::kernel_package()?;
+        debian::fetch(
+            &dir.join("debs"),
+            &[
+                ("xen-hypervisor-4.17-amd64", &dir.join("x")),
+                (&kernel_pkg, &dir.join("k")),
+            ],
+        )?;
         // QEMU's multiboot loader needs the plain ELF.
         let out = std::fs::File::create(dir.join("xen")).map_err(|e| e.to_string())?;
         let status = Command::new("zcat")
@@ -253,23 +221,6 @@ impl XenImages {
         }
         std::fs::write(&stamp, RECIPE).map_err(|e| e.to_string())?;
         Ok(Self { dir })
-    }
-}
-
-/// Packs `root` as an uncompressed newc cpio archive at `out`.
-fn cpio(root: &Path, out: &Path) -> Result<(), String> {
-    let file = std::fs::File::create(out).map_err(|e| e.to_string())?;
-    let status = Command::new("sh")
-        .arg("-c")
-        .arg("find . | cpio -o -H newc --quiet")
-        .current_dir(root)
-        .stdout(file)
-        .status()
-        .map_err(|e| e.to_string())?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("cpio of {} failed", root.display()))
     }
 }
 

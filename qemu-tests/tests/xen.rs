@@ -70,6 +70,7 @@ done
 echo "test: first ping answered after $i failed tries"
 busybox ping -c 5 -W 5 10.0.2.15 2>&1 | sed 's/^/test: ping: /'
 ip neigh show 10.0.2.15 | sed 's/^/test: neighbour: /'
+xl list portcullis | sed 's/^/test: xl list: /'
 # Wait for a statistics line printed after the pings (one a second).
 n=$(grep -c "^stats: firewall" $log)
 i=0
@@ -191,7 +192,7 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     for l in run.console.lines().filter(|l| l.starts_with("test: ")) {
         println!("{l}");
     }
-    for prefix in ["stats: firewall ", "stats: nic0 "] {
+    for prefix in ["stats: firewall ", "stats: nic0 ", "stats: core0 "] {
         if let Some(l) = guest.iter().rev().find(|l| l.starts_with(prefix)) {
             println!("{l}");
         }
@@ -207,8 +208,11 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     );
     println!("{}", connected[0]);
     assert!(has("dataplane: uplink only (no client NICs)"), "{guest:#?}");
-    // Halting is not used under Xen yet (see ARCHITECTURE.md, idle).
-    assert!(has("idle: poll (under Xen"), "{guest:#?}");
+    // Idle, the loop blocks in Xen on the netfront's event channel.
+    assert!(
+        has("idle: block in Xen (SCHEDOP_poll on event channel "),
+        "{guest:#?}"
+    );
     // ...and frames cross it both ways: dom0 resolves our address with ARP
     // and every ping is answered, through our netfront and its netback.
     let ping = test("test: ping: ");
@@ -250,6 +254,10 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     assert!(field(&nic, "rx_packets=") >= 6, "{nic}");
     assert!(field(&nic, "tx_packets=") >= 6, "{nic}");
     assert_eq!(field(&nic, "ring_errors="), 0, "{nic}");
+    // Between the pings the loop blocked in Xen, and every ping still
+    // woke it (all five answered, above).
+    let core = last("stats: core0 ");
+    assert!(field(&core, "halts=") > 0, "{core}");
     // The first domain ended itself with SCHEDOP_shutdown(poweroff), the
     // forwarding one ran until destroyed...
     let ends: Vec<&str> = run

@@ -393,3 +393,20 @@ fn too_few_grants_undoes_what_was_granted() {
         Some(NetfrontError::RegionTooSmall)
     );
 }
+
+#[test]
+fn arming_asks_for_the_next_response_and_says_when_one_waits() {
+    let mut r = rig();
+    // Nothing received: the backend is asked to notify at response 1.
+    assert!(!r.nf.arm_rx());
+    assert_eq!(rd32(r.be.rx, RSP_EVENT), 1);
+    // A response that came before the core could block: not armed away.
+    r.be.deliver(&frame(1, 60));
+    assert!(r.nf.arm_rx());
+    let mut out = Vec::new();
+    r.nf.rx_batch(&mut r.pool, &mut out, 64);
+    assert_eq!(out.len(), 1);
+    // Consumed: the next notification is for response 2.
+    assert!(!r.nf.arm_rx());
+    assert_eq!(rd32(r.be.rx, RSP_EVENT), 2);
+}
