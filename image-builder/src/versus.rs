@@ -26,16 +26,22 @@ use qemu_tests::{Accel, Machine, RunningMachine};
 pub enum Vm {
     Linux,
     Portcullis,
+    /// Portcullis with `layout=pipeline` (NICs on one CPU, the firewall on
+    /// another): measured with 2 CPUs or more.
+    Pipeline,
     Limit,
 }
 
 impl Vm {
-    const ALL: [Vm; 3] = [Vm::Linux, Vm::Portcullis, Vm::Limit];
+    const ALL: [Vm; 4] = [Vm::Linux, Vm::Portcullis, Vm::Pipeline, Vm::Limit];
+    /// The columns after Linux's, with a ratio to Linux each.
+    const OURS: [Vm; 3] = [Vm::Portcullis, Vm::Pipeline, Vm::Limit];
 
     fn name(self) -> &'static str {
         match self {
             Vm::Linux => "linux",
             Vm::Portcullis => "portcullis",
+            Vm::Pipeline => "pipeline",
             Vm::Limit => "limit",
         }
     }
@@ -252,6 +258,9 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for round in 1..=plan.rounds {
         for &cpus in &plan.cpus {
             for vm in Vm::ALL {
+                if vm == Vm::Pipeline && cpus < 2 {
+                    continue;
+                }
                 println!(
                     "bench: round {round}/{}, {cpus} cpu(s), {} ({:.0} s so far)",
                     plan.rounds,
@@ -336,7 +345,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
                 value: *used,
             });
             if let Some(m) = memory {
-                for vm in [Vm::Portcullis, Vm::Limit] {
+                for vm in Vm::OURS {
                     samples.push(Sample {
                         round: round + 1,
                         cpus,
@@ -447,6 +456,9 @@ impl Session<'_> {
         match self.vm {
             Vm::Linux => self.linux.machine(m),
             Vm::Portcullis => m.memory_mib(self.memory_mib.unwrap_or(64)),
+            Vm::Pipeline => m
+                .memory_mib(self.memory_mib.unwrap_or(64))
+                .append("layout=pipeline"),
             Vm::Limit => m
                 .memory_mib(self.memory_mib.unwrap_or(64))
                 .append("firewall=off"),
@@ -618,7 +630,10 @@ impl Session<'_> {
                 let (_, console) = vm.drain_until_exit(Instant::now() + Duration::from_secs(20));
                 for l in console.lines().filter(|l| l.starts_with("stats: core")) {
                     println!("bench:   {l}");
+                    // The boot CPU's (in the pipeline, the NICs' core).
                     if let Some(c) = l
+                        .strip_prefix("stats: core0 ")
+                        .unwrap_or("")
                         .split_whitespace()
                         .find_map(|w| w.strip_prefix("cycles_per_packet="))
                         .and_then(|v| v.parse::<f64>().ok())
@@ -812,11 +827,19 @@ fn report(plan: &Plan, samples: &[Sample], memory: Option<u32>) -> String {
     );
     for &cpus in &plan.cpus {
         let _ = writeln!(r, "\n{cpus} CPU(s):");
-        let _ = writeln!(
-            r,
-            "{:<42} {:>24} {:>24} {:>24} {:>9} {:>9}",
-            "metric", "Linux", "Portcullis", "limit", "P/Linux", "lim/Linux"
-        );
+        // The pipeline layout needs a second CPU.
+        let shown: Vec<Vm> = Vm::ALL
+            .into_iter()
+            .filter(|vm| *vm != Vm::Pipeline || cpus >= 2)
+            .collect();
+        let mut head = format!("{:<42} {:>24}", "metric", "Linux");
+        for vm in shown.iter().skip(1) {
+            let _ = write!(head, " {:>24}", vm.name());
+        }
+        for vm in shown.iter().skip(1) {
+            let _ = write!(head, " {:>9}", format!("{}/L", &vm.name()[..4]));
+        }
+        let _ = writeln!(r, "{head}");
         for m in METRICS {
             let cell = |vm: Vm| {
                 spread(&values(samples, vm, cpus, m.key)).map_or(
@@ -839,23 +862,21 @@ fn report(plan: &Plan, samples: &[Sample], memory: Option<u32>) -> String {
             let rat = |vm: Vm| {
                 ratio(samples, vm, cpus, m.key).map_or("-".to_string(), |x| format!("{x:.2}x"))
             };
-            let _ = writeln!(
-                r,
-                "{:<42} {:>24} {:>24} {:>24} {:>9} {:>9}",
-                m.label,
-                cell(Vm::Linux),
-                cell(Vm::Portcullis),
-                cell(Vm::Limit),
-                rat(Vm::Portcullis),
-                rat(Vm::Limit)
-            );
+            let mut line = format!("{:<42} {:>24}", m.label, cell(Vm::Linux));
+            for vm in shown.iter().skip(1) {
+                let _ = write!(line, " {:>24}", cell(*vm));
+            }
+            for vm in shown.iter().skip(1) {
+                let _ = write!(line, " {:>9}", rat(*vm));
+            }
+            let _ = writeln!(r, "{}", line.trim_end());
         }
-        for vm in [Vm::Portcullis, Vm::Limit] {
+        for vm in Vm::OURS {
             if let Some((med, lo, hi)) = spread(&values(samples, vm, cpus, "cycles_per_packet")) {
                 let _ = writeln!(
                     r,
-                    "{} cycles per packet (kernel counters, busy cycles / packets): {med:.0} \
-                     ({lo:.0}-{hi:.0})",
+                    "{} cycles per packet on cpu 0 (kernel counters, busy cycles / packets): \
+                     {med:.0} ({lo:.0}-{hi:.0})",
                     vm.name()
                 );
             }
@@ -943,6 +964,7 @@ fn svg(plan: &Plan, samples: &[Sample]) -> String {
     let colors = [
         (Vm::Linux, "#888888"),
         (Vm::Portcullis, "#2a6fdb"),
+        (Vm::Pipeline, "#6a4fc0"),
         (Vm::Limit, "#b0c8f0"),
     ];
     let (pw, ph) = (360.0, 260.0);
@@ -1008,7 +1030,7 @@ fn svg(plan: &Plan, samples: &[Sample]) -> String {
         }
     }
     for (k, (vm, color)) in colors.iter().enumerate() {
-        let x = 20.0 + 140.0 * k as f64;
+        let x = 20.0 + 130.0 * k as f64;
         let y = ph + 45.0;
         let _ = writeln!(
             s,
