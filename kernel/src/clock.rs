@@ -2,8 +2,9 @@
 //!
 //! The dataplane needs milliseconds (connection timeouts, ARP retries, ICMP
 //! rate limits, the stats interval), not precision. Where no PIT answers
-//! (Xen PVH), calibration gives up after a bounded wait and assumes 2 GHz;
-//! a later issue reads Xen's own clock.
+//! (QEMU's `microvm` without one), calibration gives up after a bounded
+//! wait, or measures an impossible rate, and assumes 2 GHz, which the boot
+//! report says; under Xen the frequency comes from Xen.
 
 use core::arch::x86_64::_rdtsc;
 
@@ -13,6 +14,9 @@ use x86_64::instructions::port::Port;
 const PIT_HZ: u64 = 1_193_182;
 const CALIBRATION_MS: u64 = 10;
 const FALLBACK_HZ: u64 = 2_000_000_000;
+/// TSC rates a measurement may give; anything else means the PIT did not
+/// count (a missing PIT's gate port reads all ones: done at once).
+const PLAUSIBLE_HZ: core::ops::RangeInclusive<u64> = 100_000_000..=20_000_000_000;
 
 struct Calibration {
     start: u64,
@@ -66,8 +70,10 @@ pub fn init() -> (u64, Source) {
             }
             let elapsed = rdtsc() - start;
             gate.write(g);
-            if measured && elapsed > 0 {
-                elapsed * 1000 / CALIBRATION_MS
+            let hz = elapsed * 1000 / CALIBRATION_MS;
+            measured &= PLAUSIBLE_HZ.contains(&hz);
+            if measured {
+                hz
             } else {
                 FALLBACK_HZ
             }

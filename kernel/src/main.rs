@@ -144,7 +144,7 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     let source = match source {
         clock::Source::Pit => "calibrated against the PIT",
         clock::Source::Xen => "from Xen",
-        clock::Source::Assumed => "no PIT; assumed",
+        clock::Source::Assumed => "no usable PIT; assumed",
     };
     println!("clock: tsc {} MHz ({source})", tsc_hz / 1_000_000);
     // Under Xen: XenStore and the grant table, kept for netfront.

@@ -179,6 +179,27 @@ fn a_hung_machine_is_killed_at_the_timeout() {
     assert!(boot.console.is_empty());
 }
 
+/// A machine without a PIT (QEMU's `microvm`): the TSC cannot be
+/// calibrated, and the boot report says the rate is assumed instead of
+/// printing whatever a PIT that never counts would give.
+#[test]
+fn without_a_pit_the_tsc_rate_is_assumed_and_said_so() {
+    let boot = Machine::new(kernel())
+        .machine_type("microvm,pit=off")
+        .run(TIMEOUT);
+    boot.expect(Outcome::Success); // nothing to forward
+    let clock = boot
+        .console
+        .lines()
+        .find(|l| l.starts_with("clock: "))
+        .unwrap_or_else(|| panic!("{}", boot.console));
+    assert!(
+        clock.ends_with("(no usable PIT; assumed)"),
+        "{}",
+        boot.console
+    );
+}
+
 #[test]
 fn enumerates_pci_through_legacy_ports_without_mcfg() {
     // i440fx has no MCFG, so configuration space is read through 0xcf8/0xcfc.
