@@ -24,7 +24,8 @@ on_crash = "preserve"
 /// netback, pings it from dom0 across the bridge, destroys it; and with a
 /// bad command line (domain 3), reporting how that ended. (Domain 2 has
 /// one vCPU: with two, a guest triple fault was seen in two of five runs
-/// while its loop ran — the Xen issue's notes.)
+/// while its loop spun; none in six since it blocks in Xen, but the cause
+/// is unknown — the Xen issue's notes.)
 const SCRIPT: &str = r#"#!/bin/sh
 log=/var/log/xen/console/guest-portcullis.log
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
