@@ -69,6 +69,9 @@ pub fn discover(rsdp: u64) -> Option<AcpiInfo> {
         }
     };
     log::info!("acpi: rsdp {:#x} revision {}", rsdp, tables.revision());
+    for h in tables.headers() {
+        log::debug!("acpi: table {}", h.signature);
+    }
 
     let mut cpus = Vec::new();
     match tables.find_table::<Madt>() {
