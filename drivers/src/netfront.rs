@@ -216,8 +216,9 @@ impl<X: XenIo> Netfront<X> {
 
     /// Copies a frame into transmit slot `id` (plain stores: the backend
     /// reads the slot only after the request naming it is published,
-    /// with a release store, as a device reads a pool buffer).
-    fn fill_tx_slot(&mut self, id: u16, frame: &[u8]) {
+    /// with a release store, as a device reads a pool buffer); the length
+    /// copied, which the request must carry (a pool frame always fits).
+    fn fill_tx_slot(&mut self, id: u16, frame: &[u8]) -> usize {
         let len = frame.len().min(TX_SLOT);
         // SAFETY: transmit slot `id < TX_SLOTS` lies inside the region
         // (`region_bytes`), and no request for it is outstanding (it came
@@ -230,6 +231,7 @@ impl<X: XenIo> Netfront<X> {
                 .add(TX_PAGES + usize::from(id) * TX_SLOT);
             core::ptr::copy_nonoverlapping(frame.as_ptr(), slot, len);
         }
+        len
     }
 
     fn read_entry<const N: usize>(&self, off: usize) -> [u8; N] {
@@ -390,10 +392,7 @@ impl<X: XenIo> Nic for Netfront<X> {
                 break;
             }
             let Some(id) = self.tx_free.pop() else { break };
-            // (`frame` is at most `MAX_FRAME` bytes, less than a slot.)
-            let frame = pool.frame(p);
-            let len = frame.len();
-            self.fill_tx_slot(id, frame);
+            let len = self.fill_tx_slot(id, pool.frame(p));
             let slot = usize::from(id) * TX_SLOT;
             let req = TxRequest {
                 gref: self.tx_grefs[slot / PAGE],

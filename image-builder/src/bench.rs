@@ -212,11 +212,7 @@ fn idle(args: &[String]) -> Result<(), String> {
     }
     crate::setup::run()?;
     let kernel = crate::build()?;
-    ctrlc::set_handler(|| {
-        qemu_tests::netns::cleanup(&qemu_tests::netns::Names::new("idle"));
-        std::process::exit(130);
-    })
-    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    crate::clean_up_on_interrupt("bench idle", "idle")?;
     let modes = ["idle=poll", "idle=halt", "idle=halt idle-wake-us=1000"];
     let mut results: Vec<Vec<IdleRun>> = modes.iter().map(|_| Vec::new()).collect();
     for round in 0..o.runs {

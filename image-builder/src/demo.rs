@@ -70,13 +70,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     crate::setup::run()?;
     let kernel = crate::build()?;
     let names = Names::new("demo");
-    let for_signal = names.clone();
-    ctrlc::set_handler(move || {
-        eprintln!("\nxtask demo: interrupted; cleaning up");
-        netns::cleanup(&for_signal);
-        std::process::exit(130);
-    })
-    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    crate::clean_up_on_interrupt("demo", "demo")?;
 
     let topo = Topology::create("demo")?;
     let db = qemu_tests::workspace_root().join(QUBESDB);

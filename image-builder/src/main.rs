@@ -100,6 +100,18 @@ fn build() -> Result<PathBuf, String> {
     qemu_tests::build_kernel()
 }
 
+/// On Ctrl-C, removes the namespaces and taps of topology `tag` (killing
+/// what runs in them) and exits with 130; `what` names the command.
+pub fn clean_up_on_interrupt(what: &'static str, tag: &str) -> Result<(), String> {
+    let names = qemu_tests::netns::Names::new(tag);
+    ctrlc::set_handler(move || {
+        eprintln!("\nxtask {what}: interrupted; cleaning up");
+        qemu_tests::netns::cleanup(&names);
+        std::process::exit(130);
+    })
+    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))
+}
+
 /// Options shared by `run` and `bench`.
 pub struct MachineOptions {
     pub nics: usize,

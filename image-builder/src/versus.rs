@@ -18,7 +18,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use qemu_tests::linux_fw::LinuxFirewall;
-use qemu_tests::netns::{self, Names, Topology, SERVER, UPLINK};
+use qemu_tests::netns::{self, Topology, SERVER, UPLINK};
 use qemu_tests::{Accel, Machine, RunningMachine};
 
 /// The firewall VMs, in the order every round boots them.
@@ -244,14 +244,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     let kernel = crate::build()?;
     println!("bench: preparing the Linux baseline VM");
     let linux = LinuxFirewall::ensure()?;
-    let names = Names::new("bench");
-    let for_signal = names.clone();
-    ctrlc::set_handler(move || {
-        eprintln!("\nxtask bench: interrupted; cleaning up");
-        netns::cleanup(&for_signal);
-        std::process::exit(130);
-    })
-    .map_err(|e| format!("cannot install the Ctrl-C handler: {e}"))?;
+    crate::clean_up_on_interrupt("bench", "bench")?;
 
     let started = Instant::now();
     let mut samples: Vec<Sample> = Vec::new();

@@ -282,33 +282,66 @@ pub struct Generator {
     pub len: usize,
     /// Frames handed to the uplink.
     pub sent: u64,
+    /// The frame, built once the gateway's MAC is known; each one sent is
+    /// a copy.
+    frame: Vec<u8>,
 }
 
 impl Generator {
+    pub fn new(len: usize) -> Self {
+        Self {
+            len,
+            sent: 0,
+            frame: Vec::new(),
+        }
+    }
+
     /// Tops the uplink's empty backlog up with `GENERATOR_BATCH` frames.
     fn fill<N: Nic>(&mut self, nics: &mut Nics<N>, firewall: &Firewall) {
-        let Some(gateway_mac) = firewall.gateway_mac() else {
-            return;
-        };
+        if self.frame.is_empty() {
+            let Some(gateway_mac) = firewall.gateway_mac() else {
+                return;
+            };
+            let cfg = firewall.config();
+            let mut frame = alloc::vec![0u8; self.len];
+            let macs = (nics.nics[0].mac(), gateway_mac);
+            if !netstack::wire::synthetic_udp(
+                &mut frame,
+                self.len,
+                macs,
+                (cfg.uplink_ip, cfg.gateway),
+            ) {
+                return;
+            }
+            self.frame = frame;
+        }
         if !nics.tx[0].is_empty() {
             return;
         }
-        let cfg = firewall.config();
-        let macs = (nics.nics[0].mac(), gateway_mac);
-        let addrs = (cfg.uplink_ip, cfg.gateway);
         for _ in 0..GENERATOR_BATCH {
             let Some(mut buf) = nics.pool.alloc() else {
                 break;
             };
             let room = nics.pool.frame_room(&mut buf);
-            if !netstack::wire::synthetic_udp(room, self.len, macs, addrs) {
-                nics.pool.free(buf);
-                break;
+            match room.get_mut(..self.len) {
+                Some(dst) => dst.copy_from_slice(&self.frame),
+                None => {
+                    nics.pool.free(buf);
+                    break;
+                }
             }
             nics.tx[0].push(Packet { buf, len: self.len });
             self.sent += 1;
         }
     }
+}
+
+/// Asks every NIC to signal its next received frame before the core
+/// blocks; whether frames are already waiting on any.
+fn arm_all<N: Nic>(nics: &mut Nics<N>) -> bool {
+    nics.nics
+        .iter_mut()
+        .fold(false, |waiting, n| n.arm() | waiting)
 }
 
 /// Everything on the boot CPU; with `generator`, the uplink also sends
@@ -367,9 +400,7 @@ pub fn run_single<N: Nic>(
         if busy {
             counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
         }
-        idler.round(busy, || {
-            nics.nics.iter_mut().fold(false, |w, n| n.arm() | w)
-        });
+        idler.round(busy, || arm_all(&mut nics));
     }
 }
 
@@ -536,8 +567,6 @@ pub fn run_pipeline<N: Nic>(
         if busy {
             counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
         }
-        idler.round(busy, || {
-            nics.nics.iter_mut().fold(false, |w, n| n.arm() | w)
-        });
+        idler.round(busy, || arm_all(&mut nics));
     }
 }

@@ -102,13 +102,22 @@ pub struct SharedInfo {
     page: u64,
 }
 
+static SHARED_INFO: spin::Once<Result<SharedInfo, &'static str>> = spin::Once::new();
+
 impl SharedInfo {
-    pub fn map() -> Result<Self, &'static str> {
-        let (page, _) = phys::alloc_dma(4096);
-        if xen::add_to_physmap(XENMAPSPACE_SHARED_INFO, 0, page >> 12) != 0 {
-            return Err("XENMEM_add_to_physmap(shared info) failed");
-        }
-        Ok(Self { page })
+    /// The page, mapped on first use. Once only: mapping it again would
+    /// move it and leave a hole where the earlier mapping was.
+    pub fn get() -> Result<&'static Self, &'static str> {
+        SHARED_INFO
+            .call_once(|| {
+                let (page, _) = phys::alloc_dma(4096);
+                if xen::add_to_physmap(XENMAPSPACE_SHARED_INFO, 0, page >> 12) != 0 {
+                    return Err("XENMEM_add_to_physmap(shared info) failed");
+                }
+                Ok(Self { page })
+            })
+            .as_ref()
+            .map_err(|e| *e)
     }
 
     pub fn address(&self) -> u64 {

@@ -33,7 +33,7 @@ const CALIBRATION_US: u64 = 10_000;
 struct XenWait {
     port: u32,
     wake_ns: u64,
-    shared: gnttab::SharedInfo,
+    shared: &'static gnttab::SharedInfo,
 }
 
 static XEN_WAIT: Once<XenWait> = Once::new();
@@ -42,7 +42,7 @@ static XEN_WAIT: Once<XenWait> = Once::new();
 /// `port` for at most `wake_us`; false (the loops poll) when the
 /// shared-info page cannot be mapped or carries no time record.
 pub fn start_xen(port: u32, wake_us: u32) -> bool {
-    let Ok(shared) = gnttab::SharedInfo::map() else {
+    let Ok(shared) = gnttab::SharedInfo::get() else {
         return false;
     };
     if shared.vcpu0_time().is_none() {
@@ -68,7 +68,9 @@ impl XenWait {
         let Some(t) = self.shared.vcpu0_time() else {
             return;
         };
-        let deadline = t.system_time_ns(clock::rdtsc()) + self.wake_ns;
+        let deadline = t
+            .system_time_ns(clock::rdtsc())
+            .saturating_add(self.wake_ns);
         xen::poll(self.port, deadline);
         self.shared.take_pending(self.port);
     }

@@ -333,10 +333,7 @@ fn start_dataplane(
             "generator: sending {len}-byte UDP frames to the gateway out of the uplink, as fast \
              as it can (stats: generator ...)"
         );
-        dataplane::Generator {
-            len: usize::from(len),
-            sent: 0,
-        }
+        dataplane::Generator::new(usize::from(len))
     });
     match (layout, aps.first()) {
         (Layout::Pipeline, Some(_)) if generator.is_some() => {
@@ -380,8 +377,8 @@ fn load_config(cmdline_text: &str) -> Result<NetConfig, String> {
 /// page, the grant table, an event channel — each set up against Xen and
 /// checked: a page granted to dom0 and taken back.
 fn xen_sharing_report() -> Option<gnttab::GrantTable> {
-    let shared = gnttab::SharedInfo::map();
-    match &shared {
+    let shared = gnttab::SharedInfo::get();
+    match shared {
         Ok(si) => println!(
             "xen: shared info at {:#x}; console event channel {}",
             si.address(),
@@ -424,7 +421,7 @@ fn xen_sharing_report() -> Option<gnttab::GrantTable> {
     // A channel looped back to ourselves: an event sent on one end must be
     // pending on the other, as netback's will be.
     let (Ok(si), Some(a)) = (
-        &shared,
+        shared,
         gnttab::alloc_unbound(xen_shim::hypercall::DOMID_SELF),
     ) else {
         return table;
