@@ -84,6 +84,21 @@ pub struct NicStats {
     pub notifications: u64,
 }
 
+impl core::ops::AddAssign for NicStats {
+    /// Adds another device's counters (a reconnected device's totals).
+    fn add_assign(&mut self, o: Self) {
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+        self.tx_packets += o.tx_packets;
+        self.tx_bytes += o.tx_bytes;
+        self.rx_errors += o.rx_errors;
+        self.tx_ring_full += o.tx_ring_full;
+        self.ring_errors += o.ring_errors;
+        self.tx_errors += o.tx_errors;
+        self.notifications += o.notifications;
+    }
+}
+
 /// A network device that moves batches of packets.
 pub trait Nic {
     fn mac(&self) -> [u8; 6];

@@ -65,6 +65,19 @@ pub trait XenIo {
     fn notify(&mut self);
 }
 
+/// A device that could not be made: why, and what it was given back.
+pub struct NewError<X> {
+    pub error: NetfrontError,
+    pub io: X,
+    pub mem: DmaRegion,
+}
+
+impl<X> core::fmt::Debug for NewError<X> {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
 /// Why the device could not be made.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NetfrontError {
@@ -104,9 +117,14 @@ pub struct Netfront<X: XenIo> {
 impl<X: XenIo> Netfront<X> {
     /// Initialises both shared rings in `mem` and grants every page to the
     /// backend. Nothing is posted yet (`post_rx`).
-    pub fn new(mut io: X, mem: DmaRegion, mac: [u8; 6]) -> Result<Self, NetfrontError> {
+    /// Hands `io` and `mem` back when it fails (no grant is left).
+    pub fn new(mut io: X, mem: DmaRegion, mac: [u8; 6]) -> Result<Self, NewError<X>> {
         if mem.len() < region_bytes() {
-            return Err(NetfrontError::RegionTooSmall);
+            return Err(NewError {
+                error: NetfrontError::RegionTooSmall,
+                io,
+                mem,
+            });
         }
         // SAFETY: the region is ours alone (`DmaRegion::new`) and at least
         // `region_bytes()` long (checked above); nothing is granted yet.
@@ -133,7 +151,11 @@ impl<X: XenIo> Netfront<X> {
             for r in granted {
                 io.end_grant(r);
             }
-            return Err(NetfrontError::NoGrants);
+            return Err(NewError {
+                error: NetfrontError::NoGrants,
+                io,
+                mem,
+            });
         };
         let nf = Self {
             io,
@@ -193,6 +215,16 @@ impl<X: XenIo> Netfront<X> {
         });
         unreleased.retain(|r| !self.io.end_grant(*r));
         unreleased.is_empty()
+    }
+
+    /// The backend access and the memory back, for a new device on the
+    /// next connection; only once `release` has ended every grant (the
+    /// device is handed back unchanged otherwise).
+    pub fn into_parts(self) -> Result<(X, DmaRegion), alloc::boxed::Box<Self>> {
+        match &self.unreleased {
+            Some(left) if left.is_empty() => Ok((self.io, self.mem)),
+            _ => Err(alloc::boxed::Box::new(self)),
+        }
     }
 
     fn index(&self, ring: usize, field: usize) -> &AtomicU32 {

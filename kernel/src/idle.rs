@@ -15,6 +15,7 @@
 //! first halt in the nested test; not diagnosed, and not needed any more.)
 
 use core::arch::asm;
+use core::sync::atomic::{AtomicU32, Ordering};
 
 use kernel::cmdline::Idle;
 use spin::Once;
@@ -31,7 +32,8 @@ const CALIBRATION_US: u64 = 10_000;
 /// Blocking in Xen: the event channel that wakes the loop, the longest
 /// block, and the shared-info page with the pending bits and the clock.
 struct XenWait {
-    port: u32,
+    /// Changed when the netfront reconnects (`set_xen_port`).
+    port: AtomicU32,
     wake_ns: u64,
     shared: &'static gnttab::SharedInfo,
 }
@@ -49,19 +51,28 @@ pub fn start_xen(port: u32, wake_us: u32) -> bool {
         return false;
     }
     XEN_WAIT.call_once(|| XenWait {
-        port,
+        port: AtomicU32::new(port),
         wake_ns: u64::from(wake_us) * 1000,
         shared,
     });
     true
 }
 
+/// Makes blocking in Xen wait on `port` from now on (a new netfront
+/// connection's channel, or XenStore's while there is none).
+pub fn set_xen_port(port: u32) {
+    if let Some(x) = XEN_WAIT.get() {
+        x.port.store(port, Ordering::Relaxed);
+    }
+}
+
 impl XenWait {
     /// Blocks until the port is signalled or the timeout, unless `arm`
     /// (asking the device to signal) says work is already waiting.
     fn block(&self, arm: impl FnOnce() -> bool) {
+        let port = self.port.load(Ordering::Relaxed);
         // An old signal would end the block at once: clear it first.
-        self.shared.take_pending(self.port);
+        self.shared.take_pending(port);
         if arm() {
             return;
         }
@@ -71,8 +82,8 @@ impl XenWait {
         let deadline = t
             .system_time_ns(clock::rdtsc())
             .saturating_add(self.wake_ns);
-        xen::poll(self.port, deadline);
-        self.shared.take_pending(self.port);
+        xen::poll(port, deadline);
+        self.shared.take_pending(port);
     }
 }
 

@@ -198,18 +198,12 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
 /// has nothing to do).
 fn connect_netfront(
     dev: &str,
-    (mut store, table): (xenstore::XenStore, gnttab::GrantTable),
+    (store, table): (xenstore::XenStore, gnttab::GrantTable),
 ) -> (ports::Port, u32) {
-    match netfront::connect(&mut store, table, dev) {
-        Ok(c) => {
-            println!(
-                "netfront: vif/{dev} connected to backend domain {} in {} ms (event channel {}, {} receive pages)",
-                c.backend_id,
-                c.connect_ms,
-                c.port,
-                c.nic.rx_posted()
-            );
-            (ports::Port::Netfront(c.nic), c.port)
+    match netfront::Uplink::boot(store, table, dev) {
+        Ok(up) => {
+            let port = up.port().unwrap_or(0);
+            (ports::Port::Netfront(up), port)
         }
         Err(e) => {
             println!("netfront: vif/{dev}: {e}");
@@ -490,6 +484,25 @@ fn xenstore_report(store: &mut xenstore::XenStore) {
         }
         Ok((path, token)) => println!("xenstore: unexpected watch event {path} {token}"),
         Err(e) => println!("xenstore: watch failed: {e:?}"),
+    }
+    // A transaction that reads and writes the key while, the first time,
+    // the key changes outside it: xenstored refuses that commit (EAGAIN)
+    // and the second run commits.
+    let mut runs = 0;
+    let done = store.transaction(|t| {
+        runs += 1;
+        let before = t.read("data/portcullis")?;
+        if runs == 1 {
+            t.outside().write("data/portcullis", "changed outside")?;
+        }
+        t.write("data/portcullis", &format!("{before} + transaction"))
+    });
+    match (done, store.read("data/portcullis")) {
+        (Ok(()), Ok(v)) if runs == 2 && v == "changed outside + transaction" => println!(
+            "xenstore: a transaction met a conflicting write, was refused (EAGAIN), ran again and committed"
+        ),
+        (Ok(()), Ok(v)) => println!("xenstore: transaction committed after {runs} runs: '{v}'"),
+        (Err(e), _) | (_, Err(e)) => println!("xenstore: transaction failed: {e:?}"),
     }
 }
 

@@ -4,16 +4,18 @@
 
 use alloc::vec::Vec;
 
-use drivers::netfront::Netfront;
 use drivers::virtio_net::VirtioNet;
 use drivers::{Nic, NicStats, Packet, PacketPool};
 use virtio_drivers::transport::pci::PciTransport;
 
-use crate::netfront::XenGrants;
+use crate::netfront::Uplink;
 
+// A handful of ports live for the kernel's life in one Vec: their sizes
+// do not matter, a box would cost an indirection per batch.
+#[allow(clippy::large_enum_variant)]
 pub enum Port {
     Virtio(VirtioNet<PciTransport>),
-    Netfront(Netfront<XenGrants>),
+    Netfront(Uplink),
 }
 
 macro_rules! each {

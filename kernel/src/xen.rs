@@ -305,6 +305,22 @@ pub fn bind_interdomain(remote: u16, remote_port: u32) -> Option<u32> {
     (rc == 0).then_some(b.local_port)
 }
 
+/// `EVTCHNOP_close` on `port`: false when Xen refused (not ours, or not
+/// open).
+pub fn close_port(port: u32) -> bool {
+    let close = port;
+    // SAFETY: EVTCHNOP_close reads one `evtchn_close { u32 port }` at the
+    // pointer, a live local.
+    let rc = unsafe {
+        hypercall2(
+            HYPERVISOR_EVENT_CHANNEL_OP,
+            u64::from(xen_shim::grant::EVTCHNOP_CLOSE),
+            &close as *const u32 as u64,
+        )
+    };
+    rc == 0
+}
+
 /// A three-argument hypercall.
 ///
 /// # Safety

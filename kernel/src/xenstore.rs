@@ -16,6 +16,8 @@ use crate::{clock, phys, xen};
 
 /// How long one request may wait for room or for its reply.
 const TIMEOUT_MS: u64 = 2000;
+/// Runs of a transaction that keeps meeting conflicting changes, at most.
+const TRANSACTION_TRIES: u32 = 8;
 
 pub struct XenStore {
     page: u64,
@@ -23,6 +25,28 @@ pub struct XenStore {
     next_id: u32,
     /// Watch events that arrived while a reply was awaited.
     events: VecDeque<(String, String)>,
+}
+
+/// Requests inside a transaction (`XenStore::transaction`).
+pub struct Transaction<'a> {
+    store: &'a mut XenStore,
+    id: u32,
+}
+
+impl Transaction<'_> {
+    pub fn read(&mut self, path: &str) -> Result<String, XsError> {
+        self.store.read_in(path, self.id)
+    }
+
+    pub fn write(&mut self, path: &str, value: &str) -> Result<(), XsError> {
+        self.store.write_in(path, value, self.id)
+    }
+
+    /// The store itself, for a request outside the transaction (the boot
+    /// report makes a conflict with it).
+    pub fn outside(&mut self) -> &mut XenStore {
+        self.store
+    }
 }
 
 fn index(page: u64, off: usize) -> &'static AtomicU32 {
@@ -136,6 +160,42 @@ impl XenStore {
             .map(|_| ())
     }
 
+    /// Removes the watch made with `path` and `token`.
+    pub fn unwatch(&mut self, path: &str, token: &str) -> Result<(), XsError> {
+        let id = self.id();
+        self.transact(xs::XS_UNWATCH, id, &xs::unwatch(id, path, token)?)
+            .map(|_| ())
+    }
+
+    /// The watch events that have arrived, without waiting for any: for a
+    /// polling loop. Messages already begun are read to their end (with
+    /// the usual deadline); late replies are skipped.
+    pub fn poll_events(&mut self) -> Result<Vec<(String, String)>, XsError> {
+        let (prod_ix, cons_ix) = (
+            index(self.page, xs::RSP_PROD),
+            index(self.page, xs::RSP_CONS),
+        );
+        loop {
+            // Acquire: as in `receive`.
+            let waiting = xs::used(
+                prod_ix.load(Ordering::Acquire),
+                cons_ix.load(Ordering::Relaxed),
+            )?;
+            if waiting == 0 {
+                return Ok(self.events.drain(..).collect());
+            }
+            let (h, payload) = self.message(clock::now_ms() + TIMEOUT_MS)?;
+            if h.kind == xs::XS_WATCH_EVENT {
+                self.events.push_back(xs::watch_event(&h, &payload)?);
+            }
+        }
+    }
+
+    /// The event channel xenstored signals.
+    pub fn port(&self) -> u32 {
+        self.port
+    }
+
     /// The next watch event (path, token), waiting at most `timeout_ms`.
     pub fn next_event(&mut self, timeout_ms: u64) -> Result<(String, String), XsError> {
         if let Some(e) = self.events.pop_front() {
@@ -159,16 +219,56 @@ impl XenStore {
 
     /// Reads `path` (relative to the domain's own node unless absolute).
     pub fn read(&mut self, path: &str) -> Result<String, XsError> {
-        let id = self.id();
-        let value = self.transact(xs::XS_READ, id, &xs::read(id, path)?)?;
-        String::from_utf8(value).map_err(|_| XsError::NotText)
+        self.read_in(path, 0)
     }
 
     /// Writes `value` to `path`.
     pub fn write(&mut self, path: &str, value: &str) -> Result<(), XsError> {
+        self.write_in(path, value, 0)
+    }
+
+    fn read_in(&mut self, path: &str, tx: u32) -> Result<String, XsError> {
         let id = self.id();
-        self.transact(xs::XS_WRITE, id, &xs::write(id, path, value)?)
-            .map(|_| ())
+        let msg = xs::in_transaction(xs::read(id, path)?, tx);
+        let value = self.transact(xs::XS_READ, id, &msg)?;
+        String::from_utf8(value).map_err(|_| XsError::NotText)
+    }
+
+    fn write_in(&mut self, path: &str, value: &str, tx: u32) -> Result<(), XsError> {
+        let id = self.id();
+        let msg = xs::in_transaction(xs::write(id, path, value)?, tx);
+        self.transact(xs::XS_WRITE, id, &msg).map(|_| ())
+    }
+
+    /// Runs `body` in a transaction and commits it: xenstored applies its
+    /// writes all at once, or not at all. A commit refused with `EAGAIN`
+    /// (something the transaction touched changed meanwhile) runs `body`
+    /// again from the start, up to `TRANSACTION_TRIES` times; an error
+    /// from `body` aborts the transaction and is returned.
+    pub fn transaction<T>(
+        &mut self,
+        mut body: impl FnMut(&mut Transaction<'_>) -> Result<T, XsError>,
+    ) -> Result<T, XsError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let id = self.id();
+            let reply = self.transact(xs::XS_TRANSACTION_START, id, &xs::transaction_start(id)?)?;
+            let tx = xs::transaction_id(&reply)?;
+            let result = body(&mut Transaction {
+                store: self,
+                id: tx,
+            });
+            let id = self.id();
+            let end = xs::transaction_end(id, tx, result.is_ok())?;
+            let ended = self.transact(xs::XS_TRANSACTION_END, id, &end);
+            match (result, ended) {
+                (Err(e), _) => return Err(e),
+                (Ok(v), Ok(_)) => return Ok(v),
+                (Ok(_), Err(e)) if xs::must_retry(&e) && tries < TRANSACTION_TRIES => {}
+                (Ok(_), Err(e)) => return Err(e),
+            }
+        }
     }
 
     /// The names of `path`'s children.

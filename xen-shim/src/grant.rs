@@ -32,6 +32,8 @@ pub const FIRST_FREE_REF: u32 = 8;
 
 pub const EVTCHNOP_BIND_INTERDOMAIN: u32 = 0;
 pub const EVTCHNOP_ALLOC_UNBOUND: u32 = 6;
+/// `EVTCHNOP_close` (argument: `evtchn_close { u32 port }`).
+pub const EVTCHNOP_CLOSE: u32 = 3;
 /// In the shared-info page: 32 `vcpu_info` of 64 bytes, then the pending
 /// and mask bitmaps (64 words of 64 bits each).
 pub const EVTCHN_PENDING: usize = 32 * 64;

@@ -24,6 +24,8 @@ pub const XS_DIRECTORY: u32 = 1;
 pub const XS_READ: u32 = 2;
 pub const XS_WATCH: u32 = 4;
 pub const XS_UNWATCH: u32 = 5;
+pub const XS_TRANSACTION_START: u32 = 6;
+pub const XS_TRANSACTION_END: u32 = 7;
 pub const XS_WRITE: u32 = 11;
 pub const XS_WATCH_EVENT: u32 = 15;
 pub const XS_ERROR: u32 = 16;
@@ -59,6 +61,42 @@ pub fn request(kind: u32, req_id: u32, parts: &[&[u8]]) -> Result<Vec<u8>, XsErr
         m.extend_from_slice(p);
     }
     Ok(m)
+}
+
+/// Request `msg` made part of transaction `tx` (0: none).
+pub fn in_transaction(mut msg: Vec<u8>, tx: u32) -> Vec<u8> {
+    if let Some(field) = msg.get_mut(8..12) {
+        field.copy_from_slice(&tx.to_le_bytes());
+    }
+    msg
+}
+
+/// A `TRANSACTION_START`; the reply is the transaction's id
+/// (`transaction_id`).
+pub fn transaction_start(req_id: u32) -> Result<Vec<u8>, XsError> {
+    request(XS_TRANSACTION_START, req_id, &[b"\0"])
+}
+
+/// A `TRANSACTION_END` of `tx`: commit, or abort.
+pub fn transaction_end(req_id: u32, tx: u32, commit: bool) -> Result<Vec<u8>, XsError> {
+    let how: &[u8] = if commit { b"T\0" } else { b"F\0" };
+    request(XS_TRANSACTION_END, req_id, &[how]).map(|m| in_transaction(m, tx))
+}
+
+/// The id in a `TRANSACTION_START` reply: decimal, NUL-terminated, not 0.
+pub fn transaction_id(payload: &[u8]) -> Result<u32, XsError> {
+    let text = payload.strip_suffix(b"\0").unwrap_or(payload);
+    let text = core::str::from_utf8(text).map_err(|_| XsError::NotText)?;
+    match text.parse::<u32>() {
+        Ok(id) if id != 0 && text.bytes().all(|b| b.is_ascii_digit()) => Ok(id),
+        _ => Err(XsError::BadReply),
+    }
+}
+
+/// Whether a transaction's end failed only because something it read or
+/// wrote changed meanwhile: it should be run again from the start.
+pub fn must_retry(e: &XsError) -> bool {
+    matches!(e, XsError::Remote(s) if s == "EAGAIN")
 }
 
 /// A `READ` of `path` (relative paths are under the domain's own node).
@@ -102,6 +140,15 @@ pub fn directory_entries(payload: &[u8]) -> Result<Vec<String>, XsError> {
 pub fn watch(req_id: u32, path: &str, token: &str) -> Result<Vec<u8>, XsError> {
     request(
         XS_WATCH,
+        req_id,
+        &[path.as_bytes(), b"\0", token.as_bytes(), b"\0"],
+    )
+}
+
+/// An `UNWATCH` of a watch made with the same `path` and `token`.
+pub fn unwatch(req_id: u32, path: &str, token: &str) -> Result<Vec<u8>, XsError> {
+    request(
+        XS_UNWATCH,
         req_id,
         &[path.as_bytes(), b"\0", token.as_bytes(), b"\0"],
     )
@@ -211,9 +258,43 @@ mod tests {
     }
 
     #[test]
+    fn transactions() {
+        let m = transaction_start(3).unwrap();
+        assert_eq!(&m[..4], &XS_TRANSACTION_START.to_le_bytes());
+        assert_eq!(&m[16..], b"\0");
+        let m = transaction_end(4, 77, true).unwrap();
+        assert_eq!(&m[..4], &XS_TRANSACTION_END.to_le_bytes());
+        assert_eq!(&m[8..12], &77u32.to_le_bytes());
+        assert_eq!(&m[16..], b"T\0");
+        assert_eq!(&transaction_end(4, 77, false).unwrap()[16..], b"F\0");
+        let w = in_transaction(write(5, "a", "b").unwrap(), 9);
+        assert_eq!(&w[8..12], &9u32.to_le_bytes());
+        assert_eq!(&w[16..], b"a\0b");
+        assert_eq!(transaction_id(b"42\0"), Ok(42));
+        assert_eq!(transaction_id(b"42"), Ok(42));
+        for bad in [
+            &b"0\0"[..],
+            b"\0",
+            b"-1\0",
+            b"+4\0",
+            b"4x\0",
+            b"99999999999\0",
+            b"\xff\0",
+        ] {
+            assert!(transaction_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(must_retry(&XsError::Remote("EAGAIN".into())));
+        assert!(!must_retry(&XsError::Remote("EACCES".into())));
+        assert!(!must_retry(&XsError::Timeout));
+    }
+
+    #[test]
     fn watches_and_their_events() {
         let m = watch(5, "data/x", "tok").unwrap();
         assert_eq!(&m[..4], &XS_WATCH.to_le_bytes());
+        assert_eq!(&m[16..], b"data/x\0tok\0");
+        let m = unwatch(6, "data/x", "tok").unwrap();
+        assert_eq!(&m[..4], &XS_UNWATCH.to_le_bytes());
         assert_eq!(&m[16..], b"data/x\0tok\0");
         let payload = b"/local/domain/1/data/x\0tok\0";
         let h = Header {

@@ -378,18 +378,47 @@ fn release_ends_every_grant_unless_one_is_in_use() {
 }
 
 #[test]
+fn a_released_device_gives_its_parts_to_the_next_connection() {
+    let mut r = rig();
+    r.be.deliver(&frame(1, 100));
+    let some = *r.xen.0.borrow().live.keys().nth(3).unwrap();
+    r.xen.0.borrow_mut().busy.push(some);
+    let nf = *r.nf.into_parts().err().expect("not released: kept");
+    let mut nf = *nf.into_parts().err().expect("still not released");
+    assert!(!nf.release());
+    let mut nf = *nf.into_parts().err().expect("a page is still mapped");
+    r.xen.0.borrow_mut().busy.clear();
+    assert!(nf.release());
+    let (xen, mem) = nf.into_parts().ok().expect("every grant ended");
+    assert!(r.xen.0.borrow().live.is_empty());
+    // The same memory and grant access make a working device again, with
+    // nothing left over from the first (the frame it never read).
+    let mut nf = Netfront::new(xen, mem, [2, 0, 0, 0, 0, 7]).unwrap();
+    let mut be = Backend::connect(&r.xen, nf.ring_refs());
+    nf.post_rx();
+    assert_eq!(be.rx_available(), RX_BUFFERS as u32);
+    be.deliver(&frame(2, 80));
+    let mut out = Vec::new();
+    nf.rx_batch(&mut r.pool, &mut out, 64);
+    assert_eq!(out.len(), 1);
+    assert_eq!(r.pool.frame(&mut out[0]), &frame(2, 80)[..]);
+}
+
+#[test]
 fn too_few_grants_undoes_what_was_granted() {
     let xen = FakeXen::default();
     xen.0.borrow_mut().limit = Some(40);
     let (_m, reg) = region(region_bytes());
     assert_eq!(
-        Netfront::new(xen.clone(), reg, [0; 6]).err(),
+        Netfront::new(xen.clone(), reg, [0; 6])
+            .err()
+            .map(|e| e.error),
         Some(NetfrontError::NoGrants)
     );
     assert!(xen.0.borrow().live.is_empty());
     let (_m, small) = region(PAGE);
     assert_eq!(
-        Netfront::new(xen, small, [0; 6]).err(),
+        Netfront::new(xen, small, [0; 6]).err().map(|e| e.error),
         Some(NetfrontError::RegionTooSmall)
     );
 }
