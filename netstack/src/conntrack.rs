@@ -138,7 +138,53 @@ pub struct Flow<A = Ipv4Addr> {
     seq: u64,
 }
 
+/// What a client's packet of a flow needs on its way out: the
+/// destination, the ports, and the checksum changes (`Flow::out_deltas`).
+/// Small, so the fast path copies it instead of the whole flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outbound<A = Ipv4Addr> {
+    pub remote: A,
+    pub remote_port: u16,
+    pub nat_port: u16,
+    pub deltas: (ChecksumDelta, ChecksumDelta),
+}
+
+/// What a reply of a flow needs on its way back to the client: the
+/// client's addresses (as it sent them: `src` is the client), the ports
+/// back (`Flow::ports_back`), the checksum changes and the owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inbound<A = Ipv4Addr> {
+    pub client_src: A,
+    pub client_dst: A,
+    pub ports: (u16, u16),
+    pub deltas: (ChecksumDelta, ChecksumDelta),
+    pub owner: u32,
+}
+
 impl<A: Addr> Flow<A> {
+    /// The translation of this flow's replies.
+    #[inline]
+    pub fn inbound(&self) -> Inbound<A> {
+        Inbound {
+            client_src: self.client.src,
+            client_dst: self.client.dst,
+            ports: self.ports_back(),
+            deltas: self.back_deltas(),
+            owner: self.owner,
+        }
+    }
+
+    /// The translation of this flow's packets from the client.
+    #[inline]
+    pub fn outbound(&self) -> Outbound<A> {
+        Outbound {
+            remote: self.remote,
+            remote_port: self.remote_port,
+            nat_port: self.nat_port,
+            deltas: self.out_deltas(),
+        }
+    }
+
     /// The tuple replies carry on the uplink (remote → us).
     pub fn reply_tuple(&self, uplink: A) -> Tuple<A> {
         Tuple {
@@ -354,11 +400,12 @@ impl<A: Addr> Conntrack<A> {
     }
 
     /// The flow a reply belongs to, updated for it (answered, TCP state,
-    /// expiry) and copied out.
-    pub fn answer(&mut self, t: &Tuple<A>, now: u64, tcp_flags: u8) -> Option<Flow<A>> {
+    /// expiry): the reply's translation.
+    #[inline]
+    pub fn answer(&mut self, t: &Tuple<A>, now: u64, tcp_flags: u8) -> Option<Inbound<A>> {
         let flow = self.by_reply(t, now)?;
         flow.touch(now, false, tcp_flags);
-        Some(*flow)
+        Some(flow.inbound())
     }
 
     /// Creates a flow for `client`, going to `remote:remote_port`.

@@ -28,7 +28,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use hashbrown::HashMap;
 
 use crate::config::NetConfig;
-use crate::conntrack::{Addr, Conntrack, CreateError, Flow, Tuple};
+use crate::conntrack::{Addr, Conntrack, CreateError, Flow, Outbound, Tuple};
 use crate::dns::{Resolved, Resolver, DNS_PORT, RESOLVER_PORT};
 use crate::ipv6::{is_ipv6_multicast_mac, PROTO_ICMPV6};
 use crate::rules::{Action, Probe, RuleError, Ruleset};
@@ -415,6 +415,8 @@ impl TokenBucket {
 /// The firewall stage for one uplink and any number of downlinks.
 pub struct Firewall {
     cfg: NetConfig,
+    /// The uplink subnet's mask (`NetConfig::on_uplink_subnet`, kept).
+    uplink_mask: u32,
     macs: Vec<Mac>,
     clients: Vec<Client>,
     client_index: HashMap<Ipv4Addr, usize>,
@@ -498,6 +500,7 @@ impl Firewall {
             .map_or(1, |m| u32::from_be_bytes([m[2], m[3], m[4], m[5]]));
         let resolver = Resolver::new(names, servers, seed);
         let mut fw = Self {
+            uplink_mask: prefix_mask(cfg.uplink_prefix),
             cfg,
             macs,
             clients,
@@ -936,6 +939,9 @@ impl Firewall {
 
     // ---- From clients --------------------------------------------------------
 
+    /// A client's IPv4 packet: the fast path here, everything else in
+    /// `client_packet_slow`.
+    #[inline(never)]
     fn client_packet(&mut self, now: u64, port: usize, buf: &mut [u8], info: &Ipv4Info) -> Verdict {
         // Fast path: a packet of a tracked flow. Flows exist only for a
         // connected client's traffic that passed every check below, so
@@ -949,7 +955,7 @@ impl Firewall {
                 if bound {
                     f.touch(now, true, info.tcp_flags);
                 }
-                (bound, *f)
+                (bound, f.outbound())
             });
             match hit {
                 Some((true, flow)) => return self.send_upstream(now, buf, info, &flow),
@@ -957,6 +963,21 @@ impl Firewall {
                 None => {}
             }
         }
+        self.client_packet_slow(now, port, buf, info, tuple, src_mac)
+    }
+
+    /// A client's packet that is not of a tracked flow (or is a later
+    /// fragment, or has no TTL left): every check, then maybe a new flow.
+    #[inline(never)]
+    fn client_packet_slow(
+        &mut self,
+        now: u64,
+        port: usize,
+        buf: &mut [u8],
+        info: &Ipv4Info,
+        tuple: Option<Tuple>,
+        src_mac: Mac,
+    ) -> Verdict {
         let Some(ci) = self.client_index.get(&info.src).copied() else {
             return self.drop(DropReason::Spoofed);
         };
@@ -1011,7 +1032,7 @@ impl Firewall {
             }
             Err(reason) => return self.drop(reason),
         };
-        self.send_upstream(now, buf, info, &flow)
+        self.send_upstream(now, buf, info, &flow.outbound())
     }
 
     /// Runs the client's rules on a packet that starts a flow, and creates
@@ -1102,7 +1123,7 @@ impl Firewall {
     /// not known.
     #[inline]
     fn uplink_next_hop(&mut self, dst: Ipv4Addr, now: u64) -> Option<Mac> {
-        let hop = if self.cfg.on_uplink_subnet(dst) {
+        let hop = if (u32::from(dst) ^ u32::from(self.cfg.uplink_ip)) & self.uplink_mask == 0 {
             dst
         } else {
             self.cfg.gateway
@@ -1122,7 +1143,14 @@ impl Firewall {
         Verdict::Forward { port: UPLINK, len }
     }
 
-    fn send_upstream(&mut self, now: u64, buf: &mut [u8], info: &Ipv4Info, flow: &Flow) -> Verdict {
+    #[inline(always)]
+    fn send_upstream(
+        &mut self,
+        now: u64,
+        buf: &mut [u8],
+        info: &Ipv4Info,
+        flow: &Outbound,
+    ) -> Verdict {
         let Some(mac) = self.uplink_next_hop(flow.remote, now) else {
             return self.drop(DropReason::ArpUnresolved);
         };
@@ -1135,7 +1163,7 @@ impl Firewall {
             }
         }
         let (up, remote) = ((self.cfg.uplink_ip, sport), (flow.remote, dport));
-        rewrite(buf, info, up, remote, flow.out_deltas());
+        rewrite(buf, info, up, remote, flow.deltas);
         self.send_on_uplink(buf, mac, ETHERTYPE_IPV4, info.end)
     }
 
@@ -1185,21 +1213,25 @@ impl Firewall {
         if info.ttl <= 1 {
             return self.drop(DropReason::TtlExceeded);
         }
-        let c = flow.client;
         // For ICMP echo, `rewrite` takes the identifier as the source port.
-        let (sport, dport) = flow.ports_back();
+        let (sport, dport) = flow.ports;
         if info.more_fragments {
             let piece = Piece::of(info);
-            if let Err(reason) = self.frags.start(piece, (c.dst, c.src), Some(c.src), now) {
+            if let Err(reason) = self.frags.start(
+                piece,
+                (flow.client_dst, flow.client_src),
+                Some(flow.client_src),
+                now,
+            ) {
                 return self.drop(reason);
             }
         }
         rewrite(
             buf,
             info,
-            (c.dst, sport),
-            (c.src, dport),
-            flow.back_deltas(),
+            (flow.client_dst, sport),
+            (flow.client_src, dport),
+            flow.deltas,
         );
         self.deliver(buf, Some(flow.owner as usize), info.end, ETHERTYPE_IPV4)
     }

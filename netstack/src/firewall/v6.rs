@@ -442,20 +442,24 @@ impl Firewall {
         if info.hop_limit <= 1 {
             return self.drop(DropReason::TtlExceeded);
         }
-        let c = flow.client;
-        let (sport, dport) = flow.ports_back();
+        let (sport, dport) = flow.ports;
         if info.more_fragments {
             let piece = Piece::of6(info);
-            if let Err(reason) = self.frags6.start(piece, (c.dst, c.src), Some(c.src), now) {
+            if let Err(reason) = self.frags6.start(
+                piece,
+                (flow.client_dst, flow.client_src),
+                Some(flow.client_src),
+                now,
+            ) {
                 return self.drop(reason);
             }
         }
         rewrite6(
             buf,
             info,
-            (c.dst, sport),
-            (c.src, dport),
-            flow.back_deltas(),
+            (flow.client_dst, sport),
+            (flow.client_src, dport),
+            flow.deltas,
         );
         self.deliver(buf, Some(flow.owner as usize), info.end, ETHERTYPE_IPV6)
     }
