@@ -125,4 +125,10 @@ pub trait Nic {
     fn arm(&mut self) -> bool {
         false
     }
+
+    /// Frames received per receive queue, for devices with several
+    /// (empty otherwise).
+    fn rx_queues(&self) -> Vec<u64> {
+        Vec::new()
+    }
 }

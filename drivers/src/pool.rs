@@ -27,6 +27,12 @@ impl BufId {
     pub fn index(&self) -> usize {
         usize::from(self.0)
     }
+
+    /// A token for a queue whose buffers are not the pool's (the virtio
+    /// control queue): it names no pool slot and must never be freed.
+    pub(crate) const fn token(n: u16) -> Self {
+        Self(n)
+    }
 }
 
 /// A frame in a buffer: `len` bytes at `HEADROOM`.

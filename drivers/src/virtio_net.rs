@@ -8,26 +8,48 @@
 //! notifies per packet and compares event indices without wraparound, which
 //! stalls a long-running forwarder.)
 //!
-//! Features: `VERSION_1` (required) and `MAC`. No offloads yet, so frames
-//! are at most 1514 bytes and carry complete checksums; a 12-byte
-//! `virtio_net_hdr` precedes each frame in its buffer.
+//! Features: `VERSION_1` (required) and `MAC`; with more than one queue
+//! pair asked for, `CTRL_VQ` and `MQ`: the driver sets up that many
+//! receive/transmit pairs (at most what the device offers) and tells the
+//! device with `VIRTIO_NET_CTRL_MQ_VQ_PAIRS_SET` on the control queue (a
+//! chain: the command, then the byte the device answers in). Until then
+//! the device uses pair 0 only. No offloads yet, so frames are at most
+//! 1514 bytes and carry complete checksums; a 12-byte `virtio_net_hdr`
+//! precedes each frame in its buffer.
+//!
+//! Receiving polls every pair's queue, starting one further each batch;
+//! transmitting uses pair 0 (one core owns the device: the host's tap then
+//! steers the flows it has seen leave on pair 0 back to it).
 
 use alloc::vec::Vec;
 
 use virtio_drivers::transport::{DeviceStatus, Transport};
 
-use crate::pool::{Packet, PacketPool, HEADROOM, MAX_FRAME};
-use crate::virtqueue::{QueueError, SplitQueue, UsedError};
+use crate::pool::{BufId, Packet, PacketPool, HEADROOM, MAX_FRAME};
+use crate::virtqueue::{ring_bytes, QueueError, SplitQueue, UsedError};
 use crate::{DmaRegion, Nic, NicStats};
 
 const FEATURE_MAC: u64 = 1 << 5;
+const FEATURE_CTRL_VQ: u64 = 1 << 17;
+const FEATURE_MQ: u64 = 1 << 22;
 const FEATURE_VERSION_1: u64 = 1 << 32;
 /// `virtio_net_hdr` with `num_buffers` (always present with VERSION_1).
 pub const NET_HDR: usize = 12;
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
 /// Ring entries per queue, at most.
 pub const QUEUE_SIZE: u16 = 256;
+/// Configuration space: `max_virtqueue_pairs` (with `MQ`).
+const CONFIG_MAX_PAIRS: usize = 8;
+/// Control queue: class `MQ`, command `VQ_PAIRS_SET`, answer `OK`.
+const CTRL_MQ: u8 = 4;
+const CTRL_MQ_VQ_PAIRS_SET: u8 = 0;
+const CTRL_OK: u8 = 0;
+/// Entries of the control queue.
+const CTRL_QUEUE_SIZE: u16 = 8;
+/// Where the control command's answer byte lies in its buffer.
+const CTRL_ACK: usize = 8;
+/// Polls of the control queue before a command counts as unanswered
+/// (QEMU answers during the notification itself).
+const CTRL_POLLS: u32 = if cfg!(test) { 10_000 } else { 50_000_000 };
 
 /// Why a device could not be brought up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,22 +60,42 @@ pub enum NetError {
     FeaturesRefused,
     /// A queue is missing or could not be set up.
     Queue(u16, Option<QueueError>),
-    /// The MAC could not be read from configuration space.
+    /// The MAC or the queue-pair count could not be read from
+    /// configuration space, or the count is impossible.
     Config,
+    /// The device refused or did not answer the control command setting
+    /// the number of queue pairs (its answer, if any).
+    Control(Option<u8>),
+}
+
+/// One receive/transmit queue pair.
+struct Pair {
+    rx: SplitQueue,
+    tx: SplitQueue,
+    /// Frames received on this pair.
+    rx_packets: u64,
 }
 
 pub struct VirtioNet<T: Transport> {
     transport: T,
     mac: [u8; 6],
-    rx: SplitQueue,
-    tx: SplitQueue,
+    pairs: Vec<Pair>,
+    /// The pair the next receive batch starts with.
+    next_rx: usize,
+    /// What the device offers (`max_virtqueue_pairs`, 1 without `MQ`).
+    offered_pairs: u16,
     stats: NicStats,
 }
 
 impl<T: Transport> VirtioNet<T> {
-    /// Initialises the device (virtio 3.1.1) with one receive and one
-    /// transmit queue in `rx_mem` and `tx_mem`.
-    pub fn new(mut transport: T, rx_mem: DmaRegion, tx_mem: DmaRegion) -> Result<Self, NetError> {
+    /// Initialises the device (virtio 3.1.1) with up to `want_pairs`
+    /// receive/transmit queue pairs (at least one), taking ring memory
+    /// from `alloc` (called with a size in bytes).
+    pub fn new(
+        mut transport: T,
+        want_pairs: u16,
+        alloc: &mut dyn FnMut(usize) -> DmaRegion,
+    ) -> Result<Self, NetError> {
         transport.set_status(DeviceStatus::empty());
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
         let offered = transport.read_device_features();
@@ -61,7 +103,13 @@ impl<T: Transport> VirtioNet<T> {
             transport.set_status(DeviceStatus::FAILED);
             return Err(NetError::NotModern);
         }
-        transport.write_driver_features(offered & (FEATURE_VERSION_1 | FEATURE_MAC));
+        let mq = want_pairs > 1
+            && offered & (FEATURE_CTRL_VQ | FEATURE_MQ) == FEATURE_CTRL_VQ | FEATURE_MQ;
+        let mut wanted = FEATURE_VERSION_1 | FEATURE_MAC;
+        if mq {
+            wanted |= FEATURE_CTRL_VQ | FEATURE_MQ;
+        }
+        transport.write_driver_features(offered & wanted);
         let features_ok =
             DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER | DeviceStatus::FEATURES_OK;
         transport.set_status(features_ok);
@@ -69,35 +117,144 @@ impl<T: Transport> VirtioNet<T> {
             transport.set_status(DeviceStatus::FAILED);
             return Err(NetError::FeaturesRefused);
         }
-        let rx = Self::queue(&mut transport, RX_QUEUE, rx_mem)?;
-        let tx = Self::queue(&mut transport, TX_QUEUE, tx_mem)?;
+        let fail = |t: &mut T, e| {
+            t.set_status(DeviceStatus::FAILED);
+            Err(e)
+        };
+        // Without MQ the device has one pair (and this driver no control
+        // queue); with it, `max_virtqueue_pairs` (1..=0x8000, virtio 5.1.4).
+        let offered_pairs = if mq {
+            match transport.read_config_space::<u16>(CONFIG_MAX_PAIRS) {
+                Ok(n) if (1..=0x8000).contains(&n) => n,
+                _ => return fail(&mut transport, NetError::Config),
+            }
+        } else {
+            1
+        };
+        let n = want_pairs.clamp(1, offered_pairs);
+        let mut pairs = Vec::with_capacity(usize::from(n));
+        for i in 0..n {
+            let made = Self::queue(&mut transport, 2 * i, alloc).and_then(|rx| {
+                Self::queue(&mut transport, 2 * i + 1, alloc).map(|tx| Pair {
+                    rx,
+                    tx,
+                    rx_packets: 0,
+                })
+            });
+            match made {
+                Ok(p) => pairs.push(p),
+                Err(e) => return fail(&mut transport, e),
+            }
+        }
+        // The control queue comes after every pair the device offers.
+        let ctrl = if mq {
+            match Self::queue_sized(&mut transport, 2 * offered_pairs, CTRL_QUEUE_SIZE, alloc) {
+                Ok(q) => Some(q),
+                Err(e) => return fail(&mut transport, e),
+            }
+        } else {
+            None
+        };
         let mac = if offered & FEATURE_MAC != 0 {
-            transport
-                .read_config_space::<[u8; 6]>(0)
-                .map_err(|_| NetError::Config)?
+            match transport.read_config_space::<[u8; 6]>(0) {
+                Ok(m) => m,
+                Err(_) => return fail(&mut transport, NetError::Config),
+            }
         } else {
             // No MAC from the device: a fixed locally administered one.
             [0x02, 0, 0, 0, 0, 0x01]
         };
         transport.set_status(features_ok | DeviceStatus::DRIVER_OK);
+        if let Some(mut ctrl) = ctrl {
+            let queue = 2 * offered_pairs;
+            if let Err(e) = Self::set_pairs(&mut transport, &mut ctrl, queue, n, alloc) {
+                return fail(&mut transport, e);
+            }
+        }
         Ok(Self {
             transport,
             mac,
-            rx,
-            tx,
+            pairs,
+            next_rx: 0,
+            offered_pairs,
             stats: NicStats::default(),
         })
     }
 
-    fn queue(transport: &mut T, index: u16, mem: DmaRegion) -> Result<SplitQueue, NetError> {
+    /// Sends `VQ_PAIRS_SET(n)` on the control queue and waits for the
+    /// device's answer.
+    fn set_pairs(
+        transport: &mut T,
+        ctrl: &mut SplitQueue,
+        queue: u16,
+        n: u16,
+        alloc: &mut dyn FnMut(usize) -> DmaRegion,
+    ) -> Result<(), NetError> {
+        let mem = alloc(CTRL_ACK + 1);
+        let cmd = mem.ptr().as_ptr();
+        let [lo, hi] = n.to_le_bytes();
+        // SAFETY: `mem` is ours and at least CTRL_ACK + 1 bytes; the device
+        // sees it only once the chain is published below. The answer byte
+        // starts at a value that is not OK.
+        unsafe {
+            for (i, b) in [CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, lo, hi]
+                .into_iter()
+                .enumerate()
+            {
+                cmd.add(i).write_volatile(b);
+            }
+            cmd.add(CTRL_ACK).write_volatile(!CTRL_OK);
+        }
+        let parts = [
+            (mem.paddr(), 4, false),
+            (mem.paddr() + CTRL_ACK as u64, 1, true),
+        ];
+        if ctrl.push_chain(BufId::token(0), &parts).is_err() {
+            return Err(NetError::Control(None));
+        }
+        ctrl.publish();
+        transport.notify(queue);
+        for _ in 0..CTRL_POLLS {
+            match ctrl.pop_used() {
+                None => core::hint::spin_loop(),
+                Some(Ok((_, 1))) => {
+                    // SAFETY: as above; the device has finished with it.
+                    let ack = unsafe { cmd.add(CTRL_ACK).read_volatile() };
+                    return if ack == CTRL_OK {
+                        Ok(())
+                    } else {
+                        Err(NetError::Control(Some(ack)))
+                    };
+                }
+                Some(_) => return Err(NetError::Control(None)),
+            }
+        }
+        Err(NetError::Control(None))
+    }
+
+    fn queue(
+        transport: &mut T,
+        index: u16,
+        alloc: &mut dyn FnMut(usize) -> DmaRegion,
+    ) -> Result<SplitQueue, NetError> {
+        Self::queue_sized(transport, index, QUEUE_SIZE, alloc)
+    }
+
+    fn queue_sized(
+        transport: &mut T,
+        index: u16,
+        most: u16,
+        alloc: &mut dyn FnMut(usize) -> DmaRegion,
+    ) -> Result<SplitQueue, NetError> {
         let max = transport.max_queue_size(index);
         if max == 0 {
             return Err(NetError::Queue(index, None));
         }
-        // The largest power of two the device allows, up to QUEUE_SIZE.
-        let cap = max.min(u32::from(QUEUE_SIZE));
+        // The largest power of two the device allows, up to `most`.
+        let cap = max.min(u32::from(most));
         let size = 1u16 << (31 - cap.leading_zeros());
-        let q = SplitQueue::new(mem, size).map_err(|e| NetError::Queue(index, Some(e)))?;
+        let q = SplitQueue::new(alloc(ring_bytes(size)), size)
+            .map_err(|e| NetError::Queue(index, Some(e)))?;
         transport.queue_set(
             index,
             u32::from(size),
@@ -113,9 +270,14 @@ impl<T: Transport> VirtioNet<T> {
         self.stats.notifications += 1;
     }
 
-    /// Buffers the receive ring holds.
+    /// Buffers the receive rings hold.
     pub fn rx_posted(&self) -> usize {
-        self.rx.in_flight()
+        self.pairs.iter().map(|p| p.rx.in_flight()).sum()
+    }
+
+    /// Queue pairs in use, and how many the device offers.
+    pub fn queue_pairs(&self) -> (usize, u16) {
+        (self.pairs.len(), self.offered_pairs)
     }
 }
 
@@ -125,34 +287,42 @@ impl<T: Transport> Nic for VirtioNet<T> {
     }
 
     fn rx_batch(&mut self, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
+        let n = self.pairs.len();
+        let first = self.next_rx % n;
+        self.next_rx = first + 1;
         let mut taken = 0;
-        while taken < max {
-            match self.rx.pop_used() {
-                None => break,
-                Some(Ok((buf, written))) => {
-                    let written = written as usize;
-                    if written < NET_HDR || written - NET_HDR > MAX_FRAME {
-                        self.stats.rx_errors += 1;
-                        pool.free(buf);
-                    } else {
-                        let len = written - NET_HDR;
-                        self.stats.rx_packets += 1;
-                        self.stats.rx_bytes += len as u64;
-                        out.push(Packet { buf, len });
+        for k in 0..n {
+            let pair = &mut self.pairs[(first + k) % n];
+            while taken < max {
+                match pair.rx.pop_used() {
+                    None => break,
+                    Some(Ok((buf, written))) => {
+                        let written = written as usize;
+                        if written < NET_HDR || written - NET_HDR > MAX_FRAME {
+                            self.stats.rx_errors += 1;
+                            pool.free(buf);
+                        } else {
+                            let len = written - NET_HDR;
+                            self.stats.rx_packets += 1;
+                            self.stats.rx_bytes += len as u64;
+                            pair.rx_packets += 1;
+                            out.push(Packet { buf, len });
+                        }
+                        taken += 1;
                     }
-                    taken += 1;
+                    Some(Err(UsedError::BadLength { buf, .. })) => {
+                        self.stats.ring_errors += 1;
+                        pool.free(buf);
+                    }
+                    Some(Err(_)) => self.stats.ring_errors += 1,
                 }
-                Some(Err(UsedError::BadLength { buf, .. })) => {
-                    self.stats.ring_errors += 1;
-                    pool.free(buf);
-                }
-                Some(Err(_)) => self.stats.ring_errors += 1,
             }
         }
     }
 
     fn tx_batch(&mut self, pool: &mut PacketPool, batch: &mut Vec<Packet>) {
-        let room = self.tx.free_slots().min(batch.len());
+        let tx = &mut self.pairs[0].tx;
+        let room = tx.free_slots().min(batch.len());
         if room < batch.len() {
             self.stats.tx_ring_full += 1;
         }
@@ -161,7 +331,7 @@ impl<T: Transport> Nic for VirtioNet<T> {
             // The header sits right before the frame: all zero, no offloads.
             pool.slot(&mut p.buf)[HEADROOM - NET_HDR..HEADROOM].fill(0);
             let addr = pool.paddr(&p.buf) + (HEADROOM - NET_HDR) as u64;
-            match self.tx.push(p.buf, addr, (NET_HDR + len) as u32, false) {
+            match tx.push(p.buf, addr, (NET_HDR + len) as u32, false) {
                 Ok(()) => {
                     self.stats.tx_packets += 1;
                     self.stats.tx_bytes += len as u64;
@@ -170,33 +340,40 @@ impl<T: Transport> Nic for VirtioNet<T> {
                 Err(buf) => pool.free(buf),
             }
         }
-        if self.tx.publish() {
-            self.notify(TX_QUEUE);
+        if tx.publish() {
+            self.notify(1);
         }
     }
 
     fn maintain(&mut self, pool: &mut PacketPool) {
-        while let Some(done) = self.tx.pop_used() {
-            match done {
-                Ok((buf, _)) | Err(UsedError::BadLength { buf, .. }) => pool.free(buf),
-                Err(_) => self.stats.ring_errors += 1,
+        for i in 0..self.pairs.len() {
+            let pair = &mut self.pairs[i];
+            while let Some(done) = pair.tx.pop_used() {
+                match done {
+                    Ok((buf, _)) | Err(UsedError::BadLength { buf, .. }) => pool.free(buf),
+                    Err(_) => self.stats.ring_errors += 1,
+                }
             }
-        }
-        while self.rx.free_slots() > 0 {
-            let Some(buf) = pool.alloc() else { break };
-            let addr = pool.paddr(&buf) + (HEADROOM - NET_HDR) as u64;
-            if let Err(buf) = self.rx.push(buf, addr, (NET_HDR + MAX_FRAME) as u32, true) {
-                pool.free(buf);
-                break;
+            while pair.rx.free_slots() > 0 {
+                let Some(buf) = pool.alloc() else { break };
+                let addr = pool.paddr(&buf) + (HEADROOM - NET_HDR) as u64;
+                if let Err(buf) = pair.rx.push(buf, addr, (NET_HDR + MAX_FRAME) as u32, true) {
+                    pool.free(buf);
+                    break;
+                }
             }
-        }
-        if self.rx.publish() {
-            self.notify(RX_QUEUE);
+            if pair.rx.publish() {
+                self.notify(2 * i as u16);
+            }
         }
     }
 
     fn stats(&self) -> NicStats {
         self.stats
+    }
+
+    fn rx_queues(&self) -> Vec<u64> {
+        self.pairs.iter().map(|p| p.rx_packets).collect()
     }
 }
 

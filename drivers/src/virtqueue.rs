@@ -3,8 +3,12 @@
 //! Layout in one DMA region: the descriptor table (16 bytes each), the
 //! available ring (`flags, idx, ring[size], used_event`) and the used ring
 //! (`flags, idx, ring[size] of {id, len}, avail_event`). Each packet is one
-//! descriptor. The driver publishes a whole batch with one store of
-//! `avail.idx` and then asks once whether the device wants a notification.
+//! descriptor; a request made of parts (a control-queue command: what the
+//! device reads, then where it writes its answer) is a chain
+//! (`push_chain`), whose links the driver keeps its own copy of, so freeing
+//! it never follows memory the device can write. The driver publishes a
+//! whole batch with one store of `avail.idx` and then asks once whether the
+//! device wants a notification.
 //!
 //! The device is not trusted: a used entry whose id is out of range or not
 //! in flight, a length beyond what was offered, or a used index that runs
@@ -16,6 +20,7 @@ use core::sync::atomic::{fence, AtomicU16, Ordering};
 use crate::pool::BufId;
 use crate::DmaRegion;
 
+const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
 /// `avail.flags`: the driver polls and wants no interrupts.
 const AVAIL_F_NO_INTERRUPT: u16 = 1;
@@ -62,8 +67,12 @@ pub struct SplitQueue {
     avail_off: usize,
     used_off: usize,
     free: Vec<u16>,
-    /// Per descriptor: the buffer in flight and the length offered.
+    /// Per descriptor: the buffer in flight and the length offered (for
+    /// a chain: at its head, the device-writable length).
     inflight: Vec<Option<(BufId, u32)>>,
+    /// Per chain head: its descriptors in order (ours; the device's copy
+    /// of the links is never read back). Empty for a single descriptor.
+    chains: Vec<Vec<u16>>,
     /// Next `avail.idx` to publish (shadow of what is written so far).
     avail_idx: u16,
     /// Next used entry to read.
@@ -88,6 +97,7 @@ impl SplitQueue {
             size,
             free: (0..size).rev().collect(),
             inflight: (0..n).map(|_| None).collect(),
+            chains: (0..n).map(|_| Vec::new()).collect(),
             avail_idx: 0,
             last_used: 0,
             dead: false,
@@ -147,6 +157,44 @@ impl SplitQueue {
         unsafe { AtomicU16::from_ptr(self.ptr(off) as *mut u16) }
     }
 
+    fn write_desc(&self, d: u16, (addr, len, device_writes): (u64, u32, bool), next: Option<u16>) {
+        let off = 16 * usize::from(d);
+        let flags = if device_writes { DESC_F_WRITE } else { 0 }
+            | if next.is_some() { DESC_F_NEXT } else { 0 };
+        // SAFETY: descriptor `d` is free, so the device does not read it;
+        // the 16 bytes lie inside the table.
+        unsafe {
+            let p = self.ptr(off);
+            (p as *mut u64).write_volatile(addr.to_le());
+            (p.add(8) as *mut u32).write_volatile(len.to_le());
+            (p.add(12) as *mut u16).write_volatile(flags.to_le());
+            (p.add(14) as *mut u16).write_volatile(next.unwrap_or(0).to_le());
+        }
+    }
+
+    /// Offers a request of several parts — (address, length, whether the
+    /// device writes it), readable parts first — as one chain, not yet
+    /// visible to the device. Gives `buf` back when there are fewer free
+    /// descriptors than parts (or no part); `pop_used` returns it with the
+    /// length the device wrote into the writable parts.
+    pub fn push_chain(&mut self, buf: BufId, parts: &[(u64, u32, bool)]) -> Result<(), BufId> {
+        if parts.is_empty() || parts.len() > self.free.len() {
+            return Err(buf);
+        }
+        let ids: Vec<u16> = (0..parts.len()).filter_map(|_| self.free.pop()).collect();
+        for (i, part) in parts.iter().enumerate() {
+            self.write_desc(ids[i], *part, ids.get(i + 1).copied());
+        }
+        let writable = parts.iter().filter(|p| p.2).map(|p| p.1).sum();
+        let head = ids[0];
+        let slot = usize::from(self.avail_idx & (self.size - 1));
+        self.write_u16(self.avail_off + 4 + 2 * slot, head);
+        self.inflight[usize::from(head)] = Some((buf, writable));
+        self.chains[usize::from(head)] = ids;
+        self.avail_idx = self.avail_idx.wrapping_add(1);
+        Ok(())
+    }
+
     /// Offers one buffer (`len` bytes at `addr`) to the device, not yet
     /// visible to it. Gives the buffer back when the ring is full.
     pub fn push(
@@ -159,17 +207,7 @@ impl SplitQueue {
         let Some(d) = self.free.pop() else {
             return Err(buf);
         };
-        let off = 16 * usize::from(d);
-        // SAFETY: descriptor `d` is free, so the device does not read it;
-        // the 16 bytes lie inside the table.
-        unsafe {
-            let p = self.ptr(off);
-            (p as *mut u64).write_volatile(addr.to_le());
-            (p.add(8) as *mut u32).write_volatile(len.to_le());
-            (p.add(12) as *mut u16)
-                .write_volatile((if device_writes { DESC_F_WRITE } else { 0 }).to_le());
-            (p.add(14) as *mut u16).write_volatile(0);
-        }
+        self.write_desc(d, (addr, len, device_writes), None);
         let slot = usize::from(self.avail_idx & (self.size - 1));
         self.write_u16(self.avail_off + 4 + 2 * slot, d);
         self.inflight[usize::from(d)] = Some((buf, len));
@@ -221,7 +259,12 @@ impl SplitQueue {
         else {
             return Some(Err(UsedError::BadId(id)));
         };
-        self.free.push(id as u16);
+        let chain = core::mem::take(&mut self.chains[id as usize]);
+        if chain.is_empty() {
+            self.free.push(id as u16);
+        } else {
+            self.free.extend(chain);
+        }
         if len > offered {
             return Some(Err(UsedError::BadLength { buf, len }));
         }

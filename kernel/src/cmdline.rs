@@ -68,6 +68,9 @@ pub struct BootConfig {
     /// `generate=LEN`: the traffic generator sends synthetic UDP frames of
     /// LEN bytes (60-1514) out of the uplink as fast as it can.
     pub generate: Option<u16>,
+    /// `queues=N`: receive/transmit queue pairs asked of each virtio NIC
+    /// (1-16; a device offering fewer gives what it has).
+    pub queues: u16,
 }
 
 impl Default for BootConfig {
@@ -85,6 +88,7 @@ impl Default for BootConfig {
             },
             firewall_off: false,
             generate: None,
+            queues: 1,
         }
     }
 }
@@ -221,6 +225,15 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
                         }))?,
                 )
             }
+            "queues" => {
+                config.queues = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=16).contains(n))
+                    .ok_or(err(CmdlineErrorKind::BadValue {
+                        expected: "queue pairs, 1-16",
+                    }))?
+            }
             "idle-wake-us" => {
                 let wake_us = value
                     .parse()
@@ -351,6 +364,12 @@ mod tests {
         assert_eq!(parse("generate=1514").unwrap().generate, Some(1514));
         assert!(parse("generate=59").is_err());
         assert!(parse("generate=1515").is_err());
+        assert_eq!(parse("").unwrap().queues, 1);
+        assert_eq!(parse("queues=4").unwrap().queues, 4);
+        assert_eq!(parse("queues=16").unwrap().queues, 16);
+        for bad in ["queues=0", "queues=17", "queues=two"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
         let o: Vec<_> = qubesdb_overrides(line).collect();
         assert_eq!(
             o,

@@ -104,6 +104,14 @@ impl<N: Nic> Nics<N> {
                 s.tx_errors,
                 s.notifications
             );
+            let queues = nic.rx_queues();
+            if queues.len() > 1 {
+                print!("stats: nic{i} rx_queues=");
+                for (q, n) in queues.iter().enumerate() {
+                    print!("{}{n}", if q > 0 { "," } else { "" });
+                }
+                println!();
+            }
         }
     }
 

@@ -252,13 +252,26 @@ fn start_dataplane(
     }
     for f in nics {
         let a = f.address;
-        let nic = virtio_hal::transport(access, a.bus(), a.device(), a.function()).and_then(|t| {
-            let bytes = drivers::virtqueue::ring_bytes(drivers::virtio_net::QUEUE_SIZE);
-            VirtioNet::new(t, phys::dma_region(bytes), phys::dma_region(bytes))
-                .map_err(|_| "device refused set-up")
-        });
+        let nic = virtio_hal::transport(access, a.bus(), a.device(), a.function())
+            .map_err(String::from)
+            .and_then(|t| {
+                VirtioNet::new(t, config.queues, &mut phys::dma_region)
+                    .map_err(|e| format!("device refused set-up: {e:?}"))
+            });
         match nic {
-            Ok(n) => devices.push(ports::Port::Virtio(n)),
+            Ok(n) => {
+                let (pairs, offered) = n.queue_pairs();
+                if config.queues > 1 || offered > 1 {
+                    println!(
+                        "nic {:02x}:{:02x}.{}: {pairs} queue pairs (asked {}, the device offers {offered})",
+                        a.bus(),
+                        a.device(),
+                        a.function(),
+                        config.queues
+                    );
+                }
+                devices.push(ports::Port::Virtio(n))
+            }
             Err(e) => {
                 println!(
                     "nic {:02x}:{:02x}.{}: {e}",
@@ -270,7 +283,10 @@ fn start_dataplane(
             }
         }
     }
-    let buffers = devices.len() * 2 * usize::from(drivers::virtio_net::QUEUE_SIZE) + 512;
+    // Enough to fill every receive ring and as many transmit rings, plus
+    // room for what is in flight between them.
+    let queue_pairs: usize = devices.iter().map(ports::Port::queue_pairs).sum();
+    let buffers = queue_pairs * 2 * usize::from(drivers::virtio_net::QUEUE_SIZE) + 512;
     if devices.len() == 1 {
         println!("dataplane: uplink only (no client NICs): answering ARP and ping on the uplink");
     }

@@ -18,6 +18,16 @@ pub enum Port {
     Netfront(Uplink),
 }
 
+impl Port {
+    /// Receive/transmit queue pairs in use.
+    pub fn queue_pairs(&self) -> usize {
+        match self {
+            Port::Virtio(n) => n.queue_pairs().0,
+            Port::Netfront(_) => 1,
+        }
+    }
+}
+
 macro_rules! each {
     ($self:ident, $n:ident => $e:expr) => {
         match $self {
@@ -50,5 +60,9 @@ impl Nic for Port {
 
     fn arm(&mut self) -> bool {
         each!(self, n => n.arm())
+    }
+
+    fn rx_queues(&self) -> Vec<u64> {
+        each!(self, n => n.rx_queues())
     }
 }

@@ -122,6 +122,9 @@ pub struct Machine {
     pub qubesdb: Option<PathBuf>,
     /// Extra QEMU arguments, appended last.
     pub extra: Vec<String>,
+    /// Queues of each tap backend; above 1 the tap must be multi-queue
+    /// and the virtio-net device offers as many queue pairs.
+    pub tap_queues: u16,
 }
 
 impl Machine {
@@ -136,6 +139,7 @@ impl Machine {
             accel: Accel::Tcg,
             qubesdb: None,
             extra: Vec::new(),
+            tap_queues: 1,
         }
     }
 
@@ -145,6 +149,10 @@ impl Machine {
     }
     pub fn cpus(mut self, n: u32) -> Self {
         self.cpus = n;
+        self
+    }
+    pub fn tap_queues(mut self, n: u16) -> Self {
+        self.tap_queues = n.max(1);
         self
     }
     pub fn nic(mut self, backend: NicBackend) -> Self {
@@ -212,9 +220,21 @@ impl Machine {
                     qemu.display(),
                     peer.display()
                 ),
+                NicBackend::Tap { ifname } if self.tap_queues > 1 => format!(
+                    "tap,id={id},ifname={ifname},script=no,downscript=no,queues={}",
+                    self.tap_queues
+                ),
                 NicBackend::Tap { ifname } => {
                     format!("tap,id={id},ifname={ifname},script=no,downscript=no")
                 }
+            };
+            // Queue pairs need MSI-X vectors: one per queue, the control
+            // queue and the configuration.
+            let mq = match nic {
+                NicBackend::Tap { .. } if self.tap_queues > 1 => {
+                    format!(",mq=on,vectors={}", 2 * self.tap_queues + 2)
+                }
+                _ => String::new(),
             };
             let slot = usize::from(FIRST_NIC_SLOT) + i;
             a.extend([
@@ -222,7 +242,7 @@ impl Machine {
                 netdev,
                 "-device".into(),
                 format!(
-                    "virtio-net-pci,netdev={id},addr={slot:#x},mac=52:54:00:12:34:{:02x}",
+                    "virtio-net-pci,netdev={id},addr={slot:#x},mac=52:54:00:12:34:{:02x}{mq}",
                     0x56 + i
                 ),
             ]);

@@ -86,22 +86,35 @@ fn ip(args: &[&str]) -> Result<(), String> {
 
 pub struct Topology {
     pub names: Names,
+    /// Queues of each tap (multi-queue taps when above 1).
+    pub queues: u16,
 }
 
 impl Topology {
     /// Creates both namespaces and both taps (in the root namespace).
     pub fn create(tag: &str) -> Result<Self, String> {
+        Self::create_with_queues(tag, 1)
+    }
+
+    /// As `create`, with multi-queue taps of `queues` queues each (the
+    /// machine's NICs then get as many queue pairs).
+    pub fn create_with_queues(tag: &str, queues: u16) -> Result<Self, String> {
         if !is_root() {
             return Err("needs root: it creates network namespaces and tap devices".into());
         }
         let names = Names::new(tag);
         cleanup(&names);
-        let t = Topology { names };
+        let t = Topology { names, queues };
         let n = &t.names;
         ip(&["netns", "add", &n.upstream_ns])?;
         ip(&["netns", "add", &n.client_ns])?;
-        ip(&["tuntap", "add", "dev", &n.upstream_tap, "mode", "tap"])?;
-        ip(&["tuntap", "add", "dev", &n.client_tap, "mode", "tap"])?;
+        for tap in [&n.upstream_tap, &n.client_tap] {
+            let mut args = vec!["tuntap", "add", "dev", tap.as_str(), "mode", "tap"];
+            if queues > 1 {
+                args.push("multi_queue");
+            }
+            ip(&args)?;
+        }
         Ok(t)
     }
 
@@ -109,6 +122,7 @@ impl Topology {
     /// client tap.
     pub fn machine(&self, kernel: &Path, qubesdb: &Path) -> Machine {
         Machine::new(kernel)
+            .tap_queues(self.queues)
             .qubesdb(qubesdb)
             .nic(NicBackend::Tap {
                 ifname: self.names.upstream_tap.clone(),

@@ -16,29 +16,43 @@ fn json(out: &std::process::Output) -> serde_json::Value {
 
 #[test]
 fn iperf3_tcp_and_udp_cross_the_firewall_and_blocked_ports_are_refused() {
-    run_through_firewall("s", 1, "");
+    run_through_firewall("s", 1, "", 1);
 }
 
 #[test]
 fn iperf3_crosses_the_pipeline_layout_on_two_cpus() {
-    run_through_firewall("p", 2, "layout=pipeline");
+    run_through_firewall("p", 2, "layout=pipeline", 1);
+}
+
+/// Multi-queue taps and `queues=2`: both NICs get two queue pairs (the
+/// control queue's VQ_PAIRS_SET accepted by QEMU), the host spreads new
+/// flows over both receive queues, and frames from either are forwarded
+/// (the parallel streams below would stall otherwise).
+#[test]
+fn iperf3_crosses_two_queue_pairs() {
+    run_through_firewall("q", 1, "queues=2", 2);
 }
 
 /// The two runs take the machine's CPUs (QEMU, polling vCPUs, iperf3):
 /// one at a time.
 static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str) {
+fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str, queues: u16) {
     let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    let topo = Topology::create(&format!("{tag}{}", std::process::id() % 100_000))
-        .expect("network topology");
+    let topo =
+        Topology::create_with_queues(&format!("{tag}{}", std::process::id() % 100_000), queues)
+            .expect("network topology");
     let dir = std::env::temp_dir().join(format!("portcullis-iperf-{tag}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let db = dir.join("qubesdb");
     std::fs::write(&db, QUBESDB).unwrap();
     let machine = topo.machine(kernel(), &db).cpus(cpus).append(cmdline);
     let mut vm = RunningMachine::spawn(&machine).expect("QEMU");
+    let mut nic_lines = Vec::new();
     vm.wait_for(Duration::from_secs(30), |l| {
+        if l.starts_with("nic ") {
+            nic_lines.push(l.to_string());
+        }
         l.starts_with("portcullis: ready")
     })
     .expect("ready line");
@@ -73,7 +87,10 @@ fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str) {
         String::from_utf8_lossy(&big.stdout)
     );
 
-    let tcp = Topology::run(topo.in_client("iperf3", &["-c", SERVER, "-t", "2", "-J"]));
+    // Parallel streams: with several queue pairs, distinct flows.
+    let streams = (queues * 4).to_string();
+    let tcp =
+        Topology::run(topo.in_client("iperf3", &["-c", SERVER, "-t", "2", "-P", &streams, "-J"]));
     assert!(
         tcp.status.success(),
         "iperf3 TCP failed: {}",
@@ -86,7 +103,9 @@ fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str) {
 
     let udp = Topology::run(topo.in_client(
         "iperf3",
-        &["-c", SERVER, "-u", "-b", "10M", "-t", "2", "-J"],
+        &[
+            "-c", SERVER, "-u", "-b", "10M", "-t", "2", "-P", &streams, "-J",
+        ],
     ));
     assert!(
         udp.status.success(),
@@ -135,5 +154,28 @@ fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str) {
         "{}",
         done.console
     );
+    if queues > 1 {
+        // Both NICs: the pairs asked for, which QEMU's device offers.
+        let pairs = format!("{queues} queue pairs (asked {queues}, the device offers {queues})");
+        assert_eq!(
+            nic_lines.iter().filter(|l| l.ends_with(&pairs)).count(),
+            2,
+            "{nic_lines:?}"
+        );
+        // The client's new flows reached the firewall on both receive
+        // queues of the downlink.
+        let per_queue: Vec<u64> = done
+            .console
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("stats: nic1 rx_queues="))
+            .unwrap_or_else(|| panic!("no rx_queues line: {}", done.console))
+            .split(',')
+            .map(|n| n.trim().parse().unwrap())
+            .collect();
+        assert_eq!(per_queue.len(), usize::from(queues), "{per_queue:?}");
+        assert!(per_queue.iter().all(|n| *n > 0), "{per_queue:?}");
+        println!("downlink frames per receive queue: {per_queue:?}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -10,11 +10,12 @@ use zerocopy::{FromBytes, Immutable, IntoBytes};
 use super::*;
 use crate::pool::tests::region;
 use crate::pool::BUF_SIZE;
-use crate::virtqueue::ring_bytes;
 use crate::virtqueue::tests::FakeDevice;
 
 const MAC: [u8; 6] = [0x52, 0x54, 0, 0xaa, 0xbb, 0xcc];
 const FEATURE_CSUM: u64 = 1;
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
 
 #[derive(Default)]
 struct FakeTransport {
@@ -25,6 +26,41 @@ struct FakeTransport {
     max_queue: u32,
     queues: Vec<(u16, u32, u64)>,
     notified: Vec<u16>,
+    /// `max_virtqueue_pairs` in configuration space.
+    max_pairs: u16,
+    /// The control queue's index, once set up; the commands it got, and
+    /// the answer byte the device gives (`None`: it never answers).
+    ctrl: Option<u16>,
+    commands: Vec<Vec<u8>>,
+    answer: Option<u8>,
+}
+
+impl FakeTransport {
+    /// Plays the device's control queue: reads each command chain and
+    /// writes the answer into its last, writable part.
+    fn serve_control(&mut self, queue: u16) {
+        let Some(&(_, size, desc)) = self.queues.iter().find(|q| q.0 == queue) else {
+            return;
+        };
+        let Some(answer) = self.answer else { return };
+        let mut dev = FakeDevice::at(desc, size as u16);
+        for (head, ..) in dev.take() {
+            let chain = dev.chain(head);
+            let (ack, command) = chain.split_last().unwrap();
+            assert_eq!(ack.1, 1, "one answer byte");
+            let mut bytes = Vec::new();
+            for (addr, len, _) in command {
+                // SAFETY: test memory the driver posted for reading.
+                bytes.extend_from_slice(unsafe {
+                    core::slice::from_raw_parts(*addr as *const u8, *len as usize)
+                });
+            }
+            self.commands.push(bytes);
+            // SAFETY: test memory the driver posted for writing.
+            unsafe { (ack.0 as *mut u8).write_volatile(answer) };
+            dev.complete(u32::from(head), 1);
+        }
+    }
 }
 
 impl Transport for FakeTransport {
@@ -42,6 +78,9 @@ impl Transport for FakeTransport {
     }
     fn notify(&mut self, queue: u16) {
         self.notified.push(queue);
+        if self.ctrl == Some(queue) {
+            self.serve_control(queue);
+        }
     }
     fn get_status(&self) -> DeviceStatus {
         DeviceStatus::from_bits_truncate(self.status)
@@ -65,6 +104,9 @@ impl Transport for FakeTransport {
         _device: PhysAddr,
     ) {
         self.queues.push((queue, size, desc));
+        if self.accepted.is_some_and(|f| f & FEATURE_MQ != 0) && queue == 2 * self.max_pairs {
+            self.ctrl = Some(queue);
+        }
     }
     fn queue_unset(&mut self, _queue: u16) {}
     fn queue_used(&mut self, queue: u16) -> bool {
@@ -79,6 +121,7 @@ impl Transport for FakeTransport {
     fn read_config_space<T: FromBytes + IntoBytes>(&self, offset: usize) -> Result<T, Error> {
         let mut space = [0u8; 64];
         space[..6].copy_from_slice(&MAC);
+        space[8..10].copy_from_slice(&self.max_pairs.to_le_bytes());
         let n = core::mem::size_of::<T>();
         T::read_from_bytes(
             space
@@ -103,12 +146,20 @@ struct Rig {
 }
 
 fn rig(t: FakeTransport) -> Result<Rig, NetError> {
-    let (m1, rx) = region(ring_bytes(QUEUE_SIZE));
-    let (m2, tx) = region(ring_bytes(QUEUE_SIZE));
-    let (m3, p) = region(600 * BUF_SIZE);
-    let nic = VirtioNet::new(t, rx, tx)?;
+    rig_pairs(t, 1)
+}
+
+fn rig_pairs(t: FakeTransport, pairs: u16) -> Result<Rig, NetError> {
+    let mut mem = Vec::new();
+    let nic = VirtioNet::new(t, pairs, &mut |bytes| {
+        let (m, r) = region(bytes);
+        mem.push(m);
+        r
+    })?;
+    let (m, p) = region(1200 * BUF_SIZE);
+    mem.push(m);
     Ok(Rig {
-        _mem: alloc::vec![m1, m2, m3],
+        _mem: mem,
         nic,
         pool: PacketPool::new(p),
     })
@@ -225,4 +276,112 @@ fn a_full_tx_ring_keeps_the_rest_of_the_batch() {
     r.nic.tx_batch(&mut r.pool, &mut batch);
     assert_eq!(batch.len(), 2, "two wait for room");
     assert_eq!(r.nic.stats().tx_ring_full, 1);
+}
+
+fn multiqueue(max_pairs: u16) -> FakeTransport {
+    FakeTransport {
+        offered: FEATURE_VERSION_1 | FEATURE_MAC | FEATURE_CTRL_VQ | FEATURE_MQ,
+        max_pairs,
+        answer: Some(CTRL_OK),
+        ..modern(256)
+    }
+}
+
+#[test]
+fn sets_up_the_queue_pairs_asked_for_and_tells_the_device() {
+    let r = rig_pairs(multiqueue(4), 2).unwrap();
+    let t = &r.nic.transport;
+    assert_eq!(
+        t.accepted,
+        Some(FEATURE_VERSION_1 | FEATURE_MAC | FEATURE_CTRL_VQ | FEATURE_MQ)
+    );
+    // Pairs 0 and 1, then the control queue after all four offered pairs.
+    assert_eq!(
+        t.queues.iter().map(|q| (q.0, q.1)).collect::<Vec<_>>(),
+        [(0, 256), (1, 256), (2, 256), (3, 256), (8, 8)]
+    );
+    assert_eq!(
+        t.commands,
+        [alloc::vec![CTRL_MQ, CTRL_MQ_VQ_PAIRS_SET, 2, 0]]
+    );
+    assert!(t.get_status().contains(DeviceStatus::DRIVER_OK));
+    assert_eq!(r.nic.queue_pairs(), (2, 4));
+    // Never more than offered; one pair asked for needs no MQ at all.
+    let r = rig_pairs(multiqueue(2), 8).unwrap();
+    assert_eq!(r.nic.queue_pairs(), (2, 2));
+    assert_eq!(r.nic.transport.commands[0][2..], [2, 0]);
+    let r = rig_pairs(multiqueue(4), 1).unwrap();
+    assert_eq!(
+        r.nic.transport.accepted,
+        Some(FEATURE_VERSION_1 | FEATURE_MAC)
+    );
+    assert!(r.nic.transport.commands.is_empty());
+    assert_eq!(r.nic.queue_pairs(), (1, 1));
+    // A device without MQ gives one pair whatever is asked.
+    let r = rig_pairs(modern(256), 4).unwrap();
+    assert_eq!(r.nic.queue_pairs(), (1, 1));
+}
+
+#[test]
+fn a_refused_or_unanswered_command_or_bad_pair_count_fails_the_device() {
+    let refused = FakeTransport {
+        answer: Some(1),
+        ..multiqueue(4)
+    };
+    assert_eq!(
+        rig_pairs(refused, 2).err(),
+        Some(NetError::Control(Some(1)))
+    );
+    let silent = FakeTransport {
+        answer: None,
+        ..multiqueue(4)
+    };
+    let r = rig_pairs(silent, 2);
+    assert_eq!(r.as_ref().err(), Some(&NetError::Control(None)));
+    for bad in [0, 0x8001] {
+        assert_eq!(
+            rig_pairs(multiqueue(bad), 2).err(),
+            Some(NetError::Config),
+            "{bad}"
+        );
+    }
+}
+
+#[test]
+fn receives_on_every_pair_and_refills_each() {
+    let mut r = rig_pairs(multiqueue(2), 2).unwrap();
+    r.nic.maintain(&mut r.pool);
+    assert_eq!(r.nic.rx_posted(), 512);
+    let queues = r.nic.transport.queues.clone();
+    let mut devs: Vec<FakeDevice> = [0, 2]
+        .iter()
+        .map(|&q| FakeDevice::at(queues[q].2, 256))
+        .collect();
+    for (k, dev) in devs.iter_mut().enumerate() {
+        let posted = dev.take();
+        for (id, addr, ..) in posted.iter().take(3 - k) {
+            // SAFETY: host memory of the pool, posted for writing.
+            unsafe {
+                core::ptr::write_bytes(*addr as *mut u8, 0, NET_HDR);
+                core::ptr::write_bytes((*addr as *mut u8).add(NET_HDR), 0x10 + k as u8, 60);
+            }
+            dev.complete(u32::from(*id), (NET_HDR + 60) as u32);
+        }
+    }
+    let mut got = Vec::new();
+    r.nic.rx_batch(&mut r.pool, &mut got, 64);
+    assert_eq!(got.len(), 5, "three from pair 0, two from pair 1");
+    assert_eq!(r.nic.rx_queues(), [3, 2]);
+    let from_second = got
+        .iter_mut()
+        .filter_map(|p| r.pool.frame(p).iter().all(|&b| b == 0x11).then_some(()))
+        .count();
+    assert_eq!(from_second, 2);
+    for p in got {
+        r.pool.free(p.buf);
+    }
+    r.nic.transport.notified.clear();
+    r.nic.maintain(&mut r.pool);
+    assert_eq!(r.nic.rx_posted(), 512);
+    assert_eq!(r.nic.transport.notified, [0, 2], "each refilled queue once");
 }

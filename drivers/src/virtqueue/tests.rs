@@ -64,6 +64,29 @@ impl FakeDevice {
         }
         out
     }
+    /// The descriptors of the chain starting at `head`, following the
+    /// links: (addr, len, flags).
+    pub(crate) fn chain(&self, head: u16) -> Vec<(u64, u32, u16)> {
+        let mut out = Vec::new();
+        let mut d = head;
+        loop {
+            let off = 16 * usize::from(d);
+            // SAFETY: test memory, inside the descriptor table.
+            let (addr, len, flags, next) = unsafe {
+                (
+                    (self.base.add(off) as *const u64).read_volatile(),
+                    (self.base.add(off + 8) as *const u32).read_volatile(),
+                    (self.base.add(off + 12) as *const u16).read_volatile(),
+                    (self.base.add(off + 14) as *const u16).read_volatile(),
+                )
+            };
+            out.push((addr, len, flags));
+            if flags & DESC_F_NEXT == 0 || out.len() > usize::from(self.size) {
+                return out;
+            }
+            d = next;
+        }
+    }
     pub(crate) fn complete(&mut self, id: u32, len: u32) {
         let slot = usize::from(self.used_idx & (self.size - 1));
         self.wr32(self.used_off() + 4 + 8 * slot, id);
@@ -181,4 +204,58 @@ fn hostile_used_entries_are_refused() {
     assert_eq!(q.pop_used(), Some(Err(UsedError::IndexRunaway)));
     assert_eq!(q.pop_used(), None);
     assert!(q.is_dead());
+}
+
+#[test]
+fn chains_are_linked_in_order_and_freed_whole() {
+    let (_q, _p, mut q, _pool) = setup(8, 8);
+    let mut dev = FakeDevice::new(&q);
+    let parts = [(0x1000, 4, false), (0x2000, 8, false), (0x3000, 1, true)];
+    q.push_chain(BufId::token(7), &parts).unwrap();
+    assert_eq!(q.free_slots(), 5);
+    assert!(q.publish());
+    let heads = dev.take();
+    assert_eq!(heads.len(), 1, "one ring entry for the whole chain");
+    let chain = dev.chain(heads[0].0);
+    assert_eq!(
+        chain,
+        [
+            (0x1000, 4, DESC_F_NEXT),
+            (0x2000, 8, DESC_F_NEXT),
+            (0x3000, 1, DESC_F_WRITE)
+        ]
+    );
+    // The device scribbles over the links: freeing uses our own copy.
+    for d in 0..8u16 {
+        dev.wr16(16 * usize::from(d) + 14, 3);
+    }
+    dev.complete(u32::from(heads[0].0), 1);
+    assert_eq!(q.pop_used(), Some(Ok((BufId::token(7), 1))));
+    assert_eq!(q.free_slots(), 8);
+    // More parts than free descriptors, or none: refused, nothing taken.
+    assert_eq!(
+        q.push_chain(BufId::token(1), &[(0, 1, false); 9]),
+        Err(BufId::token(1))
+    );
+    assert_eq!(q.push_chain(BufId::token(2), &[]), Err(BufId::token(2)));
+    assert_eq!(q.free_slots(), 8);
+    // A writable length beyond the chain's writable parts is refused.
+    q.push_chain(BufId::token(3), &parts).unwrap();
+    q.publish();
+    let head = dev.take()[0].0;
+    dev.complete(u32::from(head), 2);
+    assert_eq!(
+        q.pop_used(),
+        Some(Err(UsedError::BadLength {
+            buf: BufId::token(3),
+            len: 2
+        }))
+    );
+    // Completing a descriptor inside a chain (not its head) is refused.
+    q.push_chain(BufId::token(4), &parts).unwrap();
+    q.publish();
+    let head = dev.take()[0].0;
+    let inner = (0..8u32).find(|d| *d != u32::from(head) && !q.free.contains(&(*d as u16)));
+    dev.complete(inner.unwrap(), 0);
+    assert!(matches!(q.pop_used(), Some(Err(UsedError::BadId(_)))));
 }
