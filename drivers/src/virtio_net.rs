@@ -68,10 +68,48 @@ pub enum NetError {
     Control(Option<u8>),
 }
 
+/// A queue's notification register, written directly: one store, where
+/// the transport's `notify` first selects the queue and reads its offset
+/// (two more device accesses, each a VM exit under virtualisation); and
+/// usable from whichever core owns the queue.
+pub struct Doorbell(core::ptr::NonNull<u16>);
+
+// SAFETY: the register is device memory, not shared Rust data; whoever
+// holds the doorbell of a queue is the only one to ring it.
+unsafe impl Send for Doorbell {}
+
+impl Doorbell {
+    /// # Safety
+    ///
+    /// `reg` must be the mapped, 2-aligned notification register of the
+    /// queue this doorbell will be used for, for as long as it lives.
+    pub unsafe fn new(reg: core::ptr::NonNull<u16>) -> Self {
+        Self(reg)
+    }
+
+    fn ring(&self, queue: u16) {
+        // SAFETY: a mapped device register (`new`'s contract); writing the
+        // queue's index to it is the notification (virtio 4.1.5.2).
+        unsafe { self.0.as_ptr().write_volatile(queue.to_le()) }
+    }
+}
+
+/// What the driver needs from the platform: ring memory, and each queue's
+/// doorbell when the platform can find it.
+pub trait Platform {
+    /// `bytes` of zeroed DMA memory.
+    fn dma(&mut self, bytes: usize) -> DmaRegion;
+    /// The doorbell of queue `queue`, or `None` to notify through the
+    /// transport.
+    fn doorbell(&mut self, queue: u16) -> Option<Doorbell>;
+}
+
 /// One receive/transmit queue pair.
 struct Pair {
     rx: SplitQueue,
     tx: SplitQueue,
+    /// Doorbells of the receive and transmit queues.
+    bells: (Option<Doorbell>, Option<Doorbell>),
     /// Frames received on this pair.
     rx_packets: u64,
 }
@@ -89,12 +127,12 @@ pub struct VirtioNet<T: Transport> {
 
 impl<T: Transport> VirtioNet<T> {
     /// Initialises the device (virtio 3.1.1) with up to `want_pairs`
-    /// receive/transmit queue pairs (at least one), taking ring memory
-    /// from `alloc` (called with a size in bytes).
+    /// receive/transmit queue pairs (at least one), with ring memory and
+    /// doorbells from `platform`.
     pub fn new(
         mut transport: T,
         want_pairs: u16,
-        alloc: &mut dyn FnMut(usize) -> DmaRegion,
+        platform: &mut dyn Platform,
     ) -> Result<Self, NetError> {
         transport.set_status(DeviceStatus::empty());
         transport.set_status(DeviceStatus::ACKNOWLEDGE | DeviceStatus::DRIVER);
@@ -134,10 +172,11 @@ impl<T: Transport> VirtioNet<T> {
         let n = want_pairs.clamp(1, offered_pairs);
         let mut pairs = Vec::with_capacity(usize::from(n));
         for i in 0..n {
-            let made = Self::queue(&mut transport, 2 * i, alloc).and_then(|rx| {
-                Self::queue(&mut transport, 2 * i + 1, alloc).map(|tx| Pair {
+            let made = Self::queue(&mut transport, 2 * i, platform).and_then(|rx| {
+                Self::queue(&mut transport, 2 * i + 1, platform).map(|tx| Pair {
                     rx,
                     tx,
+                    bells: (platform.doorbell(2 * i), platform.doorbell(2 * i + 1)),
                     rx_packets: 0,
                 })
             });
@@ -148,7 +187,7 @@ impl<T: Transport> VirtioNet<T> {
         }
         // The control queue comes after every pair the device offers.
         let ctrl = if mq {
-            match Self::queue_sized(&mut transport, 2 * offered_pairs, CTRL_QUEUE_SIZE, alloc) {
+            match Self::queue_sized(&mut transport, 2 * offered_pairs, CTRL_QUEUE_SIZE, platform) {
                 Ok(q) => Some(q),
                 Err(e) => return fail(&mut transport, e),
             }
@@ -167,7 +206,7 @@ impl<T: Transport> VirtioNet<T> {
         transport.set_status(features_ok | DeviceStatus::DRIVER_OK);
         if let Some(mut ctrl) = ctrl {
             let queue = 2 * offered_pairs;
-            if let Err(e) = Self::set_pairs(&mut transport, &mut ctrl, queue, n, alloc) {
+            if let Err(e) = Self::set_pairs(&mut transport, &mut ctrl, queue, n, platform) {
                 return fail(&mut transport, e);
             }
         }
@@ -188,9 +227,9 @@ impl<T: Transport> VirtioNet<T> {
         ctrl: &mut SplitQueue,
         queue: u16,
         n: u16,
-        alloc: &mut dyn FnMut(usize) -> DmaRegion,
+        platform: &mut dyn Platform,
     ) -> Result<(), NetError> {
-        let mem = alloc(CTRL_ACK + 1);
+        let mem = platform.dma(CTRL_ACK + 1);
         let cmd = mem.ptr().as_ptr();
         let [lo, hi] = n.to_le_bytes();
         // SAFETY: `mem` is ours and at least CTRL_ACK + 1 bytes; the device
@@ -235,16 +274,16 @@ impl<T: Transport> VirtioNet<T> {
     fn queue(
         transport: &mut T,
         index: u16,
-        alloc: &mut dyn FnMut(usize) -> DmaRegion,
+        platform: &mut dyn Platform,
     ) -> Result<SplitQueue, NetError> {
-        Self::queue_sized(transport, index, QUEUE_SIZE, alloc)
+        Self::queue_sized(transport, index, QUEUE_SIZE, platform)
     }
 
     fn queue_sized(
         transport: &mut T,
         index: u16,
         most: u16,
-        alloc: &mut dyn FnMut(usize) -> DmaRegion,
+        platform: &mut dyn Platform,
     ) -> Result<SplitQueue, NetError> {
         let max = transport.max_queue_size(index);
         if max == 0 {
@@ -253,7 +292,7 @@ impl<T: Transport> VirtioNet<T> {
         // The largest power of two the device allows, up to `most`.
         let cap = max.min(u32::from(most));
         let size = 1u16 << (31 - cap.leading_zeros());
-        let q = SplitQueue::new(alloc(ring_bytes(size)), size)
+        let q = SplitQueue::new(platform.dma(ring_bytes(size)), size)
             .map_err(|e| NetError::Queue(index, Some(e)))?;
         transport.queue_set(
             index,
@@ -265,14 +304,26 @@ impl<T: Transport> VirtioNet<T> {
         Ok(q)
     }
 
-    fn notify(&mut self, queue: u16) {
-        self.transport.notify(queue);
-        self.stats.notifications += 1;
+    /// Notifies queue `queue` through `bell`, or the transport without one.
+    fn notify(transport: &mut T, stats: &mut NicStats, bell: &Option<Doorbell>, queue: u16) {
+        match bell {
+            Some(b) => b.ring(queue),
+            None => transport.notify(queue),
+        }
+        stats.notifications += 1;
     }
 
     /// Buffers the receive rings hold.
     pub fn rx_posted(&self) -> usize {
         self.pairs.iter().map(|p| p.rx.in_flight()).sum()
+    }
+
+    /// Data queues notified through their own doorbell.
+    pub fn doorbells(&self) -> usize {
+        self.pairs
+            .iter()
+            .map(|p| usize::from(p.bells.0.is_some()) + usize::from(p.bells.1.is_some()))
+            .sum()
     }
 
     /// Queue pairs in use, and how many the device offers.
@@ -321,7 +372,7 @@ impl<T: Transport> Nic for VirtioNet<T> {
     }
 
     fn tx_batch(&mut self, pool: &mut PacketPool, batch: &mut Vec<Packet>) {
-        let tx = &mut self.pairs[0].tx;
+        let Pair { tx, bells, .. } = &mut self.pairs[0];
         let room = tx.free_slots().min(batch.len());
         if room < batch.len() {
             self.stats.tx_ring_full += 1;
@@ -341,7 +392,7 @@ impl<T: Transport> Nic for VirtioNet<T> {
             }
         }
         if tx.publish() {
-            self.notify(1);
+            Self::notify(&mut self.transport, &mut self.stats, &bells.1, 1);
         }
     }
 
@@ -363,7 +414,12 @@ impl<T: Transport> Nic for VirtioNet<T> {
                 }
             }
             if pair.rx.publish() {
-                self.notify(2 * i as u16);
+                Self::notify(
+                    &mut self.transport,
+                    &mut self.stats,
+                    &pair.bells.0,
+                    2 * i as u16,
+                );
             }
         }
     }

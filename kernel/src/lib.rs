@@ -14,3 +14,4 @@
 pub mod cmdline;
 pub mod memmap;
 pub mod pci_ids;
+pub mod virtio_pci;

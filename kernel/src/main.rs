@@ -255,21 +255,26 @@ fn start_dataplane(
         let nic = virtio_hal::transport(access, a.bus(), a.device(), a.function())
             .map_err(String::from)
             .and_then(|t| {
-                VirtioNet::new(t, config.queues, &mut phys::dma_region)
+                // The data queues' doorbells (the control queue, used
+                // once at set-up, notifies through the transport).
+                let queues = 2 * config.queues;
+                let mut platform =
+                    virtio_hal::NetPlatform::new(access, a.bus(), a.device(), a.function(), queues);
+                VirtioNet::new(t, config.queues, &mut platform)
                     .map_err(|e| format!("device refused set-up: {e:?}"))
             });
         match nic {
             Ok(n) => {
                 let (pairs, offered) = n.queue_pairs();
-                if config.queues > 1 || offered > 1 {
-                    println!(
-                        "nic {:02x}:{:02x}.{}: {pairs} queue pairs (asked {}, the device offers {offered})",
-                        a.bus(),
-                        a.device(),
-                        a.function(),
-                        config.queues
-                    );
-                }
+                println!(
+                    "nic {:02x}:{:02x}.{}: virtio-net, {pairs} queue pairs (asked {}, the device offers {offered}); {} of {} queues rung through their own doorbell",
+                    a.bus(),
+                    a.device(),
+                    a.function(),
+                    config.queues,
+                    n.doorbells(),
+                    2 * pairs
+                );
                 devices.push(ports::Port::Virtio(n))
             }
             Err(e) => {

@@ -7,6 +7,11 @@ use virtio_drivers::transport::pci::bus::{Command, ConfigurationAccess, DeviceFu
 use virtio_drivers::transport::pci::PciTransport;
 use virtio_drivers::{BufferDirection, Hal, PhysAddr};
 
+use alloc::vec::Vec;
+
+use drivers::virtio_net::{Doorbell, Platform};
+use kernel::virtio_pci::{self, QUEUE_NOTIFY_OFF, QUEUE_SELECT};
+
 use crate::pci_bus::ConfigAccess;
 use crate::phys;
 
@@ -88,4 +93,70 @@ pub fn transport(
         Command::MEMORY_SPACE | Command::IO_SPACE | Command::BUS_MASTER,
     );
     PciTransport::new::<IdentityHal, _>(&mut root, df).map_err(|_| "not a usable virtio PCI device")
+}
+
+/// Ring memory from the frame allocator, and each queue's doorbell read
+/// from the device's notification capability (`kernel::virtio_pci`).
+pub struct NetPlatform {
+    /// Per queue index: its notification register's address.
+    bells: Vec<Option<u64>>,
+}
+
+impl NetPlatform {
+    /// Finds the notification registers of the first `queues` queues of
+    /// the function at `bus:device.function` (after `transport` enabled
+    /// its memory decoding). Without the capabilities, or with a register
+    /// outside the mapped BAR, the queue notifies through the transport.
+    pub fn new(access: ConfigAccess, bus: u8, device: u8, function: u8, queues: u16) -> Self {
+        let address = pci_types::PciAddress::new(0, bus, device, function);
+        let read = |off: u16| {
+            use pci_types::ConfigRegionAccess;
+            // SAFETY: a dword-aligned register of an enumerated function;
+            // configuration reads have no memory effect.
+            unsafe { access.read(address, off) }
+        };
+        let bells = virtio_pci::find_caps(read)
+            .and_then(|caps| {
+                let common =
+                    virtio_pci::bar_address(read, caps.common.bar)? + u64::from(caps.common.offset);
+                let notify = virtio_pci::bar_address(read, caps.notify.bar)?;
+                phys::is_mapped(common, u64::from(caps.common.length)).then_some(())?;
+                Some(
+                    (0..queues)
+                        .map(|q| {
+                            // SAFETY: `common` is the device's mapped common
+                            // configuration (checked above); selecting a queue
+                            // and reading its notification offset changes
+                            // nothing else, and nothing else uses the device
+                            // while it is being set up.
+                            let off = unsafe {
+                                ((common + QUEUE_SELECT) as *mut u16).write_volatile(q.to_le());
+                                u16::from_le(
+                                    ((common + QUEUE_NOTIFY_OFF) as *const u16).read_volatile(),
+                                )
+                            };
+                            virtio_pci::notify_address(&caps, notify, off)
+                                .filter(|a| a % 2 == 0 && phys::is_mapped(*a, 2))
+                        })
+                        .collect(),
+                )
+            })
+            .unwrap_or_default();
+        Self { bells }
+    }
+}
+
+impl Platform for NetPlatform {
+    fn dma(&mut self, bytes: usize) -> drivers::DmaRegion {
+        phys::dma_region(bytes)
+    }
+
+    fn doorbell(&mut self, queue: u16) -> Option<Doorbell> {
+        let addr = (*self.bells.get(usize::from(queue))?)?;
+        let reg = core::ptr::NonNull::new(addr as *mut u16)?;
+        // SAFETY: the queue's notification register inside the device's
+        // mapped BAR, 2-aligned (checked in `new`); device memory lives as
+        // long as the kernel.
+        Some(unsafe { Doorbell::new(reg) })
+    }
 }
