@@ -4,8 +4,8 @@
 //! (`hvm_start_info` and its memory map), hypercall numbers and CPUID
 //! decoding, grant-table and event-channel layouts and bookkeeping
 //! (`grant`), the XenStore wire codec, the netfront/netback ring protocol
-//! and xenbus handshake (`netif`, for the netfront driver to come); later
-//! vchan and QubesDB codecs.
+//! and xenbus handshake (`netif`), the QubesDB protocol (`qubesdb`) and
+//! the vchan ring (`vchan`).
 //! It decodes what another party (Xen, QEMU's PVH loader, dom0) wrote into
 //! typed values and never trusts it: every parser takes bytes and returns a
 //! `Result`. It performs no hardware access itself; the kernel reads guest
@@ -20,4 +20,15 @@ pub mod grant;
 pub mod hypercall;
 pub mod netif;
 pub mod pvh;
+pub mod qubesdb;
+pub mod vchan;
 pub mod xenstore;
+
+/// How far producer index `prod` is ahead of consumer index `cons` in a
+/// ring of `size` entries (free-running indices, wrapping); `None` when
+/// they are more than a ring apart — what the other side wrote cannot be
+/// right. Shared by every ring here: netif, XenStore, vchan.
+pub fn ring_distance(prod: u32, cons: u32, size: u32) -> Option<u32> {
+    let n = prod.wrapping_sub(cons);
+    (n <= size).then_some(n)
+}

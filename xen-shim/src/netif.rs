@@ -64,12 +64,7 @@ pub fn need_notify(old: u32, new: u32, event: u32) -> bool {
 /// Responses ready between our consumer index and the backend's producer
 /// index; an index more than a ring ahead is the backend misbehaving.
 pub fn responses_ready(rsp_prod: u32, rsp_cons: u32, size: u32) -> Result<u32, Bad> {
-    let n = rsp_prod.wrapping_sub(rsp_cons);
-    if n > size {
-        Err(Bad::Indices)
-    } else {
-        Ok(n)
-    }
+    crate::ring_distance(rsp_prod, rsp_cons, size).ok_or(Bad::Indices)
 }
 
 /// What the backend wrote that cannot be right.

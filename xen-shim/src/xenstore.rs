@@ -216,12 +216,7 @@ pub fn check_reply(h: &Header, payload: &[u8], kind: u32, req_id: u32) -> Result
 /// index written (in part) by the other side; indices more than a ring
 /// apart are refused.
 pub fn used(prod: u32, cons: u32) -> Result<u32, XsError> {
-    let used = prod.wrapping_sub(cons);
-    if used > RING_SIZE {
-        Err(XsError::BadIndices)
-    } else {
-        Ok(used)
-    }
+    crate::ring_distance(prod, cons, RING_SIZE).ok_or(XsError::BadIndices)
 }
 
 #[cfg(test)]
