@@ -96,8 +96,6 @@ pub struct Uplink {
     past: NicStats,
     last_poll_ms: u64,
     next_check_ms: u64,
-    /// Connections made so far.
-    connections: u32,
     reported: bool,
 }
 
@@ -243,7 +241,6 @@ impl Uplink {
             past: NicStats::default(),
             last_poll_ms: 0,
             next_check_ms: 0,
-            connections: 0,
             reported: false,
         };
         if let Err(e) = up.store.watch("device/vif", VIF_TOKEN) {
@@ -277,7 +274,6 @@ impl Uplink {
                 fmt_mac(mac)
             );
         }
-        self.connections += 1;
         idle::set_xen_port(d.port);
         self.link = Link::Up(d);
     }
