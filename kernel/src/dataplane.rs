@@ -360,6 +360,7 @@ pub fn run_single<N: Nic>(
     stats_interval_ms: u64,
     idle: Idle,
     mut generator: Option<Generator>,
+    mut qubesdb: Option<crate::vchan::QubesDbLink>,
 ) -> ! {
     let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
     let mut last_housekeeping = 0;
@@ -390,6 +391,11 @@ pub fn run_single<N: Nic>(
         if now.wrapping_sub(last_housekeeping) >= HOUSEKEEPING_MS {
             last_housekeeping = now;
             firewall.expire(now, 256);
+            if let Some(q) = qubesdb.as_mut() {
+                if !q.follow(&mut firewall) {
+                    qubesdb = None;
+                }
+            }
             if let Some(mut buf) = nics.pool.alloc() {
                 match firewall.poll_emit(now, nics.pool.frame_room(&mut buf)) {
                     Some((port, len)) => nics.queue(port, Packet { buf, len }),

@@ -28,6 +28,7 @@ mod pci_bus;
 mod phys;
 mod ports;
 mod smp;
+mod vchan;
 mod virtio_hal;
 mod xen;
 mod xenstore;
@@ -149,10 +150,12 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     println!("clock: tsc {} MHz ({source})", tsc_hz / 1_000_000);
     // Under Xen: XenStore and the grant table, kept for netfront.
     let mut xen_io = None;
+    let mut qubesdb = (Vec::new(), None);
     if xen::present() {
         match xenstore::XenStore::open() {
             Some(mut store) => {
                 xenstore_report(&mut store);
+                qubesdb = qubesdb_over_vchan(&mut store);
                 xen_io = xen_sharing_report().map(|t| (store, t));
             }
             None => {
@@ -190,7 +193,66 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     }
     let cmdline_text = core::str::from_utf8(raw_cmdline).unwrap_or("");
     let netfront = vif.zip(xen_io);
-    start_dataplane(cmdline_text, &config, pci_access, &nics, netfront);
+    start_dataplane(cmdline_text, &config, pci_access, &nics, netfront, qubesdb);
+}
+
+/// Under Qubes: the configuration from dom0's QubesDB over vchan, the
+/// updates dom0 pushes right after (each acknowledged), and the link,
+/// which the loop goes on following. Nothing where dom0 offers no QubesDB
+/// (plain Xen: the command line configures).
+fn qubesdb_over_vchan(
+    store: &mut xenstore::XenStore,
+) -> (Vec<(String, String)>, Option<vchan::QubesDbLink>) {
+    let Ok(domid) = store.read("domid") else {
+        return (Vec::new(), None);
+    };
+    let mut link = match vchan::QubesDbLink::load(store, domid.trim()) {
+        None => return (Vec::new(), None),
+        Some(Ok(l)) => l,
+        Some(Err(e)) => {
+            println!("qubesdb: {e}");
+            return (Vec::new(), None);
+        }
+    };
+    println!(
+        "qubesdb: {} entries from dom0 over vchan (event channel {})",
+        link.client.initial_entries(),
+        link.vchan.port()
+    );
+    // Updates dom0 sends at once; the loop follows later ones.
+    let mut quiet_since = clock::now_ms();
+    while clock::now_ms() - quiet_since < 300 {
+        match link.poll() {
+            Ok(events) if events.is_empty() => {}
+            Ok(events) => {
+                quiet_since = clock::now_ms();
+                for e in events {
+                    match e {
+                        xen_shim::qubesdb::Event::Written(p) => {
+                            let value = link.client.get(&p).unwrap_or("");
+                            match xen_shim::qubesdb::rules_committed(&p, value) {
+                                Some(ip) => println!(
+                                    "qubesdb: dom0 wrote {p}; acknowledged (the rules of {ip} are complete)"
+                                ),
+                                None => println!("qubesdb: dom0 wrote {p}; acknowledged"),
+                            }
+                        }
+                        other => println!("qubesdb: {other:?}"),
+                    }
+                }
+            }
+            Err(e) => {
+                println!("qubesdb: {e}");
+                return (Vec::new(), None);
+            }
+        }
+    }
+    let entries = link
+        .client
+        .entries()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    (entries, Some(link))
 }
 
 /// Connects the netfront of `device/vif/<dev>`: the port and its event
@@ -220,8 +282,9 @@ fn start_dataplane(
     access: pci_bus::ConfigAccess,
     nics: &[&PciFunction],
     netfront: Option<(String, (xenstore::XenStore, gnttab::GrantTable))>,
+    (qubesdb, qubesdb_link): (Vec<(String, String)>, Option<vchan::QubesDbLink>),
 ) -> ! {
-    let net = match load_config(cmdline_text) {
+    let net = match load_config(cmdline_text, &qubesdb) {
         Ok(n) => n,
         Err(e) => {
             println!("config error: {e}");
@@ -357,6 +420,9 @@ fn start_dataplane(
         }
         (Layout::Pipeline, Some(&ap)) => {
             println!("dataplane: layout pipeline (nics on cpu 0, firewall on cpu {ap})");
+            if qubesdb_link.is_some() {
+                println!("qubesdb: dom0's later updates are followed in layout single only");
+            }
             dataplane::run_pipeline(nics, firewall, stats_interval_ms, ap, idle)
         }
         (Layout::Pipeline, None) => {
@@ -366,13 +432,21 @@ fn start_dataplane(
         (Layout::Single, _) => {
             smp::park_idle();
             println!("dataplane: layout single (everything on cpu 0)");
-            dataplane::run_single(nics, firewall, stats_interval_ms, idle, generator)
+            dataplane::run_single(
+                nics,
+                firewall,
+                stats_interval_ms,
+                idle,
+                generator,
+                qubesdb_link,
+            )
         }
     }
 }
 
-/// QubesDB keys: the fw_cfg snapshot, then command-line overrides.
-fn load_config(cmdline_text: &str) -> Result<NetConfig, String> {
+/// QubesDB keys: the fw_cfg snapshot, then QubesDB's own entries (under
+/// Qubes), then command-line overrides.
+fn load_config(cmdline_text: &str, qubesdb: &[(String, String)]) -> Result<NetConfig, String> {
     let mut db = match fw_cfg::read_file(QUBESDB_FW_CFG) {
         Ok(Some(bytes)) => {
             let text =
@@ -382,6 +456,9 @@ fn load_config(cmdline_text: &str) -> Result<NetConfig, String> {
         Ok(None) => QubesDb::new(),
         Err(e) => return Err(format!("{QUBESDB_FW_CFG}: {e}")),
     };
+    for (path, value) in qubesdb {
+        db.set(path, value).map_err(|e| format!("qubesdb: {e}"))?;
+    }
     for (path, value) in cmdline::qubesdb_overrides(cmdline_text) {
         db.set(path, value).map_err(|e| e.to_string())?;
     }

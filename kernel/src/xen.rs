@@ -247,6 +247,67 @@ pub fn add_to_physmap(space: u32, idx: u64, gpfn: u64) -> i64 {
     }
 }
 
+/// Gives the RAM page at guest frame `gpfn` back to Xen: the frame is
+/// then empty (a grant can be mapped there). True on success.
+pub fn decrease_reservation(gpfn: u64) -> bool {
+    memory_reservation(xen_shim::grant::XENMEM_DECREASE_RESERVATION, gpfn)
+}
+
+/// Puts RAM back at the empty guest frame `gpfn`. True on success.
+pub fn populate_physmap(gpfn: u64) -> bool {
+    memory_reservation(xen_shim::grant::XENMEM_POPULATE_PHYSMAP, gpfn)
+}
+
+fn memory_reservation(cmd: u32, gpfn: u64) -> bool {
+    let frames = [gpfn];
+    let mut r = xen_shim::grant::MemoryReservation {
+        extent_start: frames.as_ptr() as u64,
+        nr_extents: 1,
+        domid: DOMID_SELF,
+        ..Default::default()
+    };
+    // SAFETY: XENMEM_decrease_reservation / populate_physmap read one
+    // `xen_memory_reservation` at the pointer and one frame number from
+    // `frames` (and for populate write it back), both live locals; the
+    // caller gives up (or takes back) the page at `gpfn`.
+    let done = unsafe {
+        hypercall2(
+            xen_shim::grant::HYPERVISOR_MEMORY_OP,
+            u64::from(cmd),
+            &mut r as *mut _ as u64,
+        )
+    };
+    done == 1
+}
+
+/// Maps grant `gref` of domain `dom` at the empty guest frame `gpfn`
+/// (`decrease_reservation`): the mapping's handle, or Xen's status.
+pub fn map_grant(dom: u16, gref: u32, gpfn: u64) -> Result<u32, i64> {
+    let mut m = xen_shim::grant::MapGrantRef {
+        host_addr: gpfn << 12,
+        flags: xen_shim::grant::GNTMAP_HOST_MAP,
+        gref,
+        dom,
+        ..Default::default()
+    };
+    // SAFETY: GNTTABOP_map_grant_ref with a count of 1 reads and writes one
+    // `gnttab_map_grant_ref` at the pointer, a live local; the frame it
+    // maps into holds no RAM of ours.
+    let rc = unsafe {
+        hypercall3(
+            xen_shim::grant::HYPERVISOR_GRANT_TABLE_OP,
+            u64::from(xen_shim::grant::GNTTABOP_MAP_GRANT_REF),
+            &mut m as *mut _ as u64,
+            1,
+        )
+    };
+    match (rc, m.status) {
+        (0, 0) => Ok(m.handle),
+        (0, s) => Err(i64::from(s)),
+        (e, _) => Err(e),
+    }
+}
+
 /// The grant table's current and maximum size in frames.
 pub fn grant_table_size() -> Option<xen_shim::grant::QuerySize> {
     let mut q = xen_shim::grant::QuerySize {

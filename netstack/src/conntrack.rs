@@ -532,6 +532,21 @@ impl<A: Addr> Conntrack<A> {
         Err(CreateError::NoFreePort)
     }
 
+    /// Removes every flow of `owner`; how many there were.
+    pub fn remove_owned(&mut self, owner: u32) -> usize {
+        let owned: Vec<u32> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| matches!(f, Some(f) if f.owner == owner))
+            .map(|(i, _)| i as u32)
+            .collect();
+        for &i in &owned {
+            self.remove(i);
+        }
+        owned.len()
+    }
+
     /// Reclaims expired flows among the next `budget` slots.
     pub fn expire(&mut self, now: u64, budget: usize) {
         let n = self.slots.len();

@@ -111,26 +111,32 @@ impl Resolver {
         servers: Vec<Ipv4Addr>,
         seed: u32,
     ) -> Self {
-        let mut entries: Vec<Entry> = Vec::new();
-        for (name, v6) in names {
-            if entries.iter().any(|e| e.v6 == v6 && e.name == name) {
-                continue;
-            }
-            let askable = valid_name(name) && !servers.is_empty();
-            entries.push(Entry {
-                name: name.into(),
-                v6,
-                addrs: Vec::new(),
-                resolved: !askable,
-                state: if askable { State::Due } else { State::Done },
-                expires: if askable { 0 } else { u64::MAX },
-            });
-        }
-        Self {
-            entries,
+        let mut r = Self {
+            entries: Vec::new(),
             servers,
             rng: seed | 1,
+        };
+        for (name, v6) in names {
+            r.add(name, v6);
         }
+        r
+    }
+
+    /// Adds (`name`, family) unless it is there already (a rule set that
+    /// dom0 replaced may bring new names); it is asked at the next query.
+    pub fn add(&mut self, name: &str, v6: bool) {
+        if self.entries.iter().any(|e| e.v6 == v6 && e.name == name) {
+            return;
+        }
+        let askable = valid_name(name) && !self.servers.is_empty();
+        self.entries.push(Entry {
+            name: name.into(),
+            v6,
+            addrs: Vec::new(),
+            resolved: !askable,
+            state: if askable { State::Due } else { State::Done },
+            expires: if askable { 0 } else { u64::MAX },
+        });
     }
 
     pub fn is_empty(&self) -> bool {

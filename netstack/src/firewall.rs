@@ -759,6 +759,45 @@ impl Firewall {
         self.resolver.entries()
     }
 
+    /// Replaces the rules of client `ip` (dom0 committed an update): the
+    /// new set, or its error (the client's traffic is then dropped); hit
+    /// counters start again; `dsthost` names not yet known join the
+    /// resolver (the client starts no flow until they resolve), known ones
+    /// bring their addresses; and the client's tracked flows are dropped,
+    /// so every packet from now on meets the new rules. Other clients keep
+    /// theirs. The number of flows dropped, or `None` for an address that
+    /// is not a client.
+    pub fn replace_rules(
+        &mut self,
+        ip: IpAddr,
+        rules: Result<Ruleset, RuleError>,
+    ) -> Option<usize> {
+        let ci = self.clients.iter().position(|c| c.ip == ip)?;
+        let mut rules = rules;
+        if let Ok(r) = &mut rules {
+            let names: Vec<alloc::string::String> =
+                r.hosts().map(alloc::string::String::from).collect();
+            for name in names {
+                self.resolver.add(&name, r.v6);
+                let known = self
+                    .resolver
+                    .entries()
+                    .find(|(n, v6, _, resolved)| *n == name && *v6 == r.v6 && *resolved);
+                if let Some((_, _, addrs, _)) = known {
+                    r.set_host(&name, addrs);
+                }
+            }
+        }
+        let client = &mut self.clients[ci];
+        client.hits = alloc::vec![0; rules.as_ref().map(|r| r.rules.len() + 1).unwrap_or(0)];
+        client.rules = rules;
+        let dropped = match ip {
+            IpAddr::V4(_) => self.ct.remove_owned(ci as u32),
+            IpAddr::V6(_) => self.ct6.remove_owned(ci as u32),
+        };
+        Some(dropped)
+    }
+
     /// Gives what names resolved to to every rule set using them.
     fn apply_resolved(&mut self, resolved: Vec<Resolved>) {
         for r in resolved {

@@ -36,6 +36,61 @@ on_crash = "preserve"
 /// up.
 const SCRIPT: &str = r#"#!/bin/sh
 log=/var/log/xen/console/guest-portcullis.log
+# dom0's QubesDB for the forwarding domain: a vchan server (libxenvchan,
+# through ctypes) at the path Qubes uses, answering MULTIREAD with a few
+# entries, then pushing the empty write that completes a client's rules and
+# reading the answer.
+cat > /qdb.py <<'PY'
+import ctypes, os, struct, sys, time
+lib = ctypes.CDLL("libxenvchan.so.4.17")
+P = ctypes.c_void_p
+lib.libxenvchan_server_init.restype = P
+lib.libxenvchan_server_init.argtypes = [P, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t]
+for f in ("libxenvchan_is_open", "libxenvchan_wait", "libxenvchan_data_ready"):
+    getattr(lib, f).argtypes = [P]
+lib.libxenvchan_recv.argtypes = [P, P, ctypes.c_size_t]
+lib.libxenvchan_send.argtypes = [P, ctypes.c_char_p, ctypes.c_size_t]
+dom = int(sys.argv[1])
+ctrl = lib.libxenvchan_server_init(None, dom, ("/local/domain/0/data/vchan/%d/111" % dom).encode(), 0, 0)
+print("ready" if ctrl else "server_init failed", flush=True)
+if not ctrl:
+    sys.exit(1)
+def recv(n):
+    while lib.libxenvchan_data_ready(ctrl) < n:
+        if lib.libxenvchan_is_open(ctrl) == 0:
+            sys.exit("closed")
+        lib.libxenvchan_wait(ctrl)
+    buf = ctypes.create_string_buffer(n)
+    lib.libxenvchan_recv(ctrl, buf, n)
+    return buf.raw
+def send(b):
+    while lib.libxenvchan_send(ctrl, b, len(b)) == 0:
+        lib.libxenvchan_wait(ctrl)
+def msg(t, path, data=b""):
+    return struct.pack("<B64s3xI", t, path.encode(), len(data)) + data
+def show(what):
+    t, path, n = struct.unpack("<B64s3xI", recv(72))
+    print("%s type %d path '%s' length %d" % (what, t, path.rstrip(b"\0").decode(), n), flush=True)
+show("request")
+for p, v in [("/qubes-primary-dns", "10.0.2.3"), ("/qubes-netvm-primary-dns", "10.139.1.1"),
+             ("/connected-ips", "10.137.0.10"), ("/qubes-firewall/10.137.0.10/policy", "drop"),
+             ("/qubes-firewall/10.137.0.10/0000", "action=accept proto=icmp")]:
+    send(msg(11, p, v.encode()))
+send(msg(11, ""))
+send(msg(1, "/qubes-firewall/10.137.0.10"))
+show("answer")
+# A live update when the test asks: the client's rules replaced.
+while not os.path.exists("/tmp/qdb-push"):
+    time.sleep(0.2)
+send(msg(4, "/qubes-firewall/10.137.0.10/"))
+send(msg(1, "/qubes-firewall/10.137.0.10/policy", b"accept"))
+send(msg(1, "/qubes-firewall/10.137.0.10/0000", b"action=drop proto=tcp"))
+send(msg(1, "/qubes-firewall/10.137.0.10"))
+for _ in range(4):
+    show("update answer")
+time.sleep(600)
+PY
+for m in xen-gntalloc xen-gntdev xen-evtchn; do modprobe $m 2>/dev/null; done
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 run() {
     xl create /etc/xen/portcullis.cfg "$@" && echo "test: created $(xl domid portcullis)"
@@ -56,7 +111,12 @@ run 'vif=[]'
 for attempt in 1 2; do
     rm -f $log
     t0=$(ms)
-    xl create /etc/xen/portcullis.cfg 'vcpus=1' && echo "test: created $(xl domid portcullis)"
+    xl create -p /etc/xen/portcullis.cfg 'vcpus=1' && echo "test: created $(xl domid portcullis)"
+    pkill -f /qdb.py
+    python3 /qdb.py $(xl domid portcullis) > /tmp/qdb.log 2>&1 &
+    i=0
+    until grep -q ready /tmp/qdb.log 2>/dev/null || [ $i -ge 50 ]; do sleep 0.1; i=$((i + 1)); done
+    xl unpause portcullis
     first=none
     up=none
     i=0
@@ -77,6 +137,7 @@ for attempt in 1 2; do
     xl destroy portcullis 2>/dev/null
 done
 echo "test: first console line after $first ms, netfront connected after $up ms"
+sed 's/^/test: qdb: /' /tmp/qdb.log
 # The first answer also settles dom0's ARP entry (a slow nested machine may
 # need more than ARP's three probes); then five in a row must be answered,
 # printed after `test: $1: `.
@@ -102,6 +163,14 @@ stats_after() {
     done
 }
 stats_after
+# dom0 replaces a client's rules through QubesDB: the loop applies them.
+rm -f /tmp/qdb-push; touch /tmp/qdb-push
+i=0
+until grep -q "qubesdb: rules of 10.137.0.10 replaced" $log 2>/dev/null || [ $i -ge 100 ]; do
+    sleep 0.1
+    i=$((i + 1))
+done
+sed 's/^/test: qdb: /' /tmp/qdb.log | grep "update answer"
 # The backend goes away and comes back: traffic must resume without a
 # reboot.
 t=$(ms)
@@ -242,6 +311,39 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     let has = |prefix: &str| guest.iter().any(|l| l.starts_with(prefix));
     let vif = format!("xenstore: device vif/0 backend /local/domain/0/backend/vif/{id}/0 state 1");
     assert!(has(&vif), "{guest:#?}");
+    // QubesDB from dom0 over vchan (libxenvchan's server, mapped by grant):
+    // the entries became the configuration (the DNS pair and the client
+    // come only from there), and the update dom0 pushed after them was
+    // acknowledged, as dom0's script saw.
+    // A live update while forwarding: dom0 removed the client's rules,
+    // wrote new ones and completed the update; every message acknowledged,
+    // the new rule set in force.
+    let missing: Vec<&str> = [
+        "qubesdb: 5 entries from dom0 over vchan (event channel ",
+        "qubesdb: dom0 wrote /qubes-firewall/10.137.0.10; acknowledged (the rules of 10.137.0.10 are complete)",
+        "qubesdb: rules of 10.137.0.10 replaced: 1 rules, policy Accept; 0 flows dropped",
+    ]
+    .into_iter()
+    .filter(|p| !has(p))
+    .collect();
+    assert!(missing.is_empty(), "missing {missing:#?} in {guest:#?}");
+    assert!(
+        guest.iter().any(|l| l.starts_with("portcullis: ready")
+            && l.contains(" dns 10.139.1.1->10.0.2.3 clients 10.137.0.10")),
+        "{guest:#?}"
+    );
+    assert!(
+        run.console
+            .contains("test: qdb: answer type 7 path '/qubes-firewall/10.137.0.10' length 0"),
+        "{}",
+        run.console
+    );
+    let acks: Vec<&str> = run
+        .console
+        .lines()
+        .filter(|l| l.contains("test: qdb: update answer type 7 "))
+        .collect();
+    assert_eq!(acks.len(), 4, "{}", run.console);
     // ...netfront: the xenbus handshake with Linux netback completed...
     // (Xen's console lines for the guest may share a line with dom0's
     // output, before or after it: the prefix is looked for anywhere.)
@@ -256,7 +358,11 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     for l in run.console.lines().filter(|l| l.starts_with("test: ")) {
         println!("{l}");
     }
-    for l in guest.iter().filter(|l| l.starts_with("netfront: ")) {
+    for l in guest.iter().filter(|l| {
+        l.starts_with("netfront: ")
+            || l.starts_with("qubesdb: ")
+            || l.starts_with("portcullis: ready")
+    }) {
         println!("{l}");
     }
     for prefix in ["stats: firewall ", "stats: nic0 ", "stats: core0 "] {

@@ -20,6 +20,17 @@ pub const XENMAPSPACE_SHARED_INFO: u32 = 0;
 pub const XENMAPSPACE_GRANT_TABLE: u32 = 1;
 
 pub const GNTTABOP_QUERY_SIZE: u32 = 6;
+/// Mapping another domain's grant into our physical address space.
+pub const GNTTABOP_MAP_GRANT_REF: u32 = 0;
+pub const GNTTABOP_UNMAP_GRANT_REF: u32 = 1;
+/// `GNTMAP_host_map`: map at `host_addr` (for HVM/PVH, a guest-physical
+/// address).
+pub const GNTMAP_HOST_MAP: u32 = 1 << 1;
+/// `XENMEM_decrease_reservation`: give pages back, leaving their frames
+/// empty (where a grant can then be mapped); `XENMEM_populate_physmap`
+/// fills them again.
+pub const XENMEM_DECREASE_RESERVATION: u32 = 1;
+pub const XENMEM_POPULATE_PHYSMAP: u32 = 6;
 pub const GTF_PERMIT_ACCESS: u16 = 1;
 pub const GTF_READONLY: u16 = 1 << 2;
 pub const GTF_READING: u16 = 1 << 3;
@@ -50,6 +61,41 @@ pub struct AddToPhysmap {
     pub space: u32,
     pub idx: u64,
     pub gpfn: u64,
+}
+
+/// `gnttab_map_grant_ref`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MapGrantRef {
+    pub host_addr: u64,
+    pub flags: u32,
+    pub gref: u32,
+    pub dom: u16,
+    pub status: i16,
+    pub handle: u32,
+    pub dev_bus_addr: u64,
+}
+
+/// `gnttab_unmap_grant_ref`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnmapGrantRef {
+    pub host_addr: u64,
+    pub dev_bus_addr: u64,
+    pub handle: u32,
+    pub status: i16,
+}
+
+/// `xen_memory_reservation`: `extent_start` points at `nr_extents` frame
+/// numbers.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryReservation {
+    pub extent_start: u64,
+    pub nr_extents: u64,
+    pub extent_order: u32,
+    pub mem_flags: u32,
+    pub domid: u16,
 }
 
 /// `gnttab_query_size`.
@@ -149,6 +195,12 @@ mod tests {
         assert_eq!(core::mem::size_of::<QuerySize>(), 16);
         assert_eq!(core::mem::size_of::<AllocUnbound>(), 8);
         assert_eq!(core::mem::size_of::<BindInterdomain>(), 12);
+        assert_eq!(core::mem::size_of::<MapGrantRef>(), 32);
+        assert_eq!(core::mem::offset_of!(MapGrantRef, dom), 16);
+        assert_eq!(core::mem::offset_of!(MapGrantRef, handle), 20);
+        assert_eq!(core::mem::size_of::<UnmapGrantRef>(), 24);
+        assert_eq!(core::mem::size_of::<MemoryReservation>(), 32);
+        assert_eq!(core::mem::offset_of!(MemoryReservation, domid), 24);
         assert_eq!(EVTCHN_PENDING, 2048);
         assert_eq!(EVTCHN_MASK, 2560);
     }

@@ -202,6 +202,8 @@ enum Phase {
 pub struct Client {
     phase: Phase,
     store: BTreeMap<String, String>,
+    /// Entries the initial load brought.
+    initial: usize,
 }
 
 impl Default for Client {
@@ -215,6 +217,7 @@ impl Client {
         Self {
             phase: Phase::Loading,
             store: BTreeMap::new(),
+            initial: 0,
         }
     }
 
@@ -222,6 +225,11 @@ impl Client {
     pub fn start() -> Vec<u8> {
         // An empty path and no data always encode.
         encode(Kind::Multiread, "", &[]).unwrap_or_default()
+    }
+
+    /// Entries the initial load brought (0 until it is complete).
+    pub fn initial_entries(&self) -> usize {
+        self.initial
     }
 
     /// Whether the initial load is complete.
@@ -245,6 +253,7 @@ impl Client {
         match (self.phase, m.kind) {
             (Phase::Loading, Kind::RespMultiread) if m.path.is_empty() => {
                 self.phase = Phase::Live;
+                self.initial = self.store.len();
                 (Some(Event::Loaded), None)
             }
             (Phase::Loading, Kind::RespMultiread) => match text {
@@ -404,6 +413,7 @@ mod tests {
             (Some(Event::Loaded), None)
         );
         assert!(c.loaded());
+        assert_eq!(c.initial_entries(), 3);
         assert_eq!(c.get("/qubes-ip"), Some("10.0.2.15"));
 
         // A rule update: the old rules removed, new ones written, then the

@@ -1106,3 +1106,76 @@ fn forward_only_rewrites_ethernet_addresses_and_nothing_else() {
     assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
     assert_eq!(fw.flows(), 0);
 }
+
+/// A UDP frame from client address `src` to the server's port 5201.
+fn udp_from(src: Ipv4Addr, sport: u16) -> Vec<u8> {
+    ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        src,
+        SERVER,
+        64,
+        PROTO_UDP,
+        &udp_seg(sport, 5201, b"x"),
+    )
+}
+
+#[test]
+fn replaced_rules_apply_at_once_to_that_client_only() {
+    let mut fw = ready();
+    let udp = udp_from;
+    let forwarded = |v: Verdict| matches!(v, Verdict::Forward { port: UPLINK, .. });
+    // Two clients, each with a flow through.
+    assert!(forwarded(run(&mut fw, 10, 1, &udp(CLIENT, 40000)).0));
+    assert!(forwarded(run(&mut fw, 10, 1, &udp(OTHER, 40001)).0));
+    assert_eq!(fw.flows(), 2);
+    // Dom0 replaces the first client's rules with "drop everything".
+    let drop_all = Ruleset::from_entries([("policy", "drop")], true);
+    assert_eq!(fw.replace_rules(IpAddr::V4(CLIENT), drop_all), Some(1));
+    assert_eq!(fw.flows(), 1, "only that client's flow is gone");
+    // Its flow is judged again, and refused; the other client's goes on.
+    let before = fw.stats().drop_count(DropReason::RuleReject);
+    assert!(!forwarded(run(&mut fw, 11, 1, &udp(CLIENT, 40000)).0));
+    assert_eq!(fw.stats().drop_count(DropReason::RuleReject), before + 1);
+    assert!(forwarded(run(&mut fw, 11, 1, &udp(OTHER, 40001)).0));
+    // Accepting again lets a new flow through; hits start from zero.
+    let accept = Ruleset::from_entries([("policy", "accept")], true);
+    assert_eq!(fw.replace_rules(IpAddr::V4(CLIENT), accept), Some(0));
+    assert!(forwarded(run(&mut fw, 12, 1, &udp(CLIENT, 40000)).0));
+    let hits: Vec<_> = fw
+        .rule_hits()
+        .filter(|(ip, _)| *ip == IpAddr::V4(CLIENT))
+        .collect();
+    assert_eq!(hits[0].1, Ok(&[1u64][..]));
+    // A rule set that does not parse drops all of the client's traffic.
+    let bad = Ruleset::from_entries([("policy", "maybe")], true);
+    assert!(bad.is_err());
+    assert_eq!(fw.replace_rules(IpAddr::V4(CLIENT), bad), Some(1));
+    assert!(!forwarded(run(&mut fw, 13, 1, &udp(CLIENT, 40000)).0));
+    assert!(fw.stats().drop_count(DropReason::RulesInvalid) >= 1);
+    // Not a client: nothing changes.
+    let any = Ruleset::from_entries([("policy", "accept")], true);
+    assert_eq!(fw.replace_rules(IpAddr::V4(SERVER), any), None);
+}
+
+#[test]
+fn replaced_rules_bring_their_dsthost_names_to_the_resolver() {
+    let mut fw = ready();
+    assert_eq!(fw.dsthosts().count(), 0);
+    let named = Ruleset::from_entries(
+        [
+            ("policy", "drop"),
+            ("0000", "action=accept dsthost=example.org"),
+        ],
+        true,
+    );
+    assert_eq!(fw.replace_rules(IpAddr::V4(CLIENT), named), Some(0));
+    let names: Vec<_> = fw
+        .dsthosts()
+        .map(|(n, v6, _, resolved)| (n, v6, resolved))
+        .collect();
+    assert_eq!(names, [("example.org", false, false)]);
+    // Until it resolves, the client starts nothing.
+    run(&mut fw, 20, 1, &udp_from(CLIENT, 40000));
+    assert_eq!(fw.stats().drop_count(DropReason::RulesPending), 1);
+}
