@@ -4,14 +4,16 @@
 //! Connecting: read the server's `ring-ref` and `event-channel` from
 //! XenStore, give a page of our RAM back to Xen (`decrease_reservation`)
 //! and map the server's shared page in its place (`GNTTABOP_map_grant_ref`),
-//! check its ring orders (rings inside the shared page only, for now),
-//! bind the event channel, and set `cli_live` to connected. Bytes go out
+//! check its ring orders, map the rings that have pages of their own the
+//! same way (contiguously, left ring first — dom0's QubesDB asks for
+//! 4096-byte rings, one page each), bind the event channel, and set
+//! `cli_live` to connected. Bytes go out
 //! on the left ring and come in on the right one; every index the server
 //! wrote is checked before it is used, and the server is notified after
 //! every batch.
 
 use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU8, Ordering};
 
@@ -26,8 +28,29 @@ pub struct Vchan {
     /// server's shared page, mapped over a page we gave back.
     page: u64,
     port: u32,
-    left: (usize, u32),
-    right: (usize, u32),
+    /// Each ring's address and size.
+    left: (u64, u32),
+    right: (u64, u32),
+}
+
+/// Maps grants `grefs` of domain `server` over as many contiguous pages of
+/// ours (given back to Xen first); their address.
+fn map_pages(server: u16, grefs: &[u32]) -> Result<u64, String> {
+    let (base, _) = phys::alloc_dma(grefs.len() * 4096);
+    for (i, gref) in grefs.iter().enumerate() {
+        let gpfn = (base >> 12) + i as u64;
+        if !xen::decrease_reservation(gpfn) {
+            return Err("XENMEM_decrease_reservation failed".into());
+        }
+        if let Err(e) = xen::map_grant(server, *gref, gpfn) {
+            // Take the page back so the memory is whole again.
+            xen::populate_physmap(gpfn);
+            return Err(format!(
+                "mapping grant {gref} of domain {server}: status {e}"
+            ));
+        }
+    }
+    Ok(base)
 }
 
 fn read_num(store: &mut XenStore, path: &str) -> Result<u32, String> {
@@ -55,17 +78,7 @@ impl Vchan {
     pub fn connect(store: &mut XenStore, server: u16, path: &str) -> Result<Self, String> {
         let gref = read_num(store, &format!("{path}/ring-ref"))?;
         let event = read_num(store, &format!("{path}/event-channel"))?;
-        let (page, _) = phys::alloc_dma(4096);
-        if !xen::decrease_reservation(page >> 12) {
-            return Err("XENMEM_decrease_reservation failed".into());
-        }
-        if let Err(e) = xen::map_grant(server, gref, page >> 12) {
-            // Take the page back so the memory is whole again.
-            xen::populate_physmap(page >> 12);
-            return Err(format!(
-                "mapping grant {gref} of domain {server}: status {e}"
-            ));
-        }
+        let page = map_pages(server, &[gref])?;
         let order = |off: usize| {
             // SAFETY: the 2-aligned order fields of the mapped page.
             unsafe { AtomicU16::from_ptr((page as usize + off) as *mut u16) }
@@ -73,11 +86,22 @@ impl Vchan {
         };
         let g = Geometry::new(order(v::LEFT_ORDER), order(v::RIGHT_ORDER))
             .map_err(|e| format!("shared page: {e:?}"))?;
-        let inside = |(place, size): (Place, u32)| match place {
-            Place::InPage(off) => Ok((off, size)),
-            Place::Pages(_) => Err("rings in pages of their own are not supported yet".to_string()),
+        // The grant list: left ring's pages, then the right ring's (the
+        // geometry checked that it ends inside the page).
+        let gref_at = |i: usize| {
+            // SAFETY: a 4-aligned word of the grant list inside the mapped
+            // page (`Geometry::new` bounds the list).
+            unsafe { AtomicU32::from_ptr((page as usize + v::GRANTS + 4 * i) as *mut u32) }
+                .load(Ordering::Acquire)
         };
-        let (left, right) = (inside(g.left)?, inside(g.right)?);
+        let ring = |(place, size): (Place, u32), left: bool| match place {
+            Place::InPage(off) => Ok((page + off as u64, size)),
+            Place::Pages(_) => {
+                let grefs: Vec<u32> = g.grants(left).map(gref_at).collect();
+                map_pages(server, &grefs).map(|base| (base, size))
+            }
+        };
+        let (left, right) = (ring(g.left, true)?, ring(g.right, false)?);
         let port = xen::bind_interdomain(server, event).ok_or(format!(
             "binding event channel {event} of domain {server} failed"
         ))?;
@@ -106,7 +130,7 @@ impl Vchan {
     /// Writes as much of `data` as the left ring has room for; the bytes
     /// written.
     pub fn send(&mut self, data: &[u8]) -> Result<usize, v::VchanError> {
-        let (off, size) = self.left;
+        let (base, size) = self.left;
         let prod = self.u32_at(v::LEFT_PROD).load(Ordering::Relaxed);
         // Acquire: the server has finished reading what it released.
         let cons = self.u32_at(v::LEFT_CONS).load(Ordering::Acquire);
@@ -115,9 +139,9 @@ impl Vchan {
         for (at, len) in v::pieces(prod, n, size) {
             for (i, b) in data[from..from + len].iter().enumerate() {
                 // SAFETY: `at + i` lies inside the left ring (`pieces`),
-                // inside the mapped page; the server reads it only after
-                // the producer index below covers it.
-                unsafe { ((self.page as usize + off + at + i) as *mut u8).write_volatile(*b) };
+                // whose `size` bytes at `base` are mapped from the server;
+                // it reads them only after the producer index covers them.
+                unsafe { ((base as usize + at + i) as *mut u8).write_volatile(*b) };
             }
             from += len;
         }
@@ -132,18 +156,16 @@ impl Vchan {
 
     /// Appends what has arrived on the right ring to `out`; the byte count.
     pub fn recv(&mut self, out: &mut Vec<u8>) -> Result<usize, v::VchanError> {
-        let (off, size) = self.right;
+        let (base, size) = self.right;
         // Acquire: the bytes are read after the index that covers them.
         let prod = self.u32_at(v::RIGHT_PROD).load(Ordering::Acquire);
         let cons = self.u32_at(v::RIGHT_CONS).load(Ordering::Relaxed);
         let n = v::readable(prod, cons, size)?;
         for (at, len) in v::pieces(cons, n, size) {
             for i in 0..len {
-                // SAFETY: inside the right ring of the mapped page, below
-                // the server's producer index.
-                out.push(unsafe {
-                    ((self.page as usize + off + at + i) as *const u8).read_volatile()
-                });
+                // SAFETY: inside the right ring's mapped `size` bytes,
+                // below the server's producer index.
+                out.push(unsafe { ((base as usize + at + i) as *const u8).read_volatile() });
             }
         }
         if n > 0 {

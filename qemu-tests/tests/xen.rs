@@ -51,7 +51,8 @@ for f in ("libxenvchan_is_open", "libxenvchan_wait", "libxenvchan_data_ready"):
 lib.libxenvchan_recv.argtypes = [P, P, ctypes.c_size_t]
 lib.libxenvchan_send.argtypes = [P, ctypes.c_char_p, ctypes.c_size_t]
 dom = int(sys.argv[1])
-ctrl = lib.libxenvchan_server_init(None, dom, ("/local/domain/0/data/vchan/%d/111" % dom).encode(), 0, 0)
+# 4096-byte rings, as dom0's qubesdb-daemon asks: each in a page of its own.
+ctrl = lib.libxenvchan_server_init(None, dom, ("/local/domain/0/data/vchan/%d/111" % dom).encode(), 4096, 4096)
 print("ready" if ctrl else "server_init failed", flush=True)
 if not ctrl:
     sys.exit(1)
