@@ -187,12 +187,19 @@ impl SplitQueue {
         }
         let writable = parts.iter().filter(|p| p.2).map(|p| p.1).sum();
         let head = ids[0];
+        self.chains[usize::from(head)] = ids;
+        self.offer(head, buf, writable);
+        Ok(())
+    }
+
+    /// Puts descriptor (or chain head) `head` in the next slot of the
+    /// available ring, in flight with `buf` and the length the device may
+    /// write.
+    fn offer(&mut self, head: u16, buf: BufId, len: u32) {
         let slot = usize::from(self.avail_idx & (self.size - 1));
         self.write_u16(self.avail_off + 4 + 2 * slot, head);
-        self.inflight[usize::from(head)] = Some((buf, writable));
-        self.chains[usize::from(head)] = ids;
+        self.inflight[usize::from(head)] = Some((buf, len));
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        Ok(())
     }
 
     /// Offers one buffer (`len` bytes at `addr`) to the device, not yet
@@ -208,10 +215,7 @@ impl SplitQueue {
             return Err(buf);
         };
         self.write_desc(d, (addr, len, device_writes), None);
-        let slot = usize::from(self.avail_idx & (self.size - 1));
-        self.write_u16(self.avail_off + 4 + 2 * slot, d);
-        self.inflight[usize::from(d)] = Some((buf, len));
-        self.avail_idx = self.avail_idx.wrapping_add(1);
+        self.offer(d, buf, len);
         Ok(())
     }
 

@@ -97,6 +97,9 @@ pub struct Uplink {
     last_poll_ms: u64,
     next_check_ms: u64,
     reported: bool,
+    /// XenStore broke (a bad index or reply): the backend's changes are no
+    /// longer followed; the link stays as it is.
+    store_failed: bool,
 }
 
 fn read(store: &mut XenStore, path: &str) -> Result<String, String> {
@@ -242,6 +245,7 @@ impl Uplink {
             last_poll_ms: 0,
             next_check_ms: 0,
             reported: false,
+            store_failed: false,
         };
         if let Err(e) = up.store.watch("device/vif", VIF_TOKEN) {
             println!("netfront: cannot watch device/vif ({e:?}); re-attached devices are not seen");
@@ -271,7 +275,7 @@ impl Uplink {
             println!(
                 "netfront: vif/{} has MAC {}; frames keep going out from the first one's",
                 d.dev,
-                fmt_mac(mac)
+                crate::fmt_mac(&mac)
             );
         }
         idle::set_xen_port(d.port);
@@ -408,13 +412,6 @@ impl Uplink {
     }
 }
 
-fn fmt_mac(m: [u8; 6]) -> String {
-    format!(
-        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
-        m[0], m[1], m[2], m[3], m[4], m[5]
-    )
-}
-
 impl Nic for Uplink {
     fn mac(&self) -> [u8; 6] {
         self.mac
@@ -445,15 +442,17 @@ impl Nic for Uplink {
             d.nic.maintain(pool);
         }
         let now = clock::now_ms();
-        if now.wrapping_sub(self.last_poll_ms) < WATCH_POLL_MS {
+        if self.store_failed || now.wrapping_sub(self.last_poll_ms) < WATCH_POLL_MS {
             return;
         }
         self.last_poll_ms = now;
         let fired = match self.store.poll_events() {
             Ok(events) => !events.is_empty(),
             Err(e) => {
-                println!("netfront: xenstore: {e:?}");
-                true
+                // The ring is out of step: every later read would fail too.
+                println!("netfront: xenstore: {e:?}; the backend's changes are no longer followed");
+                self.store_failed = true;
+                return;
             }
         };
         let (up, dead) = match &self.link {

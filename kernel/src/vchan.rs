@@ -135,6 +135,9 @@ impl Vchan {
         // Acquire: the server has finished reading what it released.
         let cons = self.u32_at(v::LEFT_CONS).load(Ordering::Acquire);
         let n = v::writable(prod, cons, size)?.min(data.len() as u32);
+        if n == 0 {
+            return Ok(0); // full: nothing to publish, no event to send
+        }
         let mut from = 0;
         for (at, len) in v::pieces(prod, n, size) {
             for (i, b) in data[from..from + len].iter().enumerate() {
@@ -185,6 +188,9 @@ impl Vchan {
             data = &data[n..];
             if clock::now_ms() > deadline_ms {
                 return Err("no room in the ring".into());
+            }
+            if n == 0 {
+                core::hint::spin_loop();
             }
         }
         Ok(())

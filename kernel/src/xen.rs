@@ -369,17 +369,7 @@ pub fn bind_interdomain(remote: u16, remote_port: u32) -> Option<u32> {
 /// `EVTCHNOP_close` on `port`: false when Xen refused (not ours, or not
 /// open).
 pub fn close_port(port: u32) -> bool {
-    let close = port;
-    // SAFETY: EVTCHNOP_close reads one `evtchn_close { u32 port }` at the
-    // pointer, a live local.
-    let rc = unsafe {
-        hypercall2(
-            HYPERVISOR_EVENT_CHANNEL_OP,
-            u64::from(xen_shim::grant::EVTCHNOP_CLOSE),
-            &close as *const u32 as u64,
-        )
-    };
-    rc == 0
+    port_op(xen_shim::grant::EVTCHNOP_CLOSE, port) == 0
 }
 
 /// A three-argument hypercall.
@@ -411,14 +401,19 @@ unsafe fn hypercall3(number: u32, a1: u64, a2: u64, a3: u64) -> i64 {
 
 /// `EVTCHNOP_send` on `port`.
 pub fn notify(port: u32) {
-    let send = port;
-    // SAFETY: EVTCHNOP_send reads one `evtchn_send { u32 port }` at the
+    port_op(EVTCHNOP_SEND, port);
+}
+
+/// An event-channel operation whose argument is one port
+/// (`evtchn_send`, `evtchn_close`): Xen's return code.
+fn port_op(cmd: u32, port: u32) -> i64 {
+    // SAFETY: the operations passed here read one `{ u32 port }` at the
     // pointer, a live local.
     unsafe {
         hypercall2(
             HYPERVISOR_EVENT_CHANNEL_OP,
-            u64::from(EVTCHNOP_SEND),
-            &send as *const u32 as u64,
+            u64::from(cmd),
+            &port as *const u32 as u64,
         )
-    };
+    }
 }

@@ -277,6 +277,7 @@ impl NetConfig {
     }
 
     /// Whether `ip` is on the uplink's own subnet (reached without the gateway).
+    #[inline]
     pub fn on_uplink_subnet(&self, ip: Ipv4Addr) -> bool {
         let mask = crate::wire::prefix_mask(self.uplink_prefix);
         (u32::from(ip) ^ u32::from(self.uplink_ip)) & mask == 0

@@ -415,8 +415,6 @@ impl TokenBucket {
 /// The firewall stage for one uplink and any number of downlinks.
 pub struct Firewall {
     cfg: NetConfig,
-    /// The uplink subnet's mask (`NetConfig::on_uplink_subnet`, kept).
-    uplink_mask: u32,
     macs: Vec<Mac>,
     clients: Vec<Client>,
     client_index: HashMap<Ipv4Addr, usize>,
@@ -500,7 +498,6 @@ impl Firewall {
             .map_or(1, |m| u32::from_be_bytes([m[2], m[3], m[4], m[5]]));
         let resolver = Resolver::new(names, servers, seed);
         let mut fw = Self {
-            uplink_mask: prefix_mask(cfg.uplink_prefix),
             cfg,
             macs,
             clients,
@@ -1162,7 +1159,7 @@ impl Firewall {
     /// not known.
     #[inline]
     fn uplink_next_hop(&mut self, dst: Ipv4Addr, now: u64) -> Option<Mac> {
-        let hop = if (u32::from(dst) ^ u32::from(self.cfg.uplink_ip)) & self.uplink_mask == 0 {
+        let hop = if self.cfg.on_uplink_subnet(dst) {
             dst
         } else {
             self.cfg.gateway

@@ -228,12 +228,11 @@ pub fn update32(hc: u16, old: u32, new: u32) -> u16 {
     ChecksumDelta::default().dword(old, new).apply(hc)
 }
 
-/// The netmask of a prefix length (0..=32; longer is treated as 32).
+/// The netmask of a prefix length (0..=32; longer is treated as 32):
+/// the low half of a 64-bit shift, so /0 needs no branch.
+#[inline]
 pub fn prefix_mask(len: u8) -> u32 {
-    match len {
-        0 => 0,
-        n => u32::MAX << (32 - u32::from(n.min(32))),
-    }
+    (u64::MAX << (32 - u32::from(len.min(32)))) as u32
 }
 
 /// Why a frame was refused at parse time.
@@ -651,6 +650,18 @@ mod tests {
             h[10..12].copy_from_slice(&wrong.to_be_bytes());
             assert!(!header_checksum_ok(&h), "{wrong:#x} for {right:#x}");
         }
+    }
+
+    #[test]
+    fn prefix_masks() {
+        for len in 0..=255u8 {
+            let want = match len {
+                0 => 0,
+                n => u32::MAX << (32 - u32::from(n.min(32))),
+            };
+            assert_eq!(prefix_mask(len), want, "/{len}");
+        }
+        assert_eq!(prefix_mask(24), 0xffff_ff00);
     }
 
     #[test]

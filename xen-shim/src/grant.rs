@@ -22,7 +22,6 @@ pub const XENMAPSPACE_GRANT_TABLE: u32 = 1;
 pub const GNTTABOP_QUERY_SIZE: u32 = 6;
 /// Mapping another domain's grant into our physical address space.
 pub const GNTTABOP_MAP_GRANT_REF: u32 = 0;
-pub const GNTTABOP_UNMAP_GRANT_REF: u32 = 1;
 /// `GNTMAP_host_map`: map at `host_addr` (for HVM/PVH, a guest-physical
 /// address).
 pub const GNTMAP_HOST_MAP: u32 = 1 << 1;
@@ -74,16 +73,6 @@ pub struct MapGrantRef {
     pub status: i16,
     pub handle: u32,
     pub dev_bus_addr: u64,
-}
-
-/// `gnttab_unmap_grant_ref`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct UnmapGrantRef {
-    pub host_addr: u64,
-    pub dev_bus_addr: u64,
-    pub handle: u32,
-    pub status: i16,
 }
 
 /// `xen_memory_reservation`: `extent_start` points at `nr_extents` frame
@@ -198,7 +187,6 @@ mod tests {
         assert_eq!(core::mem::size_of::<MapGrantRef>(), 32);
         assert_eq!(core::mem::offset_of!(MapGrantRef, dom), 16);
         assert_eq!(core::mem::offset_of!(MapGrantRef, handle), 20);
-        assert_eq!(core::mem::size_of::<UnmapGrantRef>(), 24);
         assert_eq!(core::mem::size_of::<MemoryReservation>(), 32);
         assert_eq!(core::mem::offset_of!(MemoryReservation, domid), 24);
         assert_eq!(EVTCHN_PENDING, 2048);
