@@ -92,6 +92,20 @@ for _ in range(4):
 time.sleep(600)
 PY
 for m in xen-gntalloc xen-gntdev xen-evtchn; do modprobe $m 2>/dev/null; done
+# Xen's last log lines and the vCPU's registers, as `test: $1: ...` lines.
+diagnose() {
+    xl dmesg | tail -n 12 | sed "s/^/test: $1: xen: /"
+    /usr/lib/xen-4.17/bin/xenctx -a $(xl domid portcullis) 0 2>&1 | head -n 30 | sed "s/^/test: $1: ctx: /"
+}
+# The forwarding domain must still be running (r) or blocked (b): a reset
+# or crash mid-run is reported with Xen's view of it.
+still_running() {
+    state=$(xl list | awk '$1 == "portcullis" { print $5 }')
+    case "$state" in
+        *r*|*b*) ;;
+        *) echo "test: lost before $1: state '$state'"; diagnose "lost" ;;
+    esac
+}
 ms() { echo $(( $(date +%s%N) / 1000000 )); }
 run() {
     xl create /etc/xen/portcullis.cfg "$@" && echo "test: created $(xl domid portcullis)"
@@ -133,8 +147,7 @@ for attempt in 1 2; do
     done
     grep -q "portcullis: ready" $log 2>/dev/null && break
     echo "test: early end of attempt $attempt: state '$state'"
-    xl dmesg | tail -n 12 | sed 's/^/test: early end: xen: /'
-    /usr/lib/xen-4.17/bin/xenctx -a $(xl domid portcullis) 0 2>&1 | head -n 30 | sed 's/^/test: early end: ctx: /'
+    diagnose "early end"
     xl destroy portcullis 2>/dev/null
 done
 echo "test: first console line after $first ms, netfront connected after $up ms"
@@ -172,6 +185,7 @@ until grep -q "qubesdb: rules of 10.137.0.10 replaced" $log 2>/dev/null || [ $i 
     i=$((i + 1))
 done
 sed 's/^/test: qdb: /' /tmp/qdb.log | grep "update answer"
+still_running "the detach"
 # The backend goes away and comes back: traffic must resume without a
 # reboot.
 t=$(ms)
@@ -192,6 +206,7 @@ done
 echo "test: connected again after $(( $(ms) - t )) ms"
 pings "ping again"
 stats_after
+still_running "the end"
 xl destroy portcullis && echo "test: destroyed"
 echo "test: console log begins"
 cat $log
@@ -433,6 +448,14 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     // woke it (all five answered, above).
     let core = last("stats: core0 ");
     assert!(field(&core, "halts=") > 0, "{core}");
+    // The domain kept running through the pings and the QubesDB update
+    // (a reset mid-run is reported by the script with Xen's log and the
+    // vCPU's registers, `test: lost ...`, shown above).
+    assert_eq!(
+        test("test: lost before "),
+        Vec::<&str>::new(),
+        "the forwarding domain stopped while it forwarded"
+    );
     // `xl network-detach`: the backend closed, so the frontend stopped,
     // switched to Closed and ended every grant once netback had unmapped
     // its pages...
