@@ -92,10 +92,23 @@ impl PacketMemory {
 }
 
 /// The free list over a `PacketMemory`; owned by one core.
+///
+/// A pool owns a range of slots: the whole memory, or, after `split`, one
+/// core's share. A buffer of another pool's range freed here (a packet
+/// another core received and this one transmitted) is set aside as
+/// *foreign*, for the caller to send back to its owner (`take_foreign`,
+/// `owner`), so every pool keeps its own buffers.
 #[derive(Debug)]
 pub struct PacketPool {
     memory: &'static PacketMemory,
     free: Vec<BufId>,
+    /// This pool's slots: `first..first + span`.
+    first: usize,
+    span: usize,
+    /// Slots per pool of the split (the last pool may have more).
+    share: usize,
+    pools: usize,
+    foreign: Vec<BufId>,
 }
 
 impl PacketPool {
@@ -105,7 +118,65 @@ impl PacketPool {
         let count = (region.len() / BUF_SIZE).min(1 << 16);
         let free = (0..count).rev().map(|i| BufId(i as u16)).collect();
         let memory = Box::leak(Box::new(PacketMemory { region, count }));
-        Self { memory, free }
+        Self {
+            memory,
+            free,
+            first: 0,
+            span: count,
+            share: count.max(1),
+            pools: 1,
+            foreign: Vec::new(),
+        }
+    }
+
+    /// Splits the pool into `parts` pools (at least one, at most one per
+    /// slot) over the same memory, each owning a contiguous share of the
+    /// slots (the last one the remainder). Free buffers go to their
+    /// owner; buffers in use return to their owner when freed.
+    pub fn split(self, parts: usize) -> Vec<PacketPool> {
+        let count = self.memory.count;
+        let parts = parts.clamp(1, count.max(1));
+        let share = (count / parts).max(1);
+        let mut pools: Vec<PacketPool> = (0..parts)
+            .map(|k| {
+                let first = k * share;
+                let span = if k + 1 == parts { count - first } else { share };
+                PacketPool {
+                    memory: self.memory,
+                    free: Vec::with_capacity(span),
+                    first,
+                    span,
+                    share,
+                    pools: parts,
+                    foreign: Vec::new(),
+                }
+            })
+            .collect();
+        for b in self.free.into_iter().chain(self.foreign) {
+            let owner = (b.index() / share).min(parts - 1);
+            pools[owner].free.push(b);
+        }
+        pools
+    }
+
+    /// The pool (of the split this pool belongs to) that owns `b`.
+    pub fn owner(&self, b: &BufId) -> usize {
+        (b.index() / self.share).min(self.pools - 1)
+    }
+
+    /// Whether `b` belongs to this pool.
+    pub fn owns(&self, b: &BufId) -> bool {
+        b.index().wrapping_sub(self.first) < self.span
+    }
+
+    /// Moves the foreign buffers freed here into `out`.
+    pub fn take_foreign(&mut self, out: &mut Vec<BufId>) {
+        out.append(&mut self.foreign);
+    }
+
+    /// Slots this pool owns.
+    pub fn owned_slots(&self) -> usize {
+        self.span
     }
 
     /// The slots, for a core that holds buffers but not the free list.
@@ -125,8 +196,13 @@ impl PacketPool {
         self.free.pop()
     }
 
+    /// Returns `b` to the free list, or sets it aside for its owner.
     pub fn free(&mut self, b: BufId) {
-        self.free.push(b);
+        if self.owns(&b) {
+            self.free.push(b);
+        } else {
+            self.foreign.push(b);
+        }
     }
 
     pub fn paddr(&self, b: &BufId) -> u64 {
@@ -160,6 +236,53 @@ pub(crate) mod tests {
         // SAFETY: `mem` is kept alive by the caller for the region's life,
         // and the aligned range lies inside it.
         (mem, unsafe { DmaRegion::new(ptr, aligned as u64, len) })
+    }
+
+    /// Split pools own disjoint shares that cover the memory; a buffer
+    /// freed on another pool is set aside for its owner, and once handed
+    /// back it is allocated by its owner again.
+    #[test]
+    fn split_pools_keep_their_own_buffers() {
+        let (_mem, r) = region(10 * BUF_SIZE);
+        let mut whole = PacketPool::new(r);
+        let held = whole.alloc().unwrap();
+        let mut pools = whole.split(3);
+        assert_eq!(
+            pools.iter().map(|p| p.owned_slots()).collect::<Vec<_>>(),
+            [3, 3, 4]
+        );
+        assert_eq!(pools.iter().map(|p| p.available()).sum::<usize>(), 9);
+        let mut taken: Vec<Vec<BufId>> = Vec::new();
+        for (k, p) in pools.iter_mut().enumerate() {
+            let mut mine = Vec::new();
+            while let Some(b) = p.alloc() {
+                assert!(p.owns(&b));
+                assert_eq!(p.owner(&b), k);
+                mine.push(b);
+            }
+            taken.push(mine);
+        }
+        // The buffer held across the split belongs to the pool whose
+        // share holds its slot.
+        let owner = pools[0].owner(&held);
+        assert!(pools[owner].owns(&held));
+        // Pool 0 frees pool 2's buffers: set aside, not reused by pool 0.
+        for b in taken.pop().unwrap() {
+            pools[0].free(b);
+        }
+        assert_eq!(pools[0].available(), 0);
+        let mut back = Vec::new();
+        pools[0].take_foreign(&mut back);
+        assert_eq!(back.len(), 4);
+        for b in back {
+            assert_eq!(pools[0].owner(&b), 2);
+            pools[2].free(b);
+        }
+        assert_eq!(pools[2].available(), 4);
+        assert!(pools[2].alloc().is_some_and(|b| pools[2].owns(&b)));
+        // More parts than slots: one slot each, at most.
+        let (_m2, r2) = region(2 * BUF_SIZE);
+        assert_eq!(PacketPool::new(r2).split(5).len(), 2);
     }
 
     #[test]

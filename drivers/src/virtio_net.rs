@@ -19,7 +19,10 @@
 //!
 //! Receiving polls every pair's queue, starting one further each batch;
 //! transmitting uses pair 0 (one core owns the device: the host's tap then
-//! steers the flows it has seen leave on pair 0 back to it).
+//! steers the flows it has seen leave on pair 0 back to it). Or, for the
+//! `rtc` layout, `into_queues` splits the device into one `VirtioQueue`
+//! per pair, each driven by its own core through the queues' own
+//! doorbells.
 
 use alloc::vec::Vec;
 
@@ -112,6 +115,93 @@ struct Pair {
     bells: (Option<Doorbell>, Option<Doorbell>),
     /// Frames received on this pair.
     rx_packets: u64,
+}
+
+impl Pair {
+    /// Takes up to `max - *taken` received frames into `out`.
+    fn receive(
+        &mut self,
+        stats: &mut NicStats,
+        pool: &mut PacketPool,
+        out: &mut Vec<Packet>,
+        max: usize,
+        taken: &mut usize,
+    ) {
+        while *taken < max {
+            match self.rx.pop_used() {
+                None => break,
+                Some(Ok((buf, written))) => {
+                    let written = written as usize;
+                    if written < NET_HDR || written - NET_HDR > MAX_FRAME {
+                        stats.rx_errors += 1;
+                        pool.free(buf);
+                    } else {
+                        let len = written - NET_HDR;
+                        stats.rx_packets += 1;
+                        stats.rx_bytes += len as u64;
+                        self.rx_packets += 1;
+                        out.push(Packet { buf, len });
+                    }
+                    *taken += 1;
+                }
+                Some(Err(UsedError::BadLength { buf, .. })) => {
+                    stats.ring_errors += 1;
+                    pool.free(buf);
+                }
+                Some(Err(_)) => stats.ring_errors += 1,
+            }
+        }
+    }
+
+    /// Queues what fits of `batch` on the transmit queue; whether the
+    /// device must be notified.
+    fn transmit(
+        &mut self,
+        stats: &mut NicStats,
+        pool: &mut PacketPool,
+        batch: &mut Vec<Packet>,
+    ) -> bool {
+        let tx = &mut self.tx;
+        let room = tx.free_slots().min(batch.len());
+        if room < batch.len() {
+            stats.tx_ring_full += 1;
+        }
+        for mut p in batch.drain(..room) {
+            let len = p.len.min(MAX_FRAME);
+            // The header sits right before the frame: all zero, no offloads.
+            pool.slot(&mut p.buf)[HEADROOM - NET_HDR..HEADROOM].fill(0);
+            let addr = pool.paddr(&p.buf) + (HEADROOM - NET_HDR) as u64;
+            match tx.push(p.buf, addr, (NET_HDR + len) as u32, false) {
+                Ok(()) => {
+                    stats.tx_packets += 1;
+                    stats.tx_bytes += len as u64;
+                }
+                // Not reached: `room` free descriptors were counted above.
+                Err(buf) => pool.free(buf),
+            }
+        }
+        tx.publish()
+    }
+
+    /// Takes back transmitted buffers and refills the receive queue;
+    /// whether the device must be notified of new receive buffers.
+    fn replenish(&mut self, stats: &mut NicStats, pool: &mut PacketPool) -> bool {
+        while let Some(done) = self.tx.pop_used() {
+            match done {
+                Ok((buf, _)) | Err(UsedError::BadLength { buf, .. }) => pool.free(buf),
+                Err(_) => stats.ring_errors += 1,
+            }
+        }
+        while self.rx.free_slots() > 0 {
+            let Some(buf) = pool.alloc() else { break };
+            let addr = pool.paddr(&buf) + (HEADROOM - NET_HDR) as u64;
+            if let Err(buf) = self.rx.push(buf, addr, (NET_HDR + MAX_FRAME) as u32, true) {
+                pool.free(buf);
+                break;
+            }
+        }
+        self.rx.publish()
+    }
 }
 
 pub struct VirtioNet<T: Transport> {
@@ -330,6 +420,98 @@ impl<T: Transport> VirtioNet<T> {
     pub fn queue_pairs(&self) -> (usize, u16) {
         (self.pairs.len(), self.offered_pairs)
     }
+
+    /// One handle per queue pair, each a `Nic` of its own for the core
+    /// that will own that pair (the `rtc` layout); the device itself
+    /// stays set up for the kernel's life (dropping its transport would
+    /// reset it). Needs every queue's own doorbell, since the handles
+    /// cannot share the transport: without them the device comes back.
+    pub fn into_queues(self) -> Result<Vec<VirtioQueue>, Self> {
+        if self.doorbells() != 2 * self.pairs.len() {
+            return Err(self);
+        }
+        let Self {
+            transport,
+            mac,
+            pairs,
+            stats,
+            ..
+        } = self;
+        core::mem::forget(transport);
+        Ok(pairs
+            .into_iter()
+            .enumerate()
+            .map(|(i, pair)| VirtioQueue {
+                mac,
+                pair,
+                index: i as u16,
+                // The set-up's counts (control notifications) stay with
+                // the first pair.
+                stats: if i == 0 { stats } else { NicStats::default() },
+            })
+            .collect())
+    }
+}
+
+/// One receive/transmit pair of a virtio-net device, driven on its own by
+/// the core that owns it (`VirtioNet::into_queues`).
+pub struct VirtioQueue {
+    mac: [u8; 6],
+    pair: Pair,
+    /// The pair's number: its queues are `2 * index` and `2 * index + 1`.
+    index: u16,
+    stats: NicStats,
+}
+
+// SAFETY: the queue's rings and doorbells are device memory that only this
+// handle touches (`into_queues` hands each pair to exactly one handle), so
+// moving the handle to another core moves the only access with it.
+unsafe impl Send for VirtioQueue {}
+
+impl VirtioQueue {
+    /// The pair's number.
+    pub fn index(&self) -> u16 {
+        self.index
+    }
+
+    fn ring(bell: &Option<Doorbell>, queue: u16, stats: &mut NicStats) {
+        if let Some(b) = bell {
+            b.ring(queue);
+            stats.notifications += 1;
+        }
+    }
+}
+
+impl Nic for VirtioQueue {
+    fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    fn rx_batch(&mut self, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
+        let mut taken = 0;
+        self.pair
+            .receive(&mut self.stats, pool, out, max, &mut taken);
+    }
+
+    fn tx_batch(&mut self, pool: &mut PacketPool, batch: &mut Vec<Packet>) {
+        if self.pair.transmit(&mut self.stats, pool, batch) {
+            Self::ring(&self.pair.bells.1, 2 * self.index + 1, &mut self.stats);
+        }
+    }
+
+    fn maintain(&mut self, pool: &mut PacketPool) {
+        if self.pair.replenish(&mut self.stats, pool) {
+            Self::ring(&self.pair.bells.0, 2 * self.index, &mut self.stats);
+        }
+    }
+
+    fn stats(&self) -> NicStats {
+        self.stats
+    }
+
+    fn rx_queues(&self) -> Vec<u64> {
+        alloc::vec![self.pair.rx_packets]
+    }
 }
 
 impl<T: Transport> Nic for VirtioNet<T> {
@@ -343,77 +525,21 @@ impl<T: Transport> Nic for VirtioNet<T> {
         self.next_rx = first + 1;
         let mut taken = 0;
         for k in 0..n {
-            let pair = &mut self.pairs[(first + k) % n];
-            while taken < max {
-                match pair.rx.pop_used() {
-                    None => break,
-                    Some(Ok((buf, written))) => {
-                        let written = written as usize;
-                        if written < NET_HDR || written - NET_HDR > MAX_FRAME {
-                            self.stats.rx_errors += 1;
-                            pool.free(buf);
-                        } else {
-                            let len = written - NET_HDR;
-                            self.stats.rx_packets += 1;
-                            self.stats.rx_bytes += len as u64;
-                            pair.rx_packets += 1;
-                            out.push(Packet { buf, len });
-                        }
-                        taken += 1;
-                    }
-                    Some(Err(UsedError::BadLength { buf, .. })) => {
-                        self.stats.ring_errors += 1;
-                        pool.free(buf);
-                    }
-                    Some(Err(_)) => self.stats.ring_errors += 1,
-                }
-            }
+            self.pairs[(first + k) % n].receive(&mut self.stats, pool, out, max, &mut taken);
         }
     }
 
     fn tx_batch(&mut self, pool: &mut PacketPool, batch: &mut Vec<Packet>) {
-        let Pair { tx, bells, .. } = &mut self.pairs[0];
-        let room = tx.free_slots().min(batch.len());
-        if room < batch.len() {
-            self.stats.tx_ring_full += 1;
-        }
-        for mut p in batch.drain(..room) {
-            let len = p.len.min(MAX_FRAME);
-            // The header sits right before the frame: all zero, no offloads.
-            pool.slot(&mut p.buf)[HEADROOM - NET_HDR..HEADROOM].fill(0);
-            let addr = pool.paddr(&p.buf) + (HEADROOM - NET_HDR) as u64;
-            match tx.push(p.buf, addr, (NET_HDR + len) as u32, false) {
-                Ok(()) => {
-                    self.stats.tx_packets += 1;
-                    self.stats.tx_bytes += len as u64;
-                }
-                // Not reached: `room` free descriptors were counted above.
-                Err(buf) => pool.free(buf),
-            }
-        }
-        if tx.publish() {
-            Self::notify(&mut self.transport, &mut self.stats, &bells.1, 1);
+        let pair = &mut self.pairs[0];
+        if pair.transmit(&mut self.stats, pool, batch) {
+            Self::notify(&mut self.transport, &mut self.stats, &pair.bells.1, 1);
         }
     }
 
     fn maintain(&mut self, pool: &mut PacketPool) {
         for i in 0..self.pairs.len() {
             let pair = &mut self.pairs[i];
-            while let Some(done) = pair.tx.pop_used() {
-                match done {
-                    Ok((buf, _)) | Err(UsedError::BadLength { buf, .. }) => pool.free(buf),
-                    Err(_) => self.stats.ring_errors += 1,
-                }
-            }
-            while pair.rx.free_slots() > 0 {
-                let Some(buf) = pool.alloc() else { break };
-                let addr = pool.paddr(&buf) + (HEADROOM - NET_HDR) as u64;
-                if let Err(buf) = pair.rx.push(buf, addr, (NET_HDR + MAX_FRAME) as u32, true) {
-                    pool.free(buf);
-                    break;
-                }
-            }
-            if pair.rx.publish() {
+            if pair.replenish(&mut self.stats, pool) {
                 Self::notify(
                     &mut self.transport,
                     &mut self.stats,

@@ -25,6 +25,8 @@ const TOOLS: &[(&str, &str)] = &[
     // differential test) carry the machine's `nft`; its initramfs is cpio.
     ("nft", "nftables"),
     ("cpio", "cpio"),
+    // The rtc burst test's senders and receiver in the namespaces.
+    ("python3", "python3-minimal"),
 ];
 
 /// Runs every check and installs what is missing.

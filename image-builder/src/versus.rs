@@ -29,19 +29,27 @@ pub enum Vm {
     /// Portcullis with `layout=pipeline` (NICs on one CPU, the firewall on
     /// another): measured with 2 CPUs or more.
     Pipeline,
+    /// Portcullis with `layout=rtc` (each CPU owns a queue pair of both
+    /// NICs, on multi-queue taps): measured with 2 CPUs or more.
+    Rtc,
     Limit,
 }
 
 impl Vm {
-    const ALL: [Vm; 4] = [Vm::Linux, Vm::Portcullis, Vm::Pipeline, Vm::Limit];
+    const ALL: [Vm; 5] = [Vm::Linux, Vm::Portcullis, Vm::Pipeline, Vm::Rtc, Vm::Limit];
     /// The columns after Linux's, with a ratio to Linux each.
-    const OURS: [Vm; 3] = [Vm::Portcullis, Vm::Pipeline, Vm::Limit];
+    const OURS: [Vm; 4] = [Vm::Portcullis, Vm::Pipeline, Vm::Rtc, Vm::Limit];
+
+    fn needs_two_cpus(self) -> bool {
+        matches!(self, Vm::Pipeline | Vm::Rtc)
+    }
 
     fn name(self) -> &'static str {
         match self {
             Vm::Linux => "linux",
             Vm::Portcullis => "portcullis",
             Vm::Pipeline => "pipeline",
+            Vm::Rtc => "rtc",
             Vm::Limit => "limit",
         }
     }
@@ -251,7 +259,7 @@ pub fn run(args: &[String]) -> Result<(), String> {
     for round in 1..=plan.rounds {
         for &cpus in &plan.cpus {
             for vm in Vm::ALL {
-                if vm == Vm::Pipeline && cpus < 2 {
+                if vm.needs_two_cpus() && cpus < 2 {
                     continue;
                 }
                 println!(
@@ -452,6 +460,9 @@ impl Session<'_> {
             Vm::Pipeline => m
                 .memory_mib(self.memory_mib.unwrap_or(64))
                 .append("layout=pipeline"),
+            Vm::Rtc => m
+                .memory_mib(self.memory_mib.unwrap_or(64))
+                .append("layout=rtc"),
             Vm::Limit => m
                 .memory_mib(self.memory_mib.unwrap_or(64))
                 .append("firewall=off"),
@@ -460,7 +471,13 @@ impl Session<'_> {
 
     /// Boots the VM and runs every test: (metric, value) pairs.
     fn measure(&self) -> Result<Vec<(&'static str, f64)>, String> {
-        let topo = Topology::create("bench")?;
+        // `rtc` needs a queue pair per CPU: multi-queue taps.
+        let queues = if self.vm == Vm::Rtc {
+            self.cpus as u16
+        } else {
+            1
+        };
+        let topo = Topology::create_with_queues("bench", queues)?;
         let db = qemu_tests::workspace_root().join("config/demo.qubesdb");
         let machine = self.machine(&topo, &db);
         let t0 = Instant::now();
@@ -823,14 +840,18 @@ fn report(plan: &Plan, samples: &[Sample], memory: Option<u32>) -> String {
         // The pipeline layout needs a second CPU.
         let shown: Vec<Vm> = Vm::ALL
             .into_iter()
-            .filter(|vm| *vm != Vm::Pipeline || cpus >= 2)
+            .filter(|vm| !vm.needs_two_cpus() || cpus >= 2)
             .collect();
         let mut head = format!("{:<42} {:>24}", "metric", "Linux");
         for vm in shown.iter().skip(1) {
             let _ = write!(head, " {:>24}", vm.name());
         }
         for vm in shown.iter().skip(1) {
-            let _ = write!(head, " {:>9}", format!("{}/L", &vm.name()[..4]));
+            let _ = write!(
+                head,
+                " {:>9}",
+                format!("{}/L", vm.name().get(..4).unwrap_or(vm.name()))
+            );
         }
         let _ = writeln!(r, "{head}");
         for m in METRICS {
@@ -958,6 +979,7 @@ fn svg(plan: &Plan, samples: &[Sample]) -> String {
         (Vm::Linux, "#888888"),
         (Vm::Portcullis, "#2a6fdb"),
         (Vm::Pipeline, "#6a4fc0"),
+        (Vm::Rtc, "#2ab0a0"),
         (Vm::Limit, "#b0c8f0"),
     ];
     let (pw, ph) = (360.0, 260.0);

@@ -27,6 +27,10 @@ pub enum Layout {
     /// NICs on the boot CPU, the firewall stage on a second CPU, joined by
     /// rings.
     Pipeline,
+    /// Run to completion: each CPU owns one queue pair of every NIC and a
+    /// firewall of its own; frames of flows another CPU owns are handed to
+    /// it over rings.
+    Rtc,
 }
 
 impl Layout {
@@ -34,6 +38,7 @@ impl Layout {
         match self {
             Self::Single => "single",
             Self::Pipeline => "pipeline",
+            Self::Rtc => "rtc",
         }
     }
 }
@@ -186,9 +191,10 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
                 config.layout = Some(match value {
                     "single" => Layout::Single,
                     "pipeline" => Layout::Pipeline,
+                    "rtc" => Layout::Rtc,
                     _ => {
                         return Err(err(CmdlineErrorKind::BadValue {
-                            expected: "single|pipeline",
+                            expected: "single|pipeline|rtc",
                         }))
                     }
                 })
@@ -354,7 +360,8 @@ mod tests {
             parse("layout=pipeline").unwrap().layout,
             Some(Layout::Pipeline)
         );
-        assert!(parse("layout=rtc").is_err());
+        assert_eq!(parse("layout=rtc").unwrap().layout, Some(Layout::Rtc));
+        assert!(parse("layout=rr").is_err());
         assert!(!parse("").unwrap().firewall_off);
         assert!(parse("firewall=off").unwrap().firewall_off);
         assert!(!parse("firewall=off firewall=on").unwrap().firewall_off);

@@ -17,7 +17,7 @@ use core::sync::atomic::{AtomicBool, Ordering};
 use drivers::pool::PacketMemory;
 use drivers::spsc::{self, Consumer, Producer};
 use drivers::{BufId, Nic, Packet, PacketPool};
-use netstack::firewall::{DropReason, Firewall, Verdict};
+use netstack::firewall::{DropReason, Firewall, Summary, Verdict};
 
 use kernel::cmdline::Idle;
 
@@ -25,12 +25,12 @@ use crate::idle::Idler;
 use crate::{clock, console, exit};
 
 /// Frames taken from one NIC per poll.
-const RX_BATCH: usize = 64;
+pub(crate) const RX_BATCH: usize = 64;
 /// Packets waiting for one NIC's TX ring at most; beyond it they are
 /// dropped and counted.
 const TX_BACKLOG: usize = 1024;
 /// How often queued ARP requests and flow expiry are looked at.
-const HOUSEKEEPING_MS: u64 = 10;
+pub(crate) const HOUSEKEEPING_MS: u64 = 10;
 /// Slots of each inter-core ring.
 const RING_SLOTS: usize = 1024;
 /// Spare buffers the firewall core is kept supplied with.
@@ -63,7 +63,7 @@ impl<N: Nic> Nics<N> {
     }
 
     /// Queues a packet for `port`, or frees it if that backlog is full.
-    fn queue(&mut self, port: usize, p: Packet) {
+    pub(crate) fn queue(&mut self, port: usize, p: Packet) {
         match self.tx.get_mut(port) {
             Some(q) if q.len() < TX_BACKLOG => q.push(p),
             Some(_) => {
@@ -76,7 +76,7 @@ impl<N: Nic> Nics<N> {
 
     /// Transmits every backlog (one notification per NIC at most), then
     /// reclaims finished TX buffers and refills the RX rings.
-    fn flush(&mut self) {
+    pub(crate) fn flush(&mut self) {
         for (i, batch) in self.tx.iter_mut().enumerate() {
             if !batch.is_empty() {
                 self.nics[i].tx_batch(&mut self.pool, batch);
@@ -89,33 +89,11 @@ impl<N: Nic> Nics<N> {
 
     fn print_stats(&self) {
         for (i, nic) in self.nics.iter().enumerate() {
-            let s = nic.stats();
-            let role = if i == 0 { "uplink" } else { "downlink" };
-            println!(
-                "stats: nic{i} {role} rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} rx_errors={} tx_ring_full={} tx_backlog_drops={} ring_errors={} tx_errors={} notifications={}",
-                s.rx_packets,
-                s.rx_bytes,
-                s.tx_packets,
-                s.tx_bytes,
-                s.rx_errors,
-                s.tx_ring_full,
-                self.tx_backlog_drops[i],
-                s.ring_errors,
-                s.tx_errors,
-                s.notifications
-            );
-            let queues = nic.rx_queues();
-            if queues.len() > 1 {
-                print!("stats: nic{i} rx_queues=");
-                for (q, n) in queues.iter().enumerate() {
-                    print!("{}{n}", if q > 0 { "," } else { "" });
-                }
-                println!();
-            }
+            print_nic_stats(i, nic.stats(), self.tx_backlog_drops[i], &nic.rx_queues());
         }
     }
 
-    fn print_pool(&self) {
+    pub(crate) fn print_pool(&self) {
         println!(
             "stats: pool free={} of {} core_ring_full_drops={}",
             self.pool.available(),
@@ -125,15 +103,45 @@ impl<N: Nic> Nics<N> {
     }
 }
 
+/// The `stats: nic<N>` lines of one NIC (over every core, in `rtc`).
+pub(crate) fn print_nic_stats(i: usize, s: drivers::NicStats, backlog_drops: u64, queues: &[u64]) {
+    let role = if i == 0 { "uplink" } else { "downlink" };
+    println!(
+        "stats: nic{i} {role} rx_packets={} rx_bytes={} tx_packets={} tx_bytes={} rx_errors={} tx_ring_full={} tx_backlog_drops={} ring_errors={} tx_errors={} notifications={}",
+        s.rx_packets,
+        s.rx_bytes,
+        s.tx_packets,
+        s.tx_bytes,
+        s.rx_errors,
+        s.tx_ring_full,
+        backlog_drops,
+        s.ring_errors,
+        s.tx_errors,
+        s.notifications
+    );
+    if queues.len() > 1 {
+        print!("stats: nic{i} rx_queues=");
+        for (q, n) in queues.iter().enumerate() {
+            print!("{}{n}", if q > 0 { "," } else { "" });
+        }
+        println!();
+    }
+}
+
 fn print_firewall_stats(fw: &Firewall) {
-    let f = fw.stats();
+    print_summary(&fw.summary());
+}
+
+/// The firewall's `stats:` lines (one firewall's, or every core's added).
+pub(crate) fn print_summary(sum: &Summary) {
+    let f = &sum.stats;
     println!(
         "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={} nd_solicits_sent={} nd_adverts={} dns_queries_sent={} dns_answers={}",
         f.to_upstream,
         f.to_clients,
-        fw.flows(),
+        sum.flows,
         f.flows_created,
-        fw.conntrack_evictions(),
+        sum.evictions,
         f.dns_redirected,
         f.arp_replies,
         f.echo_replies,
@@ -145,11 +153,11 @@ fn print_firewall_stats(fw: &Firewall) {
         f.dns_queries_sent,
         f.dns_answers
     );
-    for (name, v6, addrs, resolved) in fw.dsthosts() {
+    for (name, v6, addrs, resolved) in &sum.dsthosts {
         print!(
             "stats: dsthost {name} ipv{} resolved={} addresses={}",
-            if v6 { 6 } else { 4 },
-            u8::from(resolved),
+            if *v6 { 6 } else { 4 },
+            u8::from(*resolved),
             addrs.len()
         );
         for a in addrs {
@@ -165,7 +173,7 @@ fn print_firewall_stats(fw: &Firewall) {
         }
     }
     println!(" total={}", f.dropped());
-    for (ip, hits) in fw.rule_hits() {
+    for (ip, hits) in &sum.rules {
         match hits {
             Ok(h) => {
                 print!("stats: rules {ip}");
@@ -184,20 +192,20 @@ fn print_firewall_stats(fw: &Firewall) {
 }
 
 /// What the console asks of the loop.
-enum Request {
+pub(crate) enum Request {
     None,
     Stats,
     Quit,
 }
 
 /// Console keys and the stats interval; checked every `HOUSEKEEPING_MS`.
-struct Console {
+pub(crate) struct Console {
     interval_ms: u64,
     last: u64,
 }
 
 impl Console {
-    fn new(interval_ms: u64) -> Self {
+    pub(crate) fn new(interval_ms: u64) -> Self {
         Self {
             interval_ms,
             last: clock::now_ms(),
@@ -220,7 +228,7 @@ impl Console {
         }
     }
 
-    fn poll(&mut self, now: u64) -> Request {
+    pub(crate) fn poll(&mut self, now: u64) -> Request {
         if self.interval_ms > 0 && now.wrapping_sub(self.last) >= self.interval_ms {
             self.last = now;
             return Request::Stats;
@@ -234,7 +242,7 @@ impl Console {
 }
 
 /// One core's loop counters (`stats: core<N> <role> ...`).
-struct CoreStats {
+pub(crate) struct CoreStats {
     cpu: usize,
     role: &'static str,
     /// Frames this core took in (from NICs, or from the ring).
@@ -242,11 +250,11 @@ struct CoreStats {
     /// Non-empty batches they came in.
     batches: u64,
     /// TSC cycles spent in rounds that had work.
-    busy_cycles: u64,
+    pub(crate) busy_cycles: u64,
 }
 
 impl CoreStats {
-    fn new(cpu: usize, role: &'static str) -> Self {
+    pub(crate) fn new(cpu: usize, role: &'static str) -> Self {
         Self {
             cpu,
             role,
@@ -256,7 +264,7 @@ impl CoreStats {
         }
     }
 
-    fn batch(&mut self, n: usize) {
+    pub(crate) fn batch(&mut self, n: usize) {
         if n > 0 {
             self.packets += n as u64;
             self.batches += 1;
@@ -264,9 +272,14 @@ impl CoreStats {
     }
 
     fn print(&self, idler: &Idler) {
+        println!("{}", self.line(idler));
+    }
+
+    /// The `stats: core<N>` line.
+    pub(crate) fn line(&self, idler: &Idler) -> alloc::string::String {
         let per = |a: u64, b: u64| a.checked_div(b).unwrap_or(0);
         let tenths = per(self.packets * 10, self.batches);
-        println!(
+        alloc::format!(
             "stats: core{} {} packets={} batches={} avg_batch={}.{} idle_rounds={} halts={} cycles_per_packet={}",
             self.cpu,
             self.role,
@@ -277,7 +290,7 @@ impl CoreStats {
             idler.idle_rounds,
             idler.halts,
             per(self.busy_cycles, self.packets)
-        );
+        )
     }
 }
 

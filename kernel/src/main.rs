@@ -27,6 +27,7 @@ mod netfront;
 mod pci_bus;
 mod phys;
 mod ports;
+mod rtc;
 mod smp;
 mod vchan;
 mod virtio_hal;
@@ -313,6 +314,14 @@ fn start_dataplane(
             println!("rules: client {}: {e}; dropping all its traffic", c.ip);
         }
     }
+    // `rtc` gives each CPU a queue pair of every NIC: as many pairs as
+    // CPUs unless `queues=` says fewer.
+    let cpus = 1 + smp::online_aps().len();
+    let want_pairs = match config.layout {
+        Some(Layout::Rtc) if config.queues == 1 => cpus.min(16) as u16,
+        Some(Layout::Rtc) => config.queues.min(cpus as u16),
+        _ => config.queues,
+    };
     for f in nics {
         let a = f.address;
         let nic = virtio_hal::transport(access, a.bus(), a.device(), a.function())
@@ -320,10 +329,10 @@ fn start_dataplane(
             .and_then(|t| {
                 // The data queues' doorbells (the control queue, used
                 // once at set-up, notifies through the transport).
-                let queues = 2 * config.queues;
+                let queues = 2 * want_pairs;
                 let mut platform =
                     virtio_hal::NetPlatform::new(access, a.bus(), a.device(), a.function(), queues);
-                VirtioNet::new(t, config.queues, &mut platform)
+                VirtioNet::new(t, want_pairs, &mut platform)
                     .map_err(|e| format!("device refused set-up: {e:?}"))
             });
         match nic {
@@ -334,7 +343,7 @@ fn start_dataplane(
                     a.bus(),
                     a.device(),
                     a.function(),
-                    config.queues,
+                    want_pairs,
                     n.doorbells(),
                     2 * pairs
                 );
@@ -366,6 +375,7 @@ fn start_dataplane(
     );
     let macs: Vec<[u8; 6]> = devices.iter().map(|d| d.mac()).collect();
     print_ready(&net, &macs);
+    let rtc_config = (net.clone(), macs.clone());
     let mut firewall = Firewall::new(net, macs);
     if config.firewall_off {
         firewall.set_forward_only(true);
@@ -374,7 +384,6 @@ fn start_dataplane(
              (a benchmark's limit mode; never deploy this)"
         );
     }
-    let nics = dataplane::Nics::new(devices, pool);
     let stats_interval_ms = u64::from(config.stats_interval_s) * 1000;
     let aps = smp::online_aps();
     // `single` unless asked: on the 2-core development host the pipeline's
@@ -413,7 +422,35 @@ fn start_dataplane(
         );
         dataplane::Generator::new(usize::from(len))
     });
+    if layout == Layout::Rtc {
+        drop(firewall);
+        if generator.is_some() {
+            println!("config error: generate= runs in layout=single only");
+            exit::failure();
+        }
+        if qubesdb_link.is_some() {
+            println!("qubesdb: dom0's later updates are followed in layout single only");
+        }
+        let (queues, cores) = rtc_queues(devices);
+        let cpus: Vec<usize> = core::iter::once(0).chain(aps).take(cores).collect();
+        println!(
+            "dataplane: layout rtc ({cores} cores, each with one queue pair of every NIC: cpus {cpus:?})"
+        );
+        let (net, macs) = rtc_config;
+        rtc::run_rtc(
+            queues,
+            pool,
+            net,
+            macs,
+            config.firewall_off,
+            stats_interval_ms,
+            &cpus,
+            (idle, config.idle),
+        )
+    }
+    let nics = dataplane::Nics::new(devices, pool);
     match (layout, aps.first()) {
+        (Layout::Rtc, _) => unreachable!("started above"),
         (Layout::Pipeline, Some(_)) if generator.is_some() => {
             println!("config error: generate= runs in layout=single only");
             exit::failure();
@@ -442,6 +479,42 @@ fn start_dataplane(
             )
         }
     }
+}
+
+/// The NICs split into their queue pairs for `rtc`, `[nic][pair]`, and
+/// the number of cores: every NIC a virtio NIC with the same number of
+/// pairs, at least two, each with its own doorbells (stops with a
+/// configuration error otherwise).
+fn rtc_queues(devices: Vec<ports::Port>) -> (Vec<Vec<drivers::virtio_net::VirtioQueue>>, usize) {
+    let cpus = 1 + smp::online_aps().len();
+    let pairs: Vec<usize> = devices.iter().map(ports::Port::queue_pairs).collect();
+    let cores = pairs.iter().copied().min().unwrap_or(0);
+    let fail = |why: String| -> ! {
+        println!("config error: layout=rtc {why}");
+        exit::failure();
+    };
+    if cpus < 2 {
+        fail(alloc::format!(
+            "needs a second CPU, and only {cpus} is online"
+        ));
+    }
+    if cores < 2 || pairs.iter().any(|&p| p != cores) {
+        fail(alloc::format!(
+            "needs the same number (at least two) of queue pairs on every NIC (multi-queue \
+             virtio-net, queues=N); they have {pairs:?}"
+        ));
+    }
+    let mut queues = Vec::new();
+    for d in devices {
+        match d {
+            ports::Port::Virtio(n) => match n.into_queues() {
+                Ok(q) => queues.push(q),
+                Err(_) => fail("needs every queue's own doorbell".into()),
+            },
+            ports::Port::Netfront(_) => fail("runs on virtio-net NICs only".into()),
+        }
+    }
+    (queues, cores)
 }
 
 /// QubesDB keys: the fw_cfg snapshot, then QubesDB's own entries (under

@@ -186,6 +186,59 @@ impl Default for Stats {
     }
 }
 
+impl core::ops::AddAssign<&Stats> for Stats {
+    /// Adds another firewall's counters (another core's).
+    fn add_assign(&mut self, o: &Stats) {
+        for (a, b) in self.drops.iter_mut().zip(o.drops.iter()) {
+            *a += b;
+        }
+        self.to_upstream += o.to_upstream;
+        self.to_clients += o.to_clients;
+        self.arp_replies += o.arp_replies;
+        self.echo_replies += o.echo_replies;
+        self.icmp_errors_sent += o.icmp_errors_sent;
+        self.icmp_errors_suppressed += o.icmp_errors_suppressed;
+        self.arp_requests_sent += o.arp_requests_sent;
+        self.nd_solicits_sent += o.nd_solicits_sent;
+        self.nd_adverts += o.nd_adverts;
+        self.flows_created += o.flows_created;
+        self.dns_redirected += o.dns_redirected;
+        self.dns_queries_sent += o.dns_queries_sent;
+        self.dns_answers += o.dns_answers;
+    }
+}
+
+/// A copy of what a firewall reports (`stats`), taken on its own core and
+/// added up with other cores' copies on another: counters, flows, rule
+/// hits and `dsthost` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    pub stats: Stats,
+    pub flows: usize,
+    pub evictions: u64,
+    /// Per client: per-rule hits (last: the policy), or the rule error.
+    pub rules: Vec<(IpAddr, Result<Vec<u64>, alloc::string::String>)>,
+    /// `dsthost` names: name, IPv6?, addresses, resolved.
+    pub dsthosts: Vec<(alloc::string::String, bool, Vec<IpAddr>, bool)>,
+}
+
+impl Summary {
+    /// Adds the counters of `o`, a summary of a firewall with the same
+    /// clients (another core's); the names' addresses are this one's.
+    pub fn add(&mut self, o: &Summary) {
+        self.stats += &o.stats;
+        self.flows += o.flows;
+        self.evictions += o.evictions;
+        for ((ip, hits), (ip2, hits2)) in self.rules.iter_mut().zip(o.rules.iter()) {
+            if let (true, Ok(h), Ok(h2)) = (ip == ip2, hits, hits2) {
+                for (a, b) in h.iter_mut().zip(h2.iter()) {
+                    *a += b;
+                }
+            }
+        }
+    }
+}
+
 impl Stats {
     pub fn drop_count(&self, r: DropReason) -> u64 {
         self.drops[r as usize]
@@ -435,6 +488,9 @@ pub struct Firewall {
     stats: Stats,
     /// The benchmark's limit mode (`set_forward_only`).
     forward_only: bool,
+    /// The port the resolver asks from (`RESOLVER_PORT` unless another
+    /// core's firewall uses it: `set_resolver_port`).
+    resolver_port: u16,
 }
 
 fn swap_macs(buf: &mut [u8], new_src: Mac) {
@@ -518,6 +574,7 @@ impl Firewall {
             },
             stats: Stats::default(),
             forward_only: false,
+            resolver_port: RESOLVER_PORT,
         };
         // Names that cannot be asked (no DNS server) are settled already.
         let settled: Vec<Resolved> = fw
@@ -550,6 +607,14 @@ impl Firewall {
         self.forward_only = on;
     }
 
+    /// Makes the resolver ask from `port` (below the NAT ports) instead
+    /// of `RESOLVER_PORT`: with a firewall per core, each asks from its
+    /// own port, so that the answers can be steered to the core that
+    /// asked (`steer::resolver_port`).
+    pub fn set_resolver_port(&mut self, port: u16) {
+        self.resolver_port = port.min(crate::conntrack::NAT_PORT_FIRST - 1);
+    }
+
     pub fn stats(&self) -> &Stats {
         &self.stats
     }
@@ -580,6 +645,28 @@ impl Firewall {
         self.clients
             .iter()
             .map(|c| (c.ip, c.rules.as_ref().map(|_| c.hits.as_slice())))
+    }
+
+    /// What `stats` reports, as one value (see `Summary`).
+    pub fn summary(&self) -> Summary {
+        Summary {
+            stats: self.stats.clone(),
+            flows: self.flows(),
+            evictions: self.conntrack_evictions(),
+            rules: self
+                .rule_hits()
+                .map(|(ip, h)| {
+                    (
+                        ip,
+                        h.map(<[u64]>::to_vec).map_err(|e| alloc::format!("{e}")),
+                    )
+                })
+                .collect(),
+            dsthosts: self
+                .dsthosts()
+                .map(|(n, v6, a, r)| (n.into(), v6, a.to_vec(), r))
+                .collect(),
+        }
     }
 
     fn drop(&mut self, r: DropReason) -> Verdict {
@@ -809,7 +896,7 @@ impl Firewall {
     }
 
     /// The resolver's next query, as a UDP datagram to an upstream DNS
-    /// server (from `RESOLVER_PORT` on the uplink address).
+    /// server (from the resolver's port on the uplink address).
     fn poll_dns(&mut self, now: u64, buf: &mut [u8]) -> Option<(usize, usize)> {
         if self.resolver.is_empty() {
             return None;
@@ -835,7 +922,7 @@ impl Firewall {
             uplink,
             server,
         );
-        put_u16(buf, l4, RESOLVER_PORT);
+        put_u16(buf, l4, self.resolver_port);
         put_u16(buf, l4 + 2, DNS_PORT);
         put_u16(buf, l4 + 4, udp_len as u16);
         put_u16(buf, l4 + 6, 0);
@@ -1212,7 +1299,7 @@ impl Firewall {
         if info.frag_offset != 0 {
             return self.later_fragment(now, buf, info);
         }
-        if info.proto == PROTO_UDP && info.dport == RESOLVER_PORT && info.sport == DNS_PORT {
+        if info.proto == PROTO_UDP && info.dport == self.resolver_port && info.sport == DNS_PORT {
             return self.dns_answer(now, buf, info);
         }
         let uplink = self.cfg.uplink_ip;

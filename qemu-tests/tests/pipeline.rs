@@ -129,3 +129,25 @@ fn single_is_the_default_and_a_pipeline_needs_two_cpus() {
         boot.console
     );
 }
+
+/// `rtc` needs a queue pair of every NIC per core: with one CPU, or with
+/// single-queue NICs (the lab's socket backends), a clear error.
+#[test]
+fn rtc_needs_two_cpus_and_multi_queue_nics() {
+    for (cpus, want) in [
+        (1, "config error: layout=rtc needs a second CPU"),
+        (
+            2,
+            "config error: layout=rtc needs the same number (at least two) of queue pairs on every NIC",
+        ),
+    ] {
+        let boot = qemu_tests::Machine::new(qemu_tests::kernel())
+            .cpus(cpus)
+            .append("layout=rtc /qubes-ip=10.0.2.15 /qubes-gateway=10.0.2.2 /qubes-netvm-gateway=10.137.0.1")
+            .nic(qemu_tests::NicBackend::Unconnected)
+            .nic(qemu_tests::NicBackend::Unconnected)
+            .run(Duration::from_secs(60));
+        boot.expect(qemu_tests::Outcome::Failure);
+        assert!(boot.console.contains(want), "{}", boot.console);
+    }
+}

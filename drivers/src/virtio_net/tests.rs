@@ -432,3 +432,56 @@ fn doorbells_are_rung_directly_when_the_platform_gives_them() {
     drop(m);
     assert_eq!(&bells[..5], &[0, 1, 2, 0xffff, 0xffff]);
 }
+
+/// `into_queues`: one handle per pair, each receiving only from its own
+/// receive queue, transmitting on its own transmit queue and refilling its
+/// own receive queue from its own pool, every notification through the
+/// queue's doorbell; a device without doorbells is given back whole.
+#[test]
+fn splits_into_one_handle_per_pair() {
+    let r = rig_pairs(multiqueue(2), 2).unwrap();
+    let nic = r.nic.into_queues().err().expect("no doorbells: refused");
+    assert_eq!(nic.queue_pairs(), (2, 2), "and given back intact");
+    let mut bells = [0xffffu16; 16];
+    let mut platform = TestPlatform {
+        mem: Vec::new(),
+        bells: Some(&mut bells),
+    };
+    let nic = VirtioNet::new(multiqueue(2), 2, &mut platform).unwrap();
+    let queues_at = nic.transport.queues.clone();
+    let Ok(mut queues) = nic.into_queues() else {
+        panic!("every queue has its doorbell")
+    };
+    assert_eq!(
+        queues.iter().map(VirtioQueue::index).collect::<Vec<_>>(),
+        [0, 1]
+    );
+    let (m, p) = region(1200 * BUF_SIZE);
+    let mut pools = PacketPool::new(p).split(2);
+    for (q, pool) in queues.iter_mut().zip(pools.iter_mut()) {
+        q.maintain(pool);
+        assert_eq!(pool.available(), 600 - 256, "each filled from its own pool");
+    }
+    let mut dev = FakeDevice::at(queues_at[2].2, 256);
+    let posted = dev.take();
+    for (id, addr, ..) in posted.iter().take(2) {
+        // SAFETY: host memory of the pool, posted for writing.
+        unsafe { core::ptr::write_bytes(*addr as *mut u8, 0, NET_HDR + 60) };
+        dev.complete(u32::from(*id), (NET_HDR + 60) as u32);
+    }
+    let mut got = Vec::new();
+    queues[0].rx_batch(&mut pools[0], &mut got, 64);
+    assert!(got.is_empty(), "pair 0 sees nothing of pair 1's frames");
+    queues[1].rx_batch(&mut pools[1], &mut got, 64);
+    assert_eq!(got.len(), 2);
+    assert!(got.iter().all(|p| pools[1].owns(&p.buf)));
+    assert_eq!(queues[1].rx_queues(), [2]);
+    queues[1].tx_batch(&mut pools[1], &mut got);
+    assert!(got.is_empty());
+    assert_eq!(queues[1].stats().tx_packets, 2);
+    drop(queues);
+    drop(m);
+    // Pair 1's queues (2: receive, 3: transmit) rung through their own
+    // registers; pair 0's receive queue too.
+    assert_eq!(&bells[..4], &[0, 0xffff, 2, 3]);
+}
