@@ -1,7 +1,7 @@
 //! NIC drivers behind one batch interface.
 //!
 //! This crate owns the network devices Portcullis drives — virtio-net over
-//! PCI and Xen netfront (netback later) — behind the `Nic` trait, which
+//! PCI, Xen netfront and Xen netback — behind the `Nic` trait, which
 //! moves *batches* of packet buffers and notifies the device once per batch,
 //! never once per packet. Buffers come from a preallocated `PacketPool` in
 //! DMA memory and travel between NICs without copies.
@@ -17,6 +17,7 @@
 
 extern crate alloc;
 
+pub mod netback;
 pub mod netfront;
 pub mod pool;
 pub mod spsc;

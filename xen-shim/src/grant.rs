@@ -115,6 +115,97 @@ pub struct BindInterdomain {
     pub local_port: u32,
 }
 
+pub const GNTTABOP_UNMAP_GRANT_REF: u32 = 1;
+pub const GNTTABOP_COPY: u32 = 5;
+/// `gnttab_copy` flags: which side is named by a grant reference.
+pub const GNTCOPY_SOURCE_GREF: u16 = 1 << 0;
+pub const GNTCOPY_DEST_GREF: u16 = 1 << 1;
+/// "This domain", for the side of a copy that is our own frame.
+pub const DOMID_SELF: u16 = 0x7ff0;
+pub const GNTST_OKAY: i16 = 0;
+
+/// One side of a `gnttab_copy`: a grant reference of `domid`'s, or (for
+/// `DOMID_SELF`) one of our frame numbers, and the offset in that page.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CopyPtr {
+    /// `union { grant_ref_t ref; xen_pfn_t gmfn; }`.
+    pub gref_or_frame: u64,
+    pub domid: u16,
+    pub offset: u16,
+}
+
+/// `gnttab_copy`: `len` bytes from `source` to `dest`, neither crossing a
+/// page; Xen writes `status`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct GnttabCopy {
+    pub source: CopyPtr,
+    pub dest: CopyPtr,
+    pub len: u16,
+    pub flags: u16,
+    pub status: i16,
+}
+
+impl GnttabCopy {
+    /// From page `gref` of `domid`'s, at `offset`, into our memory at
+    /// `paddr` (`None` if either side would cross its page).
+    pub fn from_grant(domid: u16, gref: u32, offset: u16, paddr: u64, len: u16) -> Option<Self> {
+        let ours = own_side(paddr, len)?;
+        let theirs = grant_side(domid, gref, offset, len)?;
+        Some(Self {
+            source: theirs,
+            dest: ours,
+            len,
+            flags: GNTCOPY_SOURCE_GREF,
+            status: 1,
+        })
+    }
+
+    /// From our memory at `paddr` into page `gref` of `domid`'s, at
+    /// `offset`.
+    pub fn to_grant(domid: u16, gref: u32, offset: u16, paddr: u64, len: u16) -> Option<Self> {
+        let ours = own_side(paddr, len)?;
+        let theirs = grant_side(domid, gref, offset, len)?;
+        Some(Self {
+            source: ours,
+            dest: theirs,
+            len,
+            flags: GNTCOPY_DEST_GREF,
+            status: 1,
+        })
+    }
+}
+
+const PAGE_SIZE: u64 = 4096;
+
+fn own_side(paddr: u64, len: u16) -> Option<CopyPtr> {
+    let offset = paddr % PAGE_SIZE;
+    (offset + u64::from(len) <= PAGE_SIZE).then_some(CopyPtr {
+        gref_or_frame: paddr / PAGE_SIZE,
+        domid: DOMID_SELF,
+        offset: offset as u16,
+    })
+}
+
+fn grant_side(domid: u16, gref: u32, offset: u16, len: u16) -> Option<CopyPtr> {
+    (u64::from(offset) + u64::from(len) <= PAGE_SIZE).then_some(CopyPtr {
+        gref_or_frame: u64::from(gref),
+        domid,
+        offset,
+    })
+}
+
+/// `gnttab_unmap_grant_ref`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UnmapGrantRef {
+    pub host_addr: u64,
+    pub dev_bus_addr: u64,
+    pub handle: u32,
+    pub status: i16,
+}
+
 /// A grant reference.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrantRef(pub u32);
@@ -191,6 +282,37 @@ mod tests {
         assert_eq!(core::mem::offset_of!(MemoryReservation, domid), 24);
         assert_eq!(EVTCHN_PENDING, 2048);
         assert_eq!(EVTCHN_MASK, 2560);
+        assert_eq!(core::mem::size_of::<CopyPtr>(), 16);
+        assert_eq!(core::mem::size_of::<GnttabCopy>(), 40);
+        assert_eq!(core::mem::offset_of!(GnttabCopy, dest), 16);
+        assert_eq!(core::mem::offset_of!(GnttabCopy, len), 32);
+        assert_eq!(core::mem::offset_of!(GnttabCopy, status), 36);
+        assert_eq!(core::mem::size_of::<UnmapGrantRef>(), 24);
+        assert_eq!(core::mem::offset_of!(UnmapGrantRef, status), 20);
+    }
+
+    /// Copies name the client's side by grant and ours by frame number,
+    /// and never cross a page on either side.
+    #[test]
+    fn grant_copies_stay_inside_their_pages() {
+        let c = GnttabCopy::from_grant(5, 77, 100, 0x12_3040, 1514).unwrap();
+        assert_eq!(c.flags, GNTCOPY_SOURCE_GREF);
+        assert_eq!(
+            (c.source.gref_or_frame, c.source.domid, c.source.offset),
+            (77, 5, 100)
+        );
+        assert_eq!(
+            (c.dest.gref_or_frame, c.dest.domid, c.dest.offset),
+            (0x123, DOMID_SELF, 0x40)
+        );
+        let t = GnttabCopy::to_grant(5, 78, 0, 0x12_3840, 60).unwrap();
+        assert_eq!(t.flags, GNTCOPY_DEST_GREF);
+        assert_eq!((t.dest.gref_or_frame, t.dest.offset), (78, 0));
+        assert_eq!(t.source.offset, 0x840);
+        assert!(GnttabCopy::from_grant(5, 77, 4000, 0x1000, 100).is_none());
+        assert!(GnttabCopy::from_grant(5, 77, 0, 0x1f00, 0x200).is_none());
+        assert!(GnttabCopy::to_grant(5, 77, u16::MAX, 0x1000, u16::MAX).is_none());
+        assert!(GnttabCopy::to_grant(5, 77, 0, 0x1000, 4096).is_some());
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! The netfront/netback wire protocol (`public/io/netif.h`, `io/ring.h`,
-//! `io/xenbus.h`) as pure data and logic, for the netfront driver: ring
-//! layouts and entries, the notification rule, validation of what the
-//! backend writes, and the frontend's side of the xenbus handshake.
+//! `io/xenbus.h`) as pure data and logic, for the netfront and netback
+//! drivers: ring layouts and entries (both sides' encodings), the
+//! notification rule, validation of what the other side writes, and the
+//! frontend's side of the xenbus handshake.
 //!
 //! Everything the backend writes (response indices, ids, offsets, sizes,
 //! statuses) is checked here before the driver uses it: a hostile or buggy
@@ -102,6 +103,40 @@ impl TxRequest {
     }
 }
 
+impl TxRequest {
+    /// A request as a frontend wrote it (the backend's view).
+    pub fn decode(b: &[u8; TX_ENTRY]) -> Self {
+        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        Self {
+            gref: u32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            offset: u16_at(4),
+            flags: u16_at(6),
+            id: u16_at(8),
+            size: u16_at(10),
+        }
+    }
+
+    /// The frame this request offers, checked for a backend that took
+    /// neither scatter-gather nor extra info (GSO): `(offset, len)` inside
+    /// the granted page, `len` from `min` to `max` bytes.
+    pub fn frame(&self, min: usize, max: usize) -> Result<(usize, usize), Bad> {
+        if self.flags & (NETTXF_MORE_DATA | NETTXF_EXTRA_INFO) != 0 {
+            return Err(Bad::Flags);
+        }
+        let (off, len) = (usize::from(self.offset), usize::from(self.size));
+        if len < min || len > max || off + len > PAGE {
+            return Err(Bad::Bounds);
+        }
+        Ok((off, len))
+    }
+}
+
+/// Requests a frontend published that the backend has not consumed; an
+/// index more than a ring ahead is the frontend misbehaving.
+pub fn requests_ready(req_prod: u32, req_cons: u32, size: u32) -> Result<u32, Bad> {
+    crate::ring_distance(req_prod, req_cons, size).ok_or(Bad::Indices)
+}
+
 /// `netif_tx_response`: the backend is done with request `id`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TxResponse {
@@ -110,6 +145,13 @@ pub struct TxResponse {
 }
 
 impl TxResponse {
+    pub fn encode(&self) -> [u8; 4] {
+        let mut b = [0u8; 4];
+        b[0..2].copy_from_slice(&self.id.to_le_bytes());
+        b[2..4].copy_from_slice(&self.status.to_le_bytes());
+        b
+    }
+
     pub fn decode(b: &[u8; 4]) -> Self {
         Self {
             id: u16::from_le_bytes([b[0], b[1]]),
@@ -126,6 +168,13 @@ pub struct RxRequest {
 }
 
 impl RxRequest {
+    pub fn decode(b: &[u8; RX_ENTRY]) -> Self {
+        Self {
+            id: u16::from_le_bytes([b[0], b[1]]),
+            gref: u32::from_le_bytes([b[4], b[5], b[6], b[7]]),
+        }
+    }
+
     pub fn encode(&self) -> [u8; RX_ENTRY] {
         let mut b = [0u8; RX_ENTRY];
         b[0..2].copy_from_slice(&self.id.to_le_bytes());
@@ -145,6 +194,15 @@ pub struct RxResponse {
 }
 
 impl RxResponse {
+    pub fn encode(&self) -> [u8; RX_ENTRY] {
+        let mut b = [0u8; RX_ENTRY];
+        b[0..2].copy_from_slice(&self.id.to_le_bytes());
+        b[2..4].copy_from_slice(&self.offset.to_le_bytes());
+        b[4..6].copy_from_slice(&self.flags.to_le_bytes());
+        b[6..8].copy_from_slice(&self.status.to_le_bytes());
+        b
+    }
+
     pub fn decode(b: &[u8; RX_ENTRY]) -> Self {
         Self {
             id: u16::from_le_bytes([b[0], b[1]]),
@@ -261,6 +319,42 @@ pub fn frontend_step(backend: XenbusState, ours: XenbusState) -> FrontendStep {
     }
 }
 
+/// What a backend does next (`backend_step`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendStep {
+    /// Nothing to do.
+    Wait,
+    /// Write the features offered (`feature-rx-copy` ...) and switch to
+    /// InitWait: the frontend may connect.
+    Offer,
+    /// The frontend published its rings and event channel: map them, bind
+    /// the channel, switch to Connected.
+    Connect,
+    /// Both connected: forward.
+    Running,
+    /// The frontend is going away (or went): unmap, close the channel,
+    /// switch to Closing.
+    Disconnect,
+    /// Disconnected and the frontend closed: switch to Closed.
+    Close,
+}
+
+/// The backend's side of the handshake, as Linux netback does it, from
+/// the frontend's state and ours.
+pub fn backend_step(frontend: XenbusState, ours: XenbusState) -> BackendStep {
+    use XenbusState::*;
+    match (frontend, ours) {
+        (Connected, Connected) => BackendStep::Running,
+        (Initialised | Connected, InitWait) => BackendStep::Connect,
+        (Closing | Closed | Unknown, Connected | InitWait | Initialised) => BackendStep::Disconnect,
+        (Closed | Unknown, Closing) => BackendStep::Close,
+        (Initialising | InitWait, Initialising | Closed | Unknown) => BackendStep::Offer,
+        // A frontend that starts again while we still hold its rings.
+        (Initialising, Connected) => BackendStep::Disconnect,
+        _ => BackendStep::Wait,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,6 +374,98 @@ mod tests {
             "+0:16:3e:5e:6c:0a",
         ] {
             assert_eq!(parse_mac(bad), None, "{bad}");
+        }
+    }
+
+    /// Entries round-trip, and a frontend's transmit request is checked
+    /// for everything a backend without scatter-gather or GSO refuses.
+    #[test]
+    fn backend_side_entries_and_hostile_requests() {
+        let r = TxRequest {
+            gref: 0xdead_beef,
+            offset: 100,
+            flags: NETTXF_CSUM_BLANK,
+            id: 7,
+            size: 60,
+        };
+        assert_eq!(TxRequest::decode(&r.encode()), r);
+        assert_eq!(r.frame(14, 1514), Ok((100, 60)));
+        let rx = RxRequest { id: 3, gref: 99 };
+        assert_eq!(RxRequest::decode(&rx.encode()), rx);
+        let rsp = RxResponse {
+            id: 3,
+            offset: 0,
+            flags: 0,
+            status: 60,
+        };
+        assert_eq!(RxResponse::decode(&rsp.encode()), rsp);
+        let t = TxResponse { id: 9, status: -1 };
+        assert_eq!(TxResponse::decode(&t.encode()), t);
+        for (edit, why) in [
+            (TxRequest { size: 13, ..r }, Bad::Bounds),
+            (TxRequest { size: 1515, ..r }, Bad::Bounds),
+            (TxRequest { offset: 4090, ..r }, Bad::Bounds),
+            (
+                TxRequest {
+                    offset: u16::MAX,
+                    size: u16::MAX,
+                    ..r
+                },
+                Bad::Bounds,
+            ),
+            (
+                TxRequest {
+                    flags: NETTXF_MORE_DATA,
+                    ..r
+                },
+                Bad::Flags,
+            ),
+            (
+                TxRequest {
+                    flags: NETTXF_EXTRA_INFO,
+                    ..r
+                },
+                Bad::Flags,
+            ),
+        ] {
+            assert_eq!(edit.frame(14, 1514), Err(why), "{edit:?}");
+        }
+        assert_eq!(
+            TxRequest { offset: 4036, ..r }.frame(14, 1514),
+            Ok((4036, 60))
+        );
+        assert_eq!(requests_ready(5, 3, 256), Ok(2));
+        assert_eq!(
+            requests_ready(3u32.wrapping_sub(1), 3, 256),
+            Err(Bad::Indices)
+        );
+        assert_eq!(requests_ready(300, 3, 256), Err(Bad::Indices));
+    }
+
+    /// The backend's handshake through a client's life: created, connected,
+    /// shut down, started again; and a frontend that restarts while
+    /// connected.
+    #[test]
+    fn backend_handshake_through_a_clients_life() {
+        use BackendStep as S;
+        use XenbusState::*;
+        let life = [
+            (Initialising, Initialising, S::Offer),
+            (Initialising, InitWait, S::Wait),
+            (Connected, InitWait, S::Connect),
+            (Initialised, InitWait, S::Connect),
+            (Connected, Connected, S::Running),
+            (Closing, Connected, S::Disconnect),
+            (Closing, Closing, S::Wait),
+            (Closed, Closing, S::Close),
+            (Closed, Closed, S::Wait),
+            (Initialising, Closed, S::Offer),
+            (Unknown, Connected, S::Disconnect),
+            (Unknown, Closing, S::Close),
+            (Initialising, Connected, S::Disconnect),
+        ];
+        for (front, ours, want) in life {
+            assert_eq!(backend_step(front, ours), want, "{front:?} {ours:?}");
         }
     }
 
