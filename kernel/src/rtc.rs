@@ -165,9 +165,10 @@ impl RtcCore {
         let total = self.nics.pool.capacity();
         let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
         let mut handed: Vec<(usize, Packet)> = Vec::with_capacity(RX_BATCH);
-        let mut outgoing: Vec<Vec<(usize, Packet)>> = (0..cores)
-            .map(|_| Vec::with_capacity(cores * RX_BATCH))
-            .collect();
+        // Room for everything one round can receive: no allocation later.
+        let per_round = self.nics.nics.len() * RX_BATCH;
+        let mut outgoing: Vec<Vec<(usize, Packet)>> =
+            (0..cores).map(|_| Vec::with_capacity(per_round)).collect();
         let mut returned: Vec<BufId> = Vec::with_capacity(RETURN_BATCH);
         let mut foreign: Vec<BufId> = Vec::with_capacity(total);
         let mut by_owner: Vec<Vec<BufId>> = (0..cores).map(|_| Vec::with_capacity(total)).collect();
