@@ -94,7 +94,7 @@ PY
 for m in xen-gntalloc xen-gntdev xen-evtchn; do modprobe $m 2>/dev/null; done
 # Xen's last log lines and the vCPU's registers, as `test: $1: ...` lines.
 diagnose() {
-    xl dmesg | tail -n 12 | sed "s/^/test: $1: xen: /"
+    xl dmesg | grep -v "^(d[0-9]*) stats" | tail -n 40 | sed "s/^/test: $1: xen: /"
     /usr/lib/xen-4.17/bin/xenctx -a $(xl domid portcullis) 0 2>&1 | head -n 30 | sed "s/^/test: $1: ctx: /"
 }
 # The forwarding domain must still be there and making progress (a
