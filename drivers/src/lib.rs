@@ -63,6 +63,47 @@ impl DmaRegion {
     pub(crate) fn ptr(&self) -> NonNull<u8> {
         self.vaddr
     }
+
+    /// The 4-aligned word at `off`, as an atomic: a ring index that another
+    /// domain (or the device) changes concurrently.
+    pub(crate) fn index_at(&self, off: usize) -> &core::sync::atomic::AtomicU32 {
+        assert!(
+            off.is_multiple_of(4) && off + 4 <= self.len,
+            "an index inside the region"
+        );
+        // SAFETY: in bounds and aligned (checked; the region is page
+        // aligned); the other side writes it concurrently, hence atomics.
+        unsafe { core::sync::atomic::AtomicU32::from_ptr(self.vaddr.as_ptr().add(off) as *mut u32) }
+    }
+
+    /// `N` bytes at `off`, read volatile (a ring entry the other side
+    /// wrote; it may change under us, so callers check what they read).
+    pub(crate) fn read_shared<const N: usize>(&self, off: usize) -> [u8; N] {
+        debug_assert!(off + N <= self.len);
+        let mut out = [0u8; N];
+        // SAFETY: callers pass ring slots (`slot_offset`) inside the
+        // region; volatile, the other side writes them.
+        unsafe {
+            let p = self.vaddr.as_ptr().add(off);
+            for (i, b) in out.iter_mut().enumerate() {
+                *b = p.add(i).read_volatile();
+            }
+        }
+        out
+    }
+
+    /// Writes `bytes` at `off`, volatile (a ring entry the other side
+    /// reads once an index published with release covers it).
+    pub(crate) fn write_shared(&self, off: usize, bytes: &[u8]) {
+        debug_assert!(off + bytes.len() <= self.len);
+        // SAFETY: as `read_shared`.
+        unsafe {
+            let p = self.vaddr.as_ptr().add(off);
+            for (i, b) in bytes.iter().enumerate() {
+                p.add(i).write_volatile(*b);
+            }
+        }
+    }
 }
 
 /// Counters a NIC keeps about itself.

@@ -122,36 +122,15 @@ impl<B: BackIo> Netback<B> {
     }
 
     fn index(&self, ring: usize, field: usize) -> &AtomicU32 {
-        // SAFETY: one of the four 4-aligned index words at the start of a
-        // ring page inside the mapping (`new` checked its length); the
-        // client updates them concurrently, hence atomics.
-        unsafe { AtomicU32::from_ptr(self.rings.ptr().as_ptr().add(ring + field) as *mut u32) }
+        self.rings.index_at(ring + field)
     }
 
     fn read_entry<const N: usize>(&self, off: usize) -> [u8; N] {
-        debug_assert!(off + N <= RINGS_BYTES);
-        let mut out = [0u8; N];
-        // SAFETY: a ring slot inside its page (`slot_offset`); volatile,
-        // the client writes it (a torn or changing entry is just a bad
-        // request, checked before use).
-        unsafe {
-            let p = self.rings.ptr().as_ptr().add(off);
-            for (i, b) in out.iter_mut().enumerate() {
-                *b = p.add(i).read_volatile();
-            }
-        }
-        out
+        self.rings.read_shared(off)
     }
 
     fn write_entry(&self, off: usize, bytes: &[u8]) {
-        debug_assert!(off + bytes.len() <= RINGS_BYTES);
-        // SAFETY: a ring slot inside its page; volatile, the client reads it.
-        unsafe {
-            let p = self.rings.ptr().as_ptr().add(off);
-            for (i, b) in bytes.iter().enumerate() {
-                p.add(i).write_volatile(*b);
-            }
-        }
+        self.rings.write_shared(off, bytes)
     }
 
     /// Requests the client published on `ring` beyond `cons`, at most
@@ -223,15 +202,10 @@ impl<B: BackIo> Nic for Netback<B> {
             let off = slot_offset(self.tx_req_cons, TX_RING_SIZE, TX_ENTRY);
             let req = TxRequest::decode(&self.read_entry(TX_RING + off));
             self.tx_req_cons = self.tx_req_cons.wrapping_add(1);
-            let (offset, len) = match req.frame(MIN_FRAME, MAX_FRAME) {
-                Ok(f) => f,
-                Err(_) => {
-                    self.stats.rx_errors += 1;
-                    self.taken.push((req.id, None));
-                    continue;
-                }
-            };
-            let Some(buf) = pool.alloc() else {
+            // A request we refuse, or one without a free buffer: an
+            // error response.
+            let frame = req.frame(MIN_FRAME, MAX_FRAME).ok();
+            let (Some((offset, len)), Some(buf)) = (frame, frame.and_then(|_| pool.alloc())) else {
                 self.stats.rx_errors += 1;
                 self.taken.push((req.id, None));
                 continue;
@@ -250,8 +224,8 @@ impl<B: BackIo> Nic for Netback<B> {
             self.io.copy(&mut self.ops);
         }
         let mut op = 0;
-        let mut taken = core::mem::take(&mut self.taken);
-        for (id, buf) in taken.drain(..) {
+        for k in 0..self.taken.len() {
+            let (id, buf) = (self.taken[k].0, self.taken[k].1.take());
             let Some(buf) = buf else {
                 self.tx_respond(id, NETIF_RSP_ERROR);
                 continue;
@@ -270,7 +244,7 @@ impl<B: BackIo> Nic for Netback<B> {
                 self.tx_respond(id, NETIF_RSP_ERROR);
             }
         }
-        self.taken = taken;
+        self.taken.clear();
         let new = self.tx_rsp_prod;
         self.publish(TX_RING, old, new);
     }

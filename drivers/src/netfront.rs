@@ -228,22 +228,11 @@ impl<X: XenIo> Netfront<X> {
     }
 
     fn index(&self, ring: usize, field: usize) -> &AtomicU32 {
-        // SAFETY: one of the four 4-aligned index words at the start of a
-        // ring page inside the region; the backend updates them
-        // concurrently, hence atomics.
-        unsafe { AtomicU32::from_ptr(self.mem.ptr().as_ptr().add(ring + field) as *mut u32) }
+        self.mem.index_at(ring + field)
     }
 
     fn write_entry(&self, off: usize, bytes: &[u8]) {
-        debug_assert!(off + bytes.len() <= region_bytes());
-        // SAFETY: `off` is a ring slot (`slot_offset` keeps it inside its
-        // page); volatile, the backend reads the ring.
-        unsafe {
-            let p = self.mem.ptr().as_ptr().add(off);
-            for (i, b) in bytes.iter().enumerate() {
-                p.add(i).write_volatile(*b);
-            }
-        }
+        self.mem.write_shared(off, bytes)
     }
 
     /// Copies a frame into transmit slot `id` (plain stores: the backend
@@ -267,16 +256,7 @@ impl<X: XenIo> Netfront<X> {
     }
 
     fn read_entry<const N: usize>(&self, off: usize) -> [u8; N] {
-        debug_assert!(off + N <= region_bytes());
-        let mut out = [0u8; N];
-        // SAFETY: a ring slot inside its page; volatile, the backend wrote it.
-        unsafe {
-            let p = self.mem.ptr().as_ptr().add(off);
-            for (i, b) in out.iter_mut().enumerate() {
-                *b = p.add(i).read_volatile();
-            }
-        }
-        out
+        self.mem.read_shared(off)
     }
 
     /// Publishes requests up to `new` on `ring` and notifies the backend

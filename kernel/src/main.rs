@@ -375,10 +375,7 @@ fn start_dataplane(
     );
     let macs: Vec<[u8; 6]> = devices.iter().map(|d| d.mac()).collect();
     print_ready(&net, &macs);
-    let rtc_config = (net.clone(), macs.clone());
-    let mut firewall = Firewall::new(net, macs);
     if config.firewall_off {
-        firewall.set_forward_only(true);
         println!(
             "WARNING: firewall=off: forwarding without rules, connection tracking or NAT \
              (a benchmark's limit mode; never deploy this)"
@@ -422,45 +419,44 @@ fn start_dataplane(
         );
         dataplane::Generator::new(usize::from(len))
     });
-    if layout == Layout::Rtc {
-        drop(firewall);
-        if generator.is_some() {
-            println!("config error: generate= runs in layout=single only");
-            exit::failure();
-        }
-        if qubesdb_link.is_some() {
-            println!("qubesdb: dom0's later updates are followed in layout single only");
-        }
-        let (queues, cores) = rtc_queues(devices);
-        let cpus: Vec<usize> = core::iter::once(0).chain(aps).take(cores).collect();
-        println!(
-            "dataplane: layout rtc ({cores} cores, each with one queue pair of every NIC: cpus {cpus:?})"
-        );
-        let (net, macs) = rtc_config;
-        rtc::run_rtc(
-            queues,
-            pool,
-            net,
-            macs,
-            config.firewall_off,
-            stats_interval_ms,
-            &cpus,
-            (idle, config.idle),
-        )
-    }
-    let nics = dataplane::Nics::new(devices, pool);
+    // One firewall for `single` and `pipeline`; `rtc` makes one per core.
+    let firewall = |net: NetConfig, macs: Vec<[u8; 6]>| {
+        let mut f = Firewall::new(net, macs);
+        f.set_forward_only(config.firewall_off);
+        f
+    };
     match (layout, aps.first()) {
-        (Layout::Rtc, _) => unreachable!("started above"),
-        (Layout::Pipeline, Some(_)) if generator.is_some() => {
+        (Layout::Rtc | Layout::Pipeline, _) if generator.is_some() => {
             println!("config error: generate= runs in layout=single only");
             exit::failure();
+        }
+        (Layout::Rtc, _) => {
+            if qubesdb_link.is_some() {
+                println!("qubesdb: dom0's later updates are followed in layout single only");
+            }
+            let (queues, cores) = rtc_queues(devices);
+            let cpus: Vec<usize> = core::iter::once(0).chain(aps).take(cores).collect();
+            println!(
+                "dataplane: layout rtc ({cores} cores, each with one queue pair of every NIC: cpus {cpus:?})"
+            );
+            rtc::run_rtc(
+                queues,
+                pool,
+                net,
+                macs,
+                config.firewall_off,
+                stats_interval_ms,
+                &cpus,
+                (idle, config.idle),
+            )
         }
         (Layout::Pipeline, Some(&ap)) => {
             println!("dataplane: layout pipeline (nics on cpu 0, firewall on cpu {ap})");
             if qubesdb_link.is_some() {
                 println!("qubesdb: dom0's later updates are followed in layout single only");
             }
-            dataplane::run_pipeline(nics, firewall, stats_interval_ms, ap, idle)
+            let nics = dataplane::Nics::new(devices, pool);
+            dataplane::run_pipeline(nics, firewall(net, macs), stats_interval_ms, ap, idle)
         }
         (Layout::Pipeline, None) => {
             println!("config error: layout=pipeline needs a second CPU, and only one is online");
@@ -470,8 +466,8 @@ fn start_dataplane(
             smp::park_idle();
             println!("dataplane: layout single (everything on cpu 0)");
             dataplane::run_single(
-                nics,
-                firewall,
+                dataplane::Nics::new(devices, pool),
+                firewall(net, macs),
                 stats_interval_ms,
                 idle,
                 generator,

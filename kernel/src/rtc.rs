@@ -104,16 +104,15 @@ impl RtcCore {
         }
     }
 
-    /// A copy of `p` in a buffer of this core's pool.
+    /// A copy of `p` in a buffer of this core's pool (`None` when the pool
+    /// is empty).
     fn copy(&mut self, p: &mut Packet) -> Option<Packet> {
         let mut buf = self.nics.pool.alloc()?;
         let memory = self.nics.pool.memory();
-        let len = p.len;
+        // A frame (at most `MAX_FRAME`) always fits a slot's frame room.
         let from = memory.frame(p);
-        memory
-            .frame_room(&mut buf)
-            .get_mut(..len)?
-            .copy_from_slice(from);
+        let len = from.len();
+        memory.frame_room(&mut buf)[..len].copy_from_slice(from);
         Some(Packet { buf, len })
     }
 
@@ -215,6 +214,8 @@ impl RtcCore {
                                         self.copies += 1;
                                         out.push((i, c))
                                     }
+                                    // No buffer for that core's copy:
+                                    // counted with the frames no ring took.
                                     None => self.nics.ring_full_drops += 1,
                                 }
                             }
@@ -355,7 +356,7 @@ pub fn run_rtc(
     let steering = Steering::new(&net, cores);
     let buffers = pool.capacity();
     let back_slots = buffers.next_power_of_two().max(2);
-    let mut pools = pool.split(cores).into_iter();
+    let pools = pool.split(cores);
     type Rings<T> = Vec<Vec<Option<T>>>;
     let mut to: Rings<Producer<(usize, Packet)>> = (0..cores)
         .map(|_| (0..cores).map(|_| None).collect())
@@ -393,11 +394,8 @@ pub fn run_rtc(
         .into_iter()
         .zip(from)
         .zip(give_back.into_iter().zip(take_back));
-    for (k, ((nics, pool), ((to, from), (give_back, take_back)))) in per_core
-        .into_iter()
-        .zip(pools.by_ref())
-        .zip(links)
-        .enumerate()
+    for (k, ((nics, pool), ((to, from), (give_back, take_back)))) in
+        per_core.into_iter().zip(pools).zip(links).enumerate()
     {
         let mut firewall =
             Firewall::with_capacity(net.clone(), macs.clone(), CONNTRACK_CAPACITY / cores);

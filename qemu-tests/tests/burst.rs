@@ -253,28 +253,16 @@ fn burst_rtc(cpus: u32) {
     for (flow, seqs) in &seen {
         assert_eq!(seqs, &want, "flow {flow}: every datagram once, in order");
     }
-    let cores: Vec<&str> = done
+    // Each core's last `stats: core<N> rtc ...` line, as `core<N>.<key>`.
+    let core = |cpu: u32, k: &str| done.counter(&format!("core{cpu}.{k}"));
+    let sum = |k: &str| -> u64 { (0..cpus).map(|c| core(c, k)).sum() };
+    let lines: Vec<&str> = done
         .console
         .lines()
         .filter(|l| l.starts_with("stats: core"))
         .collect();
-    let field = |l: &str, k: &str| -> u64 {
-        l.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{k}=")))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {k} in {l}"))
-    };
-    let last = |cpu: usize| {
-        *cores
-            .iter()
-            .rev()
-            .find(|l| l.starts_with(&format!("stats: core{cpu} rtc")))
-            .unwrap_or_else(|| panic!("no core{cpu} line: {}", done.console))
-    };
-    let lines: Vec<&str> = (0..cpus as usize).map(last).collect();
     println!("{}", lines.join("\n"));
-    assert!(lines.iter().all(|l| field(l, "forward") > 0), "{lines:?}");
-    let sum = |k: &str| -> u64 { lines.iter().map(|l| field(l, k)).sum() };
+    assert!((0..cpus).all(|c| core(c, "forward") > 0), "{lines:?}");
     assert!(
         sum("handed_off") > 0 && sum("handed_off") == sum("taken_over"),
         "{lines:?}"

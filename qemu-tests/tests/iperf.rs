@@ -200,27 +200,21 @@ fn run_through_firewall(tag: &str, cpus: u32, cmdline: &str, queues: u16) {
         // Every core took frames from its own queues; what one handed
         // over, another took (at least the gateway's ARP reply, copied to
         // every core); no hand-off ring overflowed.
-        let line = |cpu: usize| {
-            done.console
-                .lines()
-                .rev()
-                .find(|l| l.starts_with(&format!("stats: core{cpu} rtc ")))
-                .unwrap_or_else(|| panic!("no line for core {cpu}: {}", done.console))
-                .to_string()
-        };
-        let field = |l: &str, k: &str| -> u64 {
-            l.split_whitespace()
-                .find_map(|w| w.strip_prefix(&format!("{k}=")))
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no {k} in {l}"))
-        };
-        let lines = [line(0), line(1)];
-        println!("{}\n{}", lines[0], lines[1]);
-        assert!(lines.iter().all(|l| field(l, "packets") > 0), "{lines:?}");
-        let handed: u64 = lines.iter().map(|l| field(l, "handed_off")).sum();
-        let taken: u64 = lines.iter().map(|l| field(l, "taken_over")).sum();
-        assert!(handed > 0 && handed == taken, "{lines:?}");
-        assert!(lines.iter().any(|l| field(l, "flows") > 0), "{lines:?}");
+        let core = |cpu: usize, k: &str| done.counter(&format!("core{cpu}.{k}"));
+        let sum = |k: &str| core(0, k) + core(1, k);
+        let lines: Vec<&str> = done
+            .console
+            .lines()
+            .filter(|l| l.starts_with("stats: core"))
+            .collect();
+        println!("{}", lines.join("\n"));
+        assert!(
+            core(0, "packets") > 0 && core(1, "packets") > 0,
+            "{lines:?}"
+        );
+        let handed = sum("handed_off");
+        assert!(handed > 0 && handed == sum("taken_over"), "{lines:?}");
+        assert!(sum("flows") > 0, "{lines:?}");
         assert_eq!(done.counter("pool.core_ring_full_drops"), 0);
     }
     let _ = std::fs::remove_dir_all(&dir);

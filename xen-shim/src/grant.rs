@@ -151,27 +151,34 @@ impl GnttabCopy {
     /// From page `gref` of `domid`'s, at `offset`, into our memory at
     /// `paddr` (`None` if either side would cross its page).
     pub fn from_grant(domid: u16, gref: u32, offset: u16, paddr: u64, len: u16) -> Option<Self> {
-        let ours = own_side(paddr, len)?;
-        let theirs = grant_side(domid, gref, offset, len)?;
-        Some(Self {
-            source: theirs,
-            dest: ours,
-            len,
-            flags: GNTCOPY_SOURCE_GREF,
-            status: 1,
-        })
+        Self::between(false, domid, (gref, offset), paddr, len)
     }
 
     /// From our memory at `paddr` into page `gref` of `domid`'s, at
     /// `offset`.
     pub fn to_grant(domid: u16, gref: u32, offset: u16, paddr: u64, len: u16) -> Option<Self> {
+        Self::between(true, domid, (gref, offset), paddr, len)
+    }
+
+    fn between(
+        to_grant: bool,
+        domid: u16,
+        (gref, offset): (u32, u16),
+        paddr: u64,
+        len: u16,
+    ) -> Option<Self> {
         let ours = own_side(paddr, len)?;
         let theirs = grant_side(domid, gref, offset, len)?;
+        let (source, dest, flags) = if to_grant {
+            (ours, theirs, GNTCOPY_DEST_GREF)
+        } else {
+            (theirs, ours, GNTCOPY_SOURCE_GREF)
+        };
         Some(Self {
-            source: ours,
-            dest: theirs,
+            source,
+            dest,
             len,
-            flags: GNTCOPY_DEST_GREF,
+            flags,
             status: 1,
         })
     }
