@@ -7,6 +7,7 @@
 //! report says; under Xen the frequency comes from Xen.
 
 use core::arch::x86_64::_rdtsc;
+use core::sync::atomic::{AtomicU64, Ordering};
 
 use spin::Once;
 use x86_64::instructions::port::Port;
@@ -24,6 +25,8 @@ struct Calibration {
 }
 
 static CLOCK: Once<Calibration> = Once::new();
+/// The milliseconds of the latest reading on any core (`recent_ms`).
+static RECENT_MS: AtomicU64 = AtomicU64::new(0);
 
 /// The time-stamp counter.
 pub fn rdtsc() -> u64 {
@@ -92,9 +95,42 @@ pub fn init() -> (u64, Source) {
 
 /// Milliseconds since `init`.
 pub fn now_ms() -> u64 {
+    now().1
+}
+
+/// One reading of the TSC: the cycle count and the milliseconds since
+/// `init` it makes. A loop reads the clock once a round: where Xen
+/// emulates the TSC (`xen::tsc_emulated`) every read is a trap into Xen.
+pub fn now() -> (u64, u64) {
     let cal = CLOCK.get().expect("clock::init runs at boot");
-    let cycles = rdtsc().wrapping_sub(cal.start);
-    (u128::from(cycles) * 1000 / u128::from(cal.hz)) as u64
+    let tsc = rdtsc();
+    let ms = (u128::from(tsc.wrapping_sub(cal.start)) * 1000 / u128::from(cal.hz)) as u64;
+    // Written only when it moved on, so cores do not fight over the line.
+    if RECENT_MS.load(Ordering::Relaxed) < ms {
+        RECENT_MS.fetch_max(ms, Ordering::Relaxed);
+    }
+    (tsc, ms)
+}
+
+/// The milliseconds of the latest reading (`now`), without reading the
+/// TSC: behind by at most a loop round, for upkeep that needs no more.
+pub fn recent_ms() -> u64 {
+    RECENT_MS.load(Ordering::Relaxed)
+}
+
+/// What one read of the TSC costs, in nanoseconds (the least of a few
+/// back-to-back pairs): a few nanoseconds on hardware, microseconds where
+/// a hypervisor traps every read.
+pub fn read_cost_ns() -> u64 {
+    let Some(cal) = CLOCK.get() else { return 0 };
+    let least = (0..8)
+        .map(|_| {
+            let a = rdtsc();
+            rdtsc().wrapping_sub(a)
+        })
+        .min()
+        .unwrap_or(0);
+    (u128::from(least) * 1_000_000_000 / u128::from(cal.hz)) as u64
 }
 
 /// Busy-waits at least `us` microseconds.

@@ -19,11 +19,14 @@ const TX_SPIN_LIMIT: u32 = 100_000;
 struct Console {
     uart: bool,
     debugcon: bool,
+    /// A fatal report is being printed (`emergency`): every sink is used.
+    fatal: bool,
 }
 
 static CONSOLE: Mutex<Console> = Mutex::new(Console {
     uart: false,
     debugcon: false,
+    fatal: false,
 });
 static LOGGER: Logger = Logger;
 
@@ -56,7 +59,9 @@ pub fn init() {
     }
     // QEMU's and Bochs's debug console reads back its own port number;
     // Xen's (for HVM and PVH guests) only takes writes, which it prints on
-    // its own console when `guest_loglvl` allows.
+    // its own console when `guest_loglvl` allows. Under Xen each byte
+    // written there is a trap into Xen, so once the PV console ring is in
+    // use the port only gets fatal reports (`put`).
     c.debugcon = inb(DEBUGCON) == 0xe9 || crate::xen::present();
     drop(c);
     // A second call would only find the logger already set.
@@ -78,7 +83,7 @@ impl Console {
             }
             outb(COM1, b);
         }
-        if self.debugcon {
+        if self.debugcon && (self.fatal || !crate::xen::has_console_ring()) {
             outb(DEBUGCON, b);
         }
     }
@@ -109,9 +114,11 @@ pub fn read_key() -> Option<u8> {
     (c.uart && inb(COM1 + 5) & 0x01 != 0).then(|| inb(COM1))
 }
 
-/// Waits until the UART has sent everything, so that nothing is lost when
-/// the machine stops right after.
+/// Waits until the UART (and under Xen, the PV console's backend) has
+/// taken everything, so that nothing is lost when the machine stops right
+/// after.
 pub fn flush() {
+    crate::xen::console_ring_drain();
     if CONSOLE.lock().uart {
         let mut spins = 0;
         while inb(COM1 + 5) & 0x40 == 0 && spins < TX_SPIN_LIMIT {
@@ -130,6 +137,7 @@ pub fn emergency() {
         // run again; at worst a half-written line precedes the report.
         unsafe { CONSOLE.force_unlock() };
     }
+    CONSOLE.lock().fatal = true;
 }
 
 struct Logger;

@@ -250,7 +250,10 @@ pub(crate) struct CoreStats {
     /// Non-empty batches they came in.
     batches: u64,
     /// TSC cycles spent in rounds that had work.
-    pub(crate) busy_cycles: u64,
+    busy_cycles: u64,
+    /// The current round's start, and whether the last round had work.
+    round_start: u64,
+    last_busy: bool,
 }
 
 impl CoreStats {
@@ -261,7 +264,23 @@ impl CoreStats {
             packets: 0,
             batches: 0,
             busy_cycles: 0,
+            round_start: 0,
+            last_busy: false,
         }
+    }
+
+    /// A round begins at TSC `tsc`: the last one counts as busy if it had
+    /// work (measured start to start, so a round reads the TSC once).
+    pub(crate) fn begin_round(&mut self, tsc: u64) {
+        if self.last_busy {
+            self.busy_cycles += tsc.wrapping_sub(self.round_start);
+        }
+        self.round_start = tsc;
+    }
+
+    /// Whether the round now ending had work.
+    pub(crate) fn end_round(&mut self, busy: bool) {
+        self.last_busy = busy;
     }
 
     pub(crate) fn batch(&mut self, n: usize) {
@@ -382,8 +401,8 @@ pub fn run_single<N: Nic>(
     let mut counters = CoreStats::new(0, "all");
     nics.flush();
     loop {
-        let now = clock::now_ms();
-        let start = clock::rdtsc();
+        let (start, now) = clock::now();
+        counters.begin_round(start);
         let mut busy = false;
         for i in 0..nics.nics.len() {
             nics.nics[i].rx_batch(&mut nics.pool, &mut rx, RX_BATCH);
@@ -424,9 +443,7 @@ pub fn run_single<N: Nic>(
             });
         }
         nics.flush();
-        if busy {
-            counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
-        }
+        counters.end_round(busy);
         idler.round(busy, || arm_all(&mut nics));
     }
 }
@@ -462,8 +479,8 @@ impl FirewallCore {
         let mut spare: Vec<BufId> = Vec::with_capacity(SPARES);
         let mut last_housekeeping = 0;
         loop {
-            let now = clock::now_ms();
-            let start = clock::rdtsc();
+            let (start, now) = clock::now();
+            counters.begin_round(start);
             self.from_nics.pop_batch(&mut batch, RX_BATCH);
             let busy = !batch.is_empty();
             counters.batch(batch.len());
@@ -504,9 +521,7 @@ impl FirewallCore {
                     core::hint::spin_loop();
                 }
             }
-            if busy {
-                counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
-            }
+            counters.end_round(busy);
             idler.round(busy, || false);
         }
     }
@@ -548,8 +563,8 @@ pub fn run_pipeline<N: Nic>(
     let mut counters = CoreStats::new(0, "nics");
     nics.flush();
     loop {
-        let now = clock::now_ms();
-        let start = clock::rdtsc();
+        let (start, now) = clock::now();
+        counters.begin_round(start);
         let mut busy = false;
         for i in 0..nics.nics.len() {
             nics.nics[i].rx_batch(&mut nics.pool, &mut rx, RX_BATCH);
@@ -591,9 +606,7 @@ pub fn run_pipeline<N: Nic>(
             });
         }
         nics.flush();
-        if busy {
-            counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
-        }
+        counters.end_round(busy);
         idler.round(busy, || arm_all(&mut nics));
     }
 }

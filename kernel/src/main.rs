@@ -67,11 +67,11 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     if under_xen {
         let (major, minor) = xen::version();
         println!(
-            "xen: running under Xen {major}.{minor}; console on the debug port{}",
+            "xen: running under Xen {major}.{minor}; console on {}",
             if xen::has_console_ring() {
-                " and the PV console ring"
+                "the PV console ring (the debug port for fatal reports only)"
             } else {
-                ""
+                "the debug port"
             }
         );
     }
@@ -148,7 +148,16 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
         clock::Source::Xen => "from Xen",
         clock::Source::Assumed => "no usable PIT; assumed",
     };
-    println!("clock: tsc {} MHz ({source})", tsc_hz / 1_000_000);
+    let emulated = if xen::tsc_emulated() {
+        "; every read emulated by Xen"
+    } else {
+        ""
+    };
+    println!(
+        "clock: tsc {} MHz ({source}{emulated}); one read takes {} ns",
+        tsc_hz / 1_000_000,
+        clock::read_cost_ns()
+    );
     // Under Xen: XenStore and the grant table, kept for netfront.
     let mut xen_io = None;
     let mut qubesdb = (Vec::new(), None);

@@ -441,7 +441,7 @@ impl Nic for Uplink {
         if let Link::Up(d) = &mut self.link {
             d.nic.maintain(pool);
         }
-        let now = clock::now_ms();
+        let now = clock::recent_ms();
         if self.store_failed || now.wrapping_sub(self.last_poll_ms) < WATCH_POLL_MS {
             return;
         }

@@ -174,8 +174,8 @@ impl RtcCore {
         let mut last_housekeeping = 0;
         self.nics.flush();
         loop {
-            let now = clock::now_ms();
-            let start = clock::rdtsc();
+            let (start, now) = clock::now();
+            counters.begin_round(start);
             let mut busy = false;
             // Buffers of this core's pool that other cores are done with.
             for ring in self.take_back.iter_mut().flatten() {
@@ -284,9 +284,7 @@ impl RtcCore {
                     ring.push_batch(bufs);
                 }
             }
-            if busy {
-                counters.busy_cycles += clock::rdtsc().wrapping_sub(start);
-            }
+            counters.end_round(busy);
             idler.round(busy, || false);
         }
     }

@@ -72,6 +72,14 @@ pub fn tsc_hz() -> Option<u64> {
     (khz != 0).then(|| u64::from(khz) * 1000)
 }
 
+/// Whether Xen emulates RDTSC for this domain (Xen's time leaf, sub-leaf
+/// 0, EAX bit 0): then every read of the TSC is a trap into Xen. Xen does
+/// that where the TSC is not invariant (`tsc_mode="default"`), e.g. when
+/// it runs nested on an emulator.
+pub fn tsc_emulated() -> bool {
+    present() && cpuid(BASE_LEAF.load(Ordering::Relaxed) + 3, 0)[0] & 1 != 0
+}
+
 /// A two-argument hypercall.
 ///
 /// # Safety
@@ -185,6 +193,24 @@ fn ring_index(page: u64, off: usize) -> &'static core::sync::atomic::AtomicU32 {
     // there; the other side (xenconsoled) accesses it concurrently, hence
     // atomics.
     unsafe { core::sync::atomic::AtomicU32::from_ptr((page as usize + off) as *mut u32) }
+}
+
+/// Waits, at most about a second, until the backend (xenconsoled) has
+/// read everything written to the PV console ring: a domain that ends
+/// right after a report would otherwise lose its last lines.
+pub fn console_ring_drain() {
+    use xen_shim::hypercall::console_ring::*;
+    let page = CONSOLE_RING.load(Ordering::Acquire);
+    if page == 0 {
+        return;
+    }
+    let (prod_ix, cons_ix) = (ring_index(page, OUT_PROD), ring_index(page, OUT_CONS));
+    for _ in 0..1000 {
+        if room(prod_ix.load(Ordering::Acquire), cons_ix.load(Ordering::Acquire)) == OUT_SIZE {
+            return;
+        }
+        crate::clock::delay_us(1000);
+    }
 }
 
 /// Writes `bytes` to the PV console ring and notifies the backend once.

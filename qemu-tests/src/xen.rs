@@ -226,18 +226,21 @@ impl XenImages {
 
 /// What a nested-Xen run printed.
 pub struct XenRun {
-    /// The serial console: Xen's log, dom0's, and `(dN)` guest lines.
+    /// The serial console: Xen's log and dom0's, with the script's `test: `
+    /// lines.
     pub console: String,
     pub elapsed: Duration,
 }
 
 impl XenRun {
-    /// The lines domain `domid` printed through port 0xe9, without prefix.
+    /// The lines domain `domid` printed on its PV console (its xenconsoled
+    /// log, which the script shows as `test: log <domid>: ` lines; found
+    /// anywhere in a line, which Xen's own output may share).
     pub fn guest_lines(&self, domid: u32) -> Vec<String> {
-        let prefix = format!("(d{domid}) ");
+        let prefix = format!("test: log {domid}: ");
         self.console
             .lines()
-            .filter_map(|l| l.strip_prefix(&prefix))
+            .filter_map(|l| l.find(&prefix).map(|at| &l[at + prefix.len()..]))
             .map(|l| l.trim_end().to_string())
             .collect()
     }
