@@ -173,4 +173,13 @@ pub trait Nic {
     fn rx_queues(&self) -> Vec<u64> {
         Vec::new()
     }
+
+    /// Who may send on this port. `None`: a network is behind it, and the
+    /// firewall binds each client to the port it first appears on. A Xen
+    /// netback vif serves one client VM: its addresses as dom0 wrote them
+    /// (none while no client is connected), with a number that changes
+    /// whenever they do, for the loop to apply (`Firewall::assign_port`).
+    fn assigned(&self) -> Option<(u64, &[core::net::IpAddr])> {
+        None
+    }
 }

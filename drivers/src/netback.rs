@@ -16,6 +16,14 @@
 //! refuses to copy gets an error response and is counted (`rx_errors`),
 //! never followed. Ids are the client's business: they are echoed back.
 //!
+//! Checksums: a client's TCP and UDP frames may come with the transport
+//! checksum left for the backend to fill (`NETTXF_csum_blank`, what Linux
+//! netfront does for every such frame: it offers checksum offload
+//! unconditionally). Those are completed here (`complete_checksum`),
+//! before the firewall sees them; one that cannot be completed (not
+//! plain IPv4/IPv6 TCP or UDP, or truncated) goes on as it is and fails
+//! the firewall's checksum check.
+//!
 //! Notifications: we poll both rings; after publishing responses we
 //! notify the client only when its `rsp_event` lies within what we
 //! published (behind a full fence, as `RING_PUSH_RESPONSES_AND_CHECK_NOTIFY`).
@@ -37,6 +45,59 @@ const RX_RING: usize = PAGE;
 pub const RINGS_BYTES: usize = 2 * PAGE;
 /// Requests taken per batch at most (one copy hypercall each way).
 const BATCH: usize = 64;
+
+/// Requests of one frame at most (Linux netback's
+/// `XEN_NETBK_LEGACY_SLOTS_MAX`): a longer chain is the client breaking
+/// the protocol.
+const MAX_SLOTS: usize = 18;
+
+/// One frame of a receive batch: the ids of its requests (each gets a
+/// response), our buffer (none: refused), whether its transport checksum
+/// is blank, and how many of the batch's copies fill it.
+struct Taken {
+    ids: [u16; MAX_SLOTS],
+    slots: usize,
+    buf: Option<BufId>,
+    blank: bool,
+    ops: usize,
+}
+
+/// The frame a chain of transmit requests offers, checked for a backend
+/// that took no extra info (GSO): its length (the first request's size),
+/// `MIN_FRAME..=MAX_FRAME`, with every piece inside its granted page and
+/// the later pieces no longer than the frame. `None` to refuse it.
+fn chain_pieces(chain: &[TxRequest]) -> Option<usize> {
+    let total = usize::from(chain.first()?.size);
+    if !(MIN_FRAME..=MAX_FRAME).contains(&total) {
+        return None;
+    }
+    let mut rest = 0usize;
+    for r in &chain[1..] {
+        rest += usize::from(r.size);
+    }
+    if rest > total {
+        return None;
+    }
+    for (i, r) in chain.iter().enumerate() {
+        if r.flags & NETTXF_EXTRA_INFO != 0 {
+            return None;
+        }
+        if usize::from(r.offset) + piece_len(chain, i, total) > PAGE {
+            return None;
+        }
+    }
+    Some(total)
+}
+
+/// Bytes request `i` of a chain carries: its size, but for the first, the
+/// frame's length less the later pieces.
+fn piece_len(chain: &[TxRequest], i: usize, total: usize) -> usize {
+    if i > 0 {
+        return usize::from(chain[i].size);
+    }
+    let rest: usize = chain[1..].iter().map(|r| usize::from(r.size)).sum();
+    total.saturating_sub(rest)
+}
 
 /// Which way a grant copy goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,8 +140,8 @@ pub struct Netback<B: BackIo> {
     rx_rsp_prod: u32,
     dead: bool,
     ops: Vec<GrantCopy>,
-    /// Per op of a receive batch: the client's id, and our buffer.
-    taken: Vec<(u16, Option<BufId>)>,
+    /// Per frame of a receive batch: its requests, buffer and copies.
+    taken: Vec<Taken>,
     stats: NicStats,
 }
 
@@ -114,6 +175,11 @@ impl<B: BackIo> Netback<B> {
     /// the kernel disconnects it).
     pub fn is_dead(&self) -> bool {
         self.dead
+    }
+
+    /// The Xen side (its event channel, for the kernel).
+    pub fn io(&self) -> &B {
+        &self.io
     }
 
     /// Gives back the parts (to unmap the rings).
@@ -188,60 +254,123 @@ impl<B: BackIo> Nic for Netback<B> {
         self.mac
     }
 
-    /// The client's transmitted frames: copied into pool buffers, each
-    /// request answered (OKAY, or ERROR for what was refused).
+    /// The client's transmitted frames: copied into pool buffers, every
+    /// request answered (OKAY, or ERROR for a frame refused). A frame may
+    /// span several requests (`NETTXF_more_data`, as Linux netfront sends
+    /// a frame whose bytes cross a page even without scatter-gather); a
+    /// chain not yet wholly published waits for the next batch.
     fn rx_batch(&mut self, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
         if self.dead {
             return;
         }
-        let n = self.requests(TX_RING, self.tx_req_cons, TX_RING_SIZE, max.min(BATCH));
+        let avail = self.requests(
+            TX_RING,
+            self.tx_req_cons,
+            TX_RING_SIZE,
+            TX_RING_SIZE as usize,
+        );
         self.ops.clear();
         self.taken.clear();
         let old = self.tx_rsp_prod;
-        for _ in 0..n {
-            let off = slot_offset(self.tx_req_cons, TX_RING_SIZE, TX_ENTRY);
-            let req = TxRequest::decode(&self.read_entry(TX_RING + off));
-            self.tx_req_cons = self.tx_req_cons.wrapping_add(1);
-            // A request we refuse, or one without a free buffer: an
-            // error response.
-            let frame = req.frame(MIN_FRAME, MAX_FRAME).ok();
-            let (Some((offset, len)), Some(buf)) = (frame, frame.and_then(|_| pool.alloc())) else {
-                self.stats.rx_errors += 1;
-                self.taken.push((req.id, None));
-                continue;
+        let mut used = 0u32;
+        let zero = TxRequest {
+            gref: 0,
+            offset: 0,
+            flags: 0,
+            id: 0,
+            size: 0,
+        };
+        'frames: while used < avail && self.taken.len() < max.min(BATCH) {
+            let mut chain = [zero; MAX_SLOTS];
+            let mut n = 0;
+            loop {
+                if used + n as u32 >= avail {
+                    break 'frames;
+                }
+                let at = self.tx_req_cons.wrapping_add(used + n as u32);
+                let off = slot_offset(at, TX_RING_SIZE, TX_ENTRY);
+                chain[n] = TxRequest::decode(&self.read_entry(TX_RING + off));
+                n += 1;
+                if chain[n - 1].flags & NETTXF_MORE_DATA == 0 {
+                    break;
+                }
+                if n == MAX_SLOTS {
+                    // Linux netback's rule: a longer chain is fatal.
+                    self.dead = true;
+                    self.stats.ring_errors += 1;
+                    break 'frames;
+                }
+            }
+            used += n as u32;
+            let chain = &chain[..n];
+            let mut taken = Taken {
+                ids: [0; MAX_SLOTS],
+                slots: n,
+                buf: None,
+                blank: chain[0].flags & NETTXF_CSUM_BLANK != 0,
+                ops: 0,
             };
-            self.ops.push(GrantCopy {
-                dir: Direction::FromClient,
-                gref: req.gref,
-                offset: offset as u16,
-                paddr: pool.paddr(&buf) + HEADROOM as u64,
-                len: len as u16,
-                ok: false,
-            });
-            self.taken.push((req.id, Some(buf)));
+            for (i, r) in chain.iter().enumerate() {
+                taken.ids[i] = r.id;
+            }
+            let pieces = chain_pieces(chain);
+            match (pieces, pieces.and_then(|_| pool.alloc())) {
+                (Some(total), Some(buf)) => {
+                    let base = pool.paddr(&buf) + HEADROOM as u64;
+                    let mut pos = 0;
+                    for (i, r) in chain.iter().enumerate() {
+                        let len = piece_len(chain, i, total);
+                        if len > 0 {
+                            self.ops.push(GrantCopy {
+                                dir: Direction::FromClient,
+                                gref: r.gref,
+                                offset: r.offset,
+                                paddr: base + pos as u64,
+                                len: len as u16,
+                                ok: false,
+                            });
+                            taken.ops += 1;
+                        }
+                        pos += len;
+                    }
+                    taken.buf = Some(buf);
+                }
+                _ => self.stats.rx_errors += 1,
+            }
+            self.taken.push(taken);
         }
+        self.tx_req_cons = self.tx_req_cons.wrapping_add(used);
         if !self.ops.is_empty() {
             self.io.copy(&mut self.ops);
         }
         let mut op = 0;
         for k in 0..self.taken.len() {
-            let (id, buf) = (self.taken[k].0, self.taken[k].1.take());
-            let Some(buf) = buf else {
-                self.tx_respond(id, NETIF_RSP_ERROR);
-                continue;
+            let t = &mut self.taken[k];
+            let (buf, ops, blank, slots, ids) = (t.buf.take(), t.ops, t.blank, t.slots, t.ids);
+            let copied = &self.ops[op..op + ops];
+            op += ops;
+            let status = match buf {
+                Some(mut buf) if copied.iter().all(|c| c.ok) => {
+                    let len: usize = copied.iter().map(|c| usize::from(c.len)).sum();
+                    if blank {
+                        if let Some(f) = pool.frame_room(&mut buf).get_mut(..len) {
+                            complete_checksum(f);
+                        }
+                    }
+                    self.stats.rx_packets += 1;
+                    self.stats.rx_bytes += len as u64;
+                    out.push(Packet { buf, len });
+                    NETIF_RSP_OKAY
+                }
+                Some(buf) => {
+                    self.stats.rx_errors += 1;
+                    pool.free(buf);
+                    NETIF_RSP_ERROR
+                }
+                None => NETIF_RSP_ERROR,
             };
-            let copy = self.ops[op];
-            op += 1;
-            if copy.ok {
-                let len = usize::from(copy.len);
-                self.stats.rx_packets += 1;
-                self.stats.rx_bytes += len as u64;
-                out.push(Packet { buf, len });
-                self.tx_respond(id, NETIF_RSP_OKAY);
-            } else {
-                self.stats.rx_errors += 1;
-                pool.free(buf);
-                self.tx_respond(id, NETIF_RSP_ERROR);
+            for &id in &ids[..slots] {
+                self.tx_respond(id, status);
             }
         }
         self.taken.clear();
@@ -323,6 +452,79 @@ impl<B: BackIo> Nic for Netback<B> {
     fn arm(&mut self) -> bool {
         !self.dead && self.arm_tx()
     }
+}
+
+/// Fills in the transport checksum of an Ethernet frame carrying IPv4 or
+/// IPv6 (without extension headers) TCP or UDP, whatever the field held;
+/// false (the frame unchanged) for anything else, a fragment, or lengths
+/// that do not fit the frame.
+pub fn complete_checksum(frame: &mut [u8]) -> bool {
+    let be16 = |f: &[u8], at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
+    if frame.len() < 14 {
+        return false;
+    }
+    let (l4, l4_len, proto, mut sum) = match be16(frame, 12) {
+        0x0800 => {
+            if frame.len() < 34 || frame[14] >> 4 != 4 {
+                return false;
+            }
+            let ihl = usize::from(frame[14] & 0x0f) * 4;
+            let total = usize::from(be16(frame, 16));
+            // Not a fragment (offset 0, no more fragments).
+            if ihl < 20 || total < ihl || be16(frame, 20) & 0x3fff != 0 {
+                return false;
+            }
+            let proto = frame[23];
+            let mut sum = 0u32;
+            for at in (26..34).step_by(2) {
+                sum += u32::from(be16(frame, at));
+            }
+            (14 + ihl, total - ihl, proto, sum)
+        }
+        0x86dd => {
+            if frame.len() < 54 {
+                return false;
+            }
+            let proto = frame[20];
+            let mut sum = 0u32;
+            for at in (22..54).step_by(2) {
+                sum += u32::from(be16(frame, at));
+            }
+            (54, usize::from(be16(frame, 18)), proto, sum)
+        }
+        _ => return false,
+    };
+    let field = match proto {
+        6 => 16,
+        17 => 6,
+        _ => return false,
+    };
+    let end = l4 + l4_len;
+    if end > frame.len() || l4_len < field + 2 {
+        return false;
+    }
+    frame[l4 + field] = 0;
+    frame[l4 + field + 1] = 0;
+    sum += u32::from(proto) + (l4_len as u32 & 0xffff) + (l4_len as u32 >> 16);
+    let seg = &frame[l4..end];
+    for pair in seg.chunks(2) {
+        sum += u32::from(u16::from_be_bytes([
+            pair[0],
+            pair.get(1).copied().unwrap_or(0),
+        ]));
+        if sum > 0xffff_0000 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let mut csum = !(sum as u16);
+    if csum == 0 && proto == 17 {
+        csum = 0xffff;
+    }
+    frame[l4 + field..l4 + field + 2].copy_from_slice(&csum.to_be_bytes());
+    true
 }
 
 #[cfg(test)]

@@ -45,6 +45,9 @@ pub struct Nics<N: Nic> {
     /// Packets dropped because the ring to the firewall core was full.
     pub ring_full_drops: u64,
     tx: Vec<Vec<Packet>>,
+    /// Per port serving assigned clients (Xen netback): the generation of
+    /// its addresses the firewall has.
+    assigned: Vec<Option<u64>>,
 }
 
 impl<N: Nic> Nics<N> {
@@ -56,9 +59,42 @@ impl<N: Nic> Nics<N> {
         Self {
             tx_backlog_drops: alloc::vec![0; nics.len()],
             ring_full_drops: 0,
+            assigned: alloc::vec![None; nics.len()],
             nics,
             pool,
             tx,
+        }
+    }
+
+    /// Gives the firewall the addresses of every port that serves
+    /// assigned clients, when they changed (before the round's frames, so
+    /// a client's port is pinned before its first frame).
+    pub(crate) fn assign(&mut self, firewall: &mut Firewall) {
+        for (port, nic) in self.nics.iter().enumerate() {
+            let Some((generation, addrs)) = nic.assigned() else {
+                continue;
+            };
+            if self.assigned[port] == Some(generation) {
+                continue;
+            }
+            self.assigned[port] = Some(generation);
+            let unknown = firewall.assign_port(port, addrs);
+            match addrs {
+                [] if generation == 0 => {}
+                [] => println!("firewall: port {port} serves nobody"),
+                _ => {
+                    print!("firewall: port {port} serves");
+                    for a in addrs {
+                        print!(" {a}");
+                    }
+                    println!();
+                }
+            }
+            for a in unknown {
+                println!(
+                    "firewall: port {port}: {a} is not a connected client (/connected-ips); its frames are dropped"
+                );
+            }
         }
     }
 
@@ -89,16 +125,23 @@ impl<N: Nic> Nics<N> {
 
     fn print_stats(&self) {
         for (i, nic) in self.nics.iter().enumerate() {
-            print_nic_stats(i, nic.stats(), self.tx_backlog_drops[i], &nic.rx_queues());
+            let s = nic.stats();
+            // A client vif that never served anyone has nothing to say.
+            if nic.assigned().is_some() && s == drivers::NicStats::default() {
+                continue;
+            }
+            print_nic_stats(i, s, self.tx_backlog_drops[i], &nic.rx_queues());
         }
     }
 
     pub(crate) fn print_pool(&self) {
         println!(
-            "stats: pool free={} of {} core_ring_full_drops={}",
+            "stats: pool free={} of {} core_ring_full_drops={} heap_in_use={} dma_free={}",
             self.pool.available(),
             self.pool.capacity(),
-            self.ring_full_drops
+            self.ring_full_drops,
+            crate::heap::in_use(),
+            crate::phys::free_bytes()
         );
     }
 }
@@ -399,10 +442,14 @@ pub fn run_single<N: Nic>(
     let mut console = Console::new(stats_interval_ms);
     let mut idler = Idler::new(idle);
     let mut counters = CoreStats::new(0, "all");
+    let assigns = nics.nics.iter().any(|n| n.assigned().is_some());
     nics.flush();
     loop {
         let (start, now) = clock::now();
         counters.begin_round(start);
+        if assigns {
+            nics.assign(&mut firewall);
+        }
         let mut busy = false;
         for i in 0..nics.nics.len() {
             nics.nics[i].rx_batch(&mut nics.pool, &mut rx, RX_BATCH);

@@ -25,7 +25,8 @@ impl GrantTable {
     pub fn setup(frames: u32) -> Result<Self, &'static str> {
         let size = xen::grant_table_size().ok_or("GNTTABOP_query_size failed")?;
         let frames = frames.min(size.max_nr_frames).max(1);
-        let (base, _) = phys::alloc_dma(frames as usize * 4096);
+        // Frames of the foreign window: no RAM page is given up for them.
+        let base = phys::alloc_foreign(u64::from(frames));
         for i in 0..frames {
             let gpfn = (base >> 12) + u64::from(i);
             if xen::add_to_physmap(XENMAPSPACE_GRANT_TABLE, u64::from(i), gpfn) != 0 {
@@ -110,7 +111,7 @@ impl SharedInfo {
     pub fn get() -> Result<&'static Self, &'static str> {
         SHARED_INFO
             .call_once(|| {
-                let (page, _) = phys::alloc_dma(4096);
+                let page = phys::alloc_foreign(1);
                 if xen::add_to_physmap(XENMAPSPACE_SHARED_INFO, 0, page >> 12) != 0 {
                     return Err("XENMEM_add_to_physmap(shared info) failed");
                 }

@@ -4,7 +4,10 @@
 //! the PCI list). Packet buffers do not come from here: drivers take DMA
 //! memory straight from the frame allocator.
 
+use core::alloc::{GlobalAlloc, Layout};
+use core::sync::atomic::{AtomicUsize, Ordering};
 use kernel::memmap::{PhysMemory, Range};
+
 use talc::{ErrOnOom, Span, Talc, Talck};
 
 /// A quarter of free memory, within these bounds. The lower bound is what
@@ -15,8 +18,50 @@ use talc::{ErrOnOom, Span, Talc, Talck};
 const MIN_HEAP: u64 = 3 << 20;
 const MAX_HEAP: u64 = 64 << 20;
 
+static TALC: Talck<spin::Mutex<()>, ErrOnOom> = Talc::new(ErrOnOom).lock();
+
+/// `talc`, counting the bytes in use (`in_use`), so the statistics show
+/// whether anything leaks (clients coming and going, rule updates).
+struct Counted;
+
+static IN_USE: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: every call is passed to `talc` unchanged; the counter only
+// observes the sizes of what succeeded.
+unsafe impl GlobalAlloc for Counted {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { TALC.alloc(layout) };
+        if !p.is_null() {
+            IN_USE.fetch_add(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { TALC.dealloc(ptr, layout) };
+        IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller's contract, passed on.
+        let p = unsafe { TALC.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            IN_USE.fetch_add(new_size, Ordering::Relaxed);
+            IN_USE.fetch_sub(layout.size(), Ordering::Relaxed);
+        }
+        p
+    }
+}
+
 #[global_allocator]
-static ALLOCATOR: Talck<spin::Mutex<()>, ErrOnOom> = Talc::new(ErrOnOom).lock();
+static ALLOCATOR: Counted = Counted;
+
+/// Heap bytes in use.
+pub fn in_use() -> usize {
+    IN_USE.load(Ordering::Relaxed)
+}
 
 /// Takes the heap from free memory and hands it to the allocator.
 pub fn init(mem: &mut PhysMemory) -> Range {
@@ -32,7 +77,7 @@ pub fn init(mem: &mut PhysMemory) -> Range {
     // SAFETY: [start, start + size) was just removed from the free list, is
     // identity-mapped RAM, and is handed to the allocator alone.
     unsafe {
-        if ALLOCATOR.lock().claim(span).is_err() {
+        if TALC.lock().claim(span).is_err() {
             crate::fatal_boot(format_args!("heap span at {start:#x} refused"));
         }
     }

@@ -34,6 +34,8 @@ const CALIBRATION_US: u64 = 10_000;
 struct XenWait {
     /// Changed when the netfront reconnects (`set_xen_port`).
     port: AtomicU32,
+    /// The client vifs' channels (0: none), `set_client_port`.
+    clients: [AtomicU32; crate::netback::CLIENT_VIFS],
     wake_ns: u64,
     shared: &'static gnttab::SharedInfo,
 }
@@ -52,6 +54,7 @@ pub fn start_xen(port: u32, wake_us: u32) -> bool {
     }
     XEN_WAIT.call_once(|| XenWait {
         port: AtomicU32::new(port),
+        clients: [const { AtomicU32::new(0) }; crate::netback::CLIENT_VIFS],
         wake_ns: u64::from(wake_us) * 1000,
         shared,
     });
@@ -66,13 +69,32 @@ pub fn set_xen_port(port: u32) {
     }
 }
 
+/// Makes blocking in Xen wake on client vif `slot`'s channel too (0: the
+/// slot has no client).
+pub fn set_client_port(slot: usize, port: u32) {
+    if let Some(c) = XEN_WAIT.get().and_then(|x| x.clients.get(slot)) {
+        c.store(port, Ordering::Relaxed);
+    }
+}
+
 impl XenWait {
-    /// Blocks until the port is signalled or the timeout, unless `arm`
-    /// (asking the device to signal) says work is already waiting.
+    /// Blocks until a port is signalled or the timeout, unless `arm`
+    /// (asking the devices to signal) says work is already waiting.
     fn block(&self, arm: impl FnOnce() -> bool) {
-        let port = self.port.load(Ordering::Relaxed);
+        let mut ports = [0u32; 1 + crate::netback::CLIENT_VIFS];
+        let mut n = 0;
+        for p in core::iter::once(&self.port).chain(&self.clients) {
+            let p = p.load(Ordering::Relaxed);
+            if p != 0 {
+                ports[n] = p;
+                n += 1;
+            }
+        }
+        let ports = &ports[..n];
         // An old signal would end the block at once: clear it first.
-        self.shared.take_pending(port);
+        for &p in ports {
+            self.shared.take_pending(p);
+        }
         if arm() {
             return;
         }
@@ -82,8 +104,10 @@ impl XenWait {
         let deadline = t
             .system_time_ns(clock::rdtsc())
             .saturating_add(self.wake_ns);
-        xen::poll(port, deadline);
-        self.shared.take_pending(port);
+        xen::poll(ports, deadline);
+        for &p in ports {
+            self.shared.take_pending(p);
+        }
     }
 }
 

@@ -23,6 +23,7 @@ mod gnttab;
 mod heap;
 mod idle;
 mod lapic;
+mod netback;
 mod netfront;
 mod pci_bus;
 mod phys;
@@ -97,6 +98,14 @@ pub extern "C" fn kernel_main(start_info_paddr: u32) -> ! {
     let mut mem = read_memory_map(&info);
     reserve_in_use(&mut mem, &info);
     phys::map_all_ram(&mut mem);
+    if under_xen {
+        let w = phys::init_foreign(&mut mem);
+        log::info!(
+            "memory: frames {:#x}-{:#x} for foreign pages",
+            w.start,
+            w.end
+        );
+    }
     let heap = heap::init(&mut mem);
     println!(
         "memory: ram {} KiB, free {} KiB, heap {} KiB at {:#x}, highest {:#x}",
@@ -270,7 +279,8 @@ fn qubesdb_over_vchan(
 /// has nothing to do).
 fn connect_netfront(
     dev: &str,
-    (store, table): (xenstore::XenStore, gnttab::GrantTable),
+    store: xenstore::SharedStore,
+    table: gnttab::GrantTable,
 ) -> (ports::Port, u32) {
     match netfront::Uplink::boot(store, table, dev) {
         Ok(up) => {
@@ -305,10 +315,26 @@ fn start_dataplane(
     // The uplink: the netfront under Xen, else the first virtio NIC.
     let mut devices = Vec::new();
     let mut netfront_port = None;
-    if let Some((dev, io)) = netfront {
-        let (port, evtchn) = connect_netfront(&dev, io);
+    if let Some((dev, (store, table))) = netfront {
+        let store = xenstore::SharedStore::install(store);
+        let (port, evtchn) = connect_netfront(&dev, store, table);
         devices.push(port);
         netfront_port = Some(evtchn);
+        // Client VMs whose vif names this domain as its backend (Qubes's
+        // firewall VM): one port per client, ports 1..
+        if config.layout.unwrap_or(Layout::Single) == Layout::Single {
+            devices.extend(
+                (0..netback::CLIENT_VIFS)
+                    .map(|slot| ports::Port::Client(netback::ClientVif::new(slot, store))),
+            );
+            println!(
+                "netback: serving up to {} client vifs (ports 1-{}; our XenStore area backend/vif)",
+                netback::CLIENT_VIFS,
+                netback::CLIENT_VIFS
+            );
+        } else {
+            println!("netback: client vifs are served in layout single only");
+        }
     }
     // A netfront uplink may run alone; virtio NICs need a downlink too.
     if devices.is_empty() && nics.len() < 2 {
@@ -371,8 +397,7 @@ fn start_dataplane(
     }
     // Enough to fill every receive ring and as many transmit rings, plus
     // room for what is in flight between them.
-    let queue_pairs: usize = devices.iter().map(ports::Port::queue_pairs).sum();
-    let buffers = queue_pairs * 2 * usize::from(drivers::virtio_net::QUEUE_SIZE) + 512;
+    let buffers = devices.iter().map(ports::Port::buffers).sum::<usize>() + 512;
     if devices.len() == 1 {
         println!("dataplane: uplink only (no client NICs): answering ARP and ping on the uplink");
     }
@@ -516,7 +541,9 @@ fn rtc_queues(devices: Vec<ports::Port>) -> (Vec<Vec<drivers::virtio_net::Virtio
                 Ok(q) => queues.push(q),
                 Err(_) => fail("needs every queue's own doorbell".into()),
             },
-            ports::Port::Netfront(_) => fail("runs on virtio-net NICs only".into()),
+            ports::Port::Netfront(_) | ports::Port::Client(_) => {
+                fail("runs on virtio-net NICs only".into())
+            }
         }
     }
     (queues, cores)

@@ -23,7 +23,7 @@ use xen_shim::grant::GrantRef;
 use xen_shim::netif::{frontend_step, parse_mac, FrontendStep, XenbusState};
 
 use crate::gnttab::{self, GrantTable};
-use crate::xenstore::XenStore;
+use crate::xenstore::SharedStore;
 use crate::{clock, idle, phys, xen};
 
 /// How long the backend may take to reach each state.
@@ -88,7 +88,7 @@ enum Link {
 
 /// The uplink netfront through its life (see the module's comment).
 pub struct Uplink {
-    store: XenStore,
+    store: SharedStore,
     /// Our MAC: the first connection's (the firewall keeps it).
     mac: [u8; 6],
     link: Link,
@@ -102,13 +102,13 @@ pub struct Uplink {
     store_failed: bool,
 }
 
-fn read(store: &mut XenStore, path: &str) -> Result<String, String> {
+fn read(store: &mut SharedStore, path: &str) -> Result<String, String> {
     store.read(path).map_err(|e| format!("{path}: {e:?}"))
 }
 
 /// The state at `path`; a missing or unreadable node counts as Closed
 /// (the toolstack removes a device's nodes when it is gone).
-fn state(store: &mut XenStore, path: &str) -> XenbusState {
+fn state(store: &mut SharedStore, path: &str) -> XenbusState {
     store
         .read(path)
         .ok()
@@ -117,7 +117,7 @@ fn state(store: &mut XenStore, path: &str) -> XenbusState {
 }
 
 /// Polls `path` until it holds state `want`, or the deadline passes.
-fn wait_state(store: &mut XenStore, path: &str, want: XenbusState) -> Result<(), String> {
+fn wait_state(store: &mut SharedStore, path: &str, want: XenbusState) -> Result<(), String> {
     let deadline = clock::now_ms() + STATE_TIMEOUT_MS;
     loop {
         let v = read(store, path)?;
@@ -149,7 +149,7 @@ enum Failed {
 /// `wait`, waits for the backend to be Connected too. The device and the
 /// milliseconds it took.
 fn connect(
-    store: &mut XenStore,
+    store: &mut SharedStore,
     table: GrantTable,
     mem: Option<DmaRegion>,
     dev: &str,
@@ -235,7 +235,7 @@ fn connect(
 impl Uplink {
     /// Connects `device/vif/<dev>` at boot (waiting for its backend) and
     /// starts following it; the error for the boot report otherwise.
-    pub fn boot(mut store: XenStore, table: GrantTable, dev: &str) -> Result<Self, String> {
+    pub fn boot(mut store: SharedStore, table: GrantTable, dev: &str) -> Result<Self, String> {
         let (d, ms) = connect(&mut store, table, None, dev, true).map_err(|(e, _)| e)?;
         let mut up = Self {
             store,
@@ -446,7 +446,7 @@ impl Nic for Uplink {
             return;
         }
         self.last_poll_ms = now;
-        let fired = match self.store.poll_events() {
+        let fired = match self.store.poll_events_for(&[VIF_TOKEN, BACKEND_TOKEN]) {
             Ok(events) => !events.is_empty(),
             Err(e) => {
                 // The ring is out of step: every later read would fail too.

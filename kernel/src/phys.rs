@@ -212,3 +212,43 @@ pub fn dma_region(bytes: usize) -> drivers::DmaRegion {
     // SAFETY: fresh, exclusive, page-aligned, identity-mapped memory.
     unsafe { drivers::DmaRegion::new(ptr, paddr, bytes) }
 }
+
+/// Guest frames for pages that are not our RAM: other domains' pages
+/// mapped by grant (a client's rings, dom0's vchan pages) and Xen's own
+/// (shared info, grant table). They lie in a window above all RAM and
+/// above 4 GiB, identity-mapped at boot (`init_foreign`), where no RAM,
+/// device or firmware range is: mapping there gives up no RAM page, so
+/// the domain's memory never shrinks or changes under it, and unmapping
+/// leaves just a hole.
+static FOREIGN: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+
+/// Frames in the foreign window: enough for the grant table's 64 frames,
+/// the shared info, every client vif's two rings and vchan's pages.
+const FOREIGN_FRAMES: u64 = 512;
+
+/// Sets up the foreign window (under Xen, before anything maps a grant).
+pub fn init_foreign(mem: &mut PhysMemory) -> Range {
+    let start = mem.highest_ram().max(1 << 32).next_multiple_of(SIZE_2M);
+    let window = Range::new(start, start + FOREIGN_FRAMES * PAGE_SIZE);
+    map_identity(window, false, mem);
+    *FOREIGN.lock() = Some((window.start, window.end));
+    window
+}
+
+/// `pages` consecutive frames of the foreign window (nothing is there
+/// until something is mapped: never touch them before). Running out is
+/// fatal: the window is sized for everything the kernel maps.
+pub fn alloc_foreign(pages: u64) -> u64 {
+    let mut w = FOREIGN.lock();
+    match w.as_mut() {
+        Some((next, end)) if *next + pages * PAGE_SIZE <= *end => {
+            let at = *next;
+            *next += pages * PAGE_SIZE;
+            at
+        }
+        _ => crate::fatal_boot(format_args!(
+            "no room for {pages} more foreign frames (window set up: {})",
+            w.is_some()
+        )),
+    }
+}

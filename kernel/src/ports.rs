@@ -8,6 +8,7 @@ use drivers::virtio_net::VirtioNet;
 use drivers::{Nic, NicStats, Packet, PacketPool};
 use virtio_drivers::transport::pci::PciTransport;
 
+use crate::netback::ClientVif;
 use crate::netfront::Uplink;
 
 // A handful of ports live for the kernel's life in one Vec: their sizes
@@ -16,6 +17,7 @@ use crate::netfront::Uplink;
 pub enum Port {
     Virtio(VirtioNet<PciTransport>),
     Netfront(Uplink),
+    Client(ClientVif),
 }
 
 impl Port {
@@ -23,7 +25,18 @@ impl Port {
     pub fn queue_pairs(&self) -> usize {
         match self {
             Port::Virtio(n) => n.queue_pairs().0,
-            Port::Netfront(_) => 1,
+            Port::Netfront(_) | Port::Client(_) => 1,
+        }
+    }
+
+    /// Packet buffers the port may hold at once: a full receive ring and
+    /// transmit ring per queue pair; a client vif holds buffers only for
+    /// a batch of copies (its frames wait in the client's pages).
+    pub fn buffers(&self) -> usize {
+        let ring = usize::from(drivers::virtio_net::QUEUE_SIZE);
+        match self {
+            Port::Client(_) => 64,
+            _ => self.queue_pairs() * 2 * ring,
         }
     }
 }
@@ -33,6 +46,7 @@ macro_rules! each {
         match $self {
             Port::Virtio($n) => $e,
             Port::Netfront($n) => $e,
+            Port::Client($n) => $e,
         }
     };
 }
@@ -64,5 +78,9 @@ impl Nic for Port {
 
     fn rx_queues(&self) -> Vec<u64> {
         each!(self, n => n.rx_queues())
+    }
+
+    fn assigned(&self) -> Option<(u64, &[core::net::IpAddr])> {
+        each!(self, n => n.assigned())
     }
 }

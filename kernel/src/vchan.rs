@@ -2,8 +2,8 @@
 //! QubesDB over it: how a Qubes VM gets its configuration from dom0.
 //!
 //! Connecting: read the server's `ring-ref` and `event-channel` from
-//! XenStore, give a page of our RAM back to Xen (`decrease_reservation`)
-//! and map the server's shared page in its place (`GNTTABOP_map_grant_ref`),
+//! XenStore, map the server's shared page at a frame of the foreign window
+//! above our RAM (`phys::alloc_foreign`, `GNTTABOP_map_grant_ref`),
 //! check its ring orders, map the rings that have pages of their own the
 //! same way (contiguously, left ring first — dom0's QubesDB asks for
 //! 4096-byte rings, one page each), bind the event channel, and set
@@ -33,18 +33,13 @@ pub struct Vchan {
     right: (u64, u32),
 }
 
-/// Maps grants `grefs` of domain `server` over as many contiguous pages of
-/// ours (given back to Xen first); their address.
+/// Maps grants `grefs` of domain `server` at as many contiguous frames of
+/// the foreign window; their address.
 fn map_pages(server: u16, grefs: &[u32]) -> Result<u64, String> {
-    let (base, _) = phys::alloc_dma(grefs.len() * 4096);
+    let base = phys::alloc_foreign(grefs.len() as u64);
     for (i, gref) in grefs.iter().enumerate() {
         let gpfn = (base >> 12) + i as u64;
-        if !xen::decrease_reservation(gpfn) {
-            return Err("XENMEM_decrease_reservation failed".into());
-        }
         if let Err(e) = xen::map_grant(server, *gref, gpfn) {
-            // Take the page back so the memory is whole again.
-            xen::populate_physmap(gpfn);
             return Err(format!(
                 "mapping grant {gref} of domain {server}: status {e}"
             ));

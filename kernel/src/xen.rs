@@ -112,13 +112,13 @@ pub fn shutdown(crashed: bool) {
     };
 }
 
-/// Blocks this vCPU in Xen until event channel `port` is pending or Xen's
-/// system time reaches `timeout_ns` (`SCHEDOP_poll`); Xen's return code.
-pub fn poll(port: u32, timeout_ns: u64) -> i64 {
-    let ports = [port];
+/// Blocks this vCPU in Xen until one of event channels `ports` is pending
+/// or Xen's system time reaches `timeout_ns` (`SCHEDOP_poll`); Xen's
+/// return code.
+pub fn poll(ports: &[u32], timeout_ns: u64) -> i64 {
     let arg = SchedPoll {
         ports: ports.as_ptr() as u64,
-        nr_ports: 1,
+        nr_ports: ports.len() as u32,
         pad: 0,
         timeout: timeout_ns,
     };
@@ -206,7 +206,11 @@ pub fn console_ring_drain() {
     }
     let (prod_ix, cons_ix) = (ring_index(page, OUT_PROD), ring_index(page, OUT_CONS));
     for _ in 0..1000 {
-        if room(prod_ix.load(Ordering::Acquire), cons_ix.load(Ordering::Acquire)) == OUT_SIZE {
+        if room(
+            prod_ix.load(Ordering::Acquire),
+            cons_ix.load(Ordering::Acquire),
+        ) == OUT_SIZE
+        {
             return;
         }
         crate::clock::delay_us(1000);
@@ -262,8 +266,8 @@ pub fn add_to_physmap(space: u32, idx: u64, gpfn: u64) -> i64 {
         gpfn,
     };
     // SAFETY: XENMEM_add_to_physmap reads one `xen_add_to_physmap` at the
-    // pointer, a live local; `gpfn` is a page of our own RAM that the
-    // caller gives up to the mapping.
+    // pointer, a live local; `gpfn` is a frame of the foreign window (no
+    // RAM of ours is there).
     unsafe {
         hypercall2(
             xen_shim::grant::HYPERVISOR_MEMORY_OP,
@@ -273,41 +277,9 @@ pub fn add_to_physmap(space: u32, idx: u64, gpfn: u64) -> i64 {
     }
 }
 
-/// Gives the RAM page at guest frame `gpfn` back to Xen: the frame is
-/// then empty (a grant can be mapped there). True on success.
-pub fn decrease_reservation(gpfn: u64) -> bool {
-    memory_reservation(xen_shim::grant::XENMEM_DECREASE_RESERVATION, gpfn)
-}
-
-/// Puts RAM back at the empty guest frame `gpfn`. True on success.
-pub fn populate_physmap(gpfn: u64) -> bool {
-    memory_reservation(xen_shim::grant::XENMEM_POPULATE_PHYSMAP, gpfn)
-}
-
-fn memory_reservation(cmd: u32, gpfn: u64) -> bool {
-    let frames = [gpfn];
-    let mut r = xen_shim::grant::MemoryReservation {
-        extent_start: frames.as_ptr() as u64,
-        nr_extents: 1,
-        domid: DOMID_SELF,
-        ..Default::default()
-    };
-    // SAFETY: XENMEM_decrease_reservation / populate_physmap read one
-    // `xen_memory_reservation` at the pointer and one frame number from
-    // `frames` (and for populate write it back), both live locals; the
-    // caller gives up (or takes back) the page at `gpfn`.
-    let done = unsafe {
-        hypercall2(
-            xen_shim::grant::HYPERVISOR_MEMORY_OP,
-            u64::from(cmd),
-            &mut r as *mut _ as u64,
-        )
-    };
-    done == 1
-}
-
 /// Maps grant `gref` of domain `dom` at the empty guest frame `gpfn`
-/// (`decrease_reservation`): the mapping's handle, or Xen's status.
+/// (a frame of the foreign window, `phys::alloc_foreign`): the mapping's
+/// handle, or Xen's status.
 pub fn map_grant(dom: u16, gref: u32, gpfn: u64) -> Result<u32, i64> {
     let mut m = xen_shim::grant::MapGrantRef {
         host_addr: gpfn << 12,
@@ -390,6 +362,49 @@ pub fn bind_interdomain(remote: u16, remote_port: u32) -> Option<u32> {
         )
     };
     (rc == 0).then_some(b.local_port)
+}
+
+/// Unmaps the grant mapped at guest frame `gpfn` with `handle`
+/// (`map_grant`); the frame is empty afterwards. True on success.
+pub fn unmap_grant(gpfn: u64, handle: u32) -> bool {
+    let mut u = xen_shim::grant::UnmapGrantRef {
+        host_addr: gpfn << 12,
+        handle,
+        ..Default::default()
+    };
+    // SAFETY: GNTTABOP_unmap_grant_ref with a count of 1 reads and writes
+    // one `gnttab_unmap_grant_ref` at the pointer, a live local; nothing
+    // of ours is in the frame (it held the other domain's page).
+    let rc = unsafe {
+        hypercall3(
+            xen_shim::grant::HYPERVISOR_GRANT_TABLE_OP,
+            u64::from(xen_shim::grant::GNTTABOP_UNMAP_GRANT_REF),
+            &mut u as *mut _ as u64,
+            1,
+        )
+    };
+    rc == 0 && u.status == 0
+}
+
+/// `GNTTABOP_copy` for every op in `ops` (one hypercall); each op's
+/// `status` tells whether it was done (`GNTST_OKAY`).
+pub fn grant_copy(ops: &mut [xen_shim::grant::GnttabCopy]) -> bool {
+    if ops.is_empty() {
+        return true;
+    }
+    // SAFETY: GNTTABOP_copy reads and writes `ops.len()` `gnttab_copy`
+    // entries at the pointer, a live slice; each names a grant of the other
+    // domain's and a page-bounded range of our own memory that the caller
+    // owns (a pool buffer).
+    let rc = unsafe {
+        hypercall3(
+            xen_shim::grant::HYPERVISOR_GRANT_TABLE_OP,
+            u64::from(xen_shim::grant::GNTTABOP_COPY),
+            ops.as_mut_ptr() as u64,
+            ops.len() as u64,
+        )
+    };
+    rc == 0
 }
 
 /// `EVTCHNOP_close` on `port`: false when Xen refused (not ours, or not

@@ -191,6 +191,17 @@ impl XenStore {
         }
     }
 
+    /// As `poll_events`, for the events whose token is one of `tokens`;
+    /// the others stay queued for whoever watches with them.
+    pub fn poll_events_for(&mut self, tokens: &[&str]) -> Result<Vec<(String, String)>, XsError> {
+        let all = self.poll_events()?;
+        let (mine, others): (Vec<_>, Vec<_>) = all
+            .into_iter()
+            .partition(|(_, token)| tokens.contains(&token.as_str()));
+        self.events.extend(others);
+        Ok(mine)
+    }
+
     /// The event channel xenstored signals.
     pub fn port(&self) -> u32 {
         self.port
@@ -276,5 +287,56 @@ impl XenStore {
         let id = self.id();
         let payload = self.transact(xs::XS_DIRECTORY, id, &xs::directory(id, path)?)?;
         xs::directory_entries(&payload)
+    }
+}
+
+static SHARED: spin::Once<spin::Mutex<XenStore>> = spin::Once::new();
+
+/// The domain's one XenStore connection, shared by the devices that follow
+/// XenStore from the loop (the uplink's netfront, the client vifs' netback):
+/// each request holds it for its own length. Never used inside another
+/// request (a transaction's body gets its `Transaction`).
+#[derive(Clone, Copy)]
+pub struct SharedStore(&'static spin::Mutex<XenStore>);
+
+impl SharedStore {
+    /// Shares `store` from now on (once: a second call gets the first).
+    pub fn install(store: XenStore) -> Self {
+        Self(SHARED.call_once(|| spin::Mutex::new(store)))
+    }
+
+    pub fn read(&mut self, path: &str) -> Result<String, XsError> {
+        self.0.lock().read(path)
+    }
+
+    pub fn write(&mut self, path: &str, value: &str) -> Result<(), XsError> {
+        self.0.lock().write(path, value)
+    }
+
+    pub fn directory(&mut self, path: &str) -> Result<Vec<String>, XsError> {
+        self.0.lock().directory(path)
+    }
+
+    pub fn watch(&mut self, path: &str, token: &str) -> Result<(), XsError> {
+        self.0.lock().watch(path, token)
+    }
+
+    pub fn unwatch(&mut self, path: &str, token: &str) -> Result<(), XsError> {
+        self.0.lock().unwatch(path, token)
+    }
+
+    pub fn transaction<T>(
+        &mut self,
+        body: impl FnMut(&mut Transaction<'_>) -> Result<T, XsError>,
+    ) -> Result<T, XsError> {
+        self.0.lock().transaction(body)
+    }
+
+    pub fn poll_events_for(&mut self, tokens: &[&str]) -> Result<Vec<(String, String)>, XsError> {
+        self.0.lock().poll_events_for(tokens)
+    }
+
+    pub fn port(&self) -> u32 {
+        self.0.lock().port()
     }
 }

@@ -276,11 +276,14 @@ impl NetConfig {
         })
     }
 
-    /// Whether `ip` is on the uplink's own subnet (reached without the gateway).
+    /// Whether `ip` is on the uplink's link (reached without the
+    /// gateway): on its subnet, or the gateway itself — Qubes gives a VM a
+    /// /32 address (`/qubes-netmask` 255.255.255.255) and a gateway
+    /// outside it, as it does a firewall VM behind another.
     #[inline]
     pub fn on_uplink_subnet(&self, ip: Ipv4Addr) -> bool {
         let mask = crate::wire::prefix_mask(self.uplink_prefix);
-        (u32::from(ip) ^ u32::from(self.uplink_ip)) & mask == 0
+        (u32::from(ip) ^ u32::from(self.uplink_ip)) & mask == 0 || ip == self.gateway
     }
 }
 
@@ -325,6 +328,12 @@ mod tests {
         );
         assert!(c.on_uplink_subnet(Ipv4Addr::new(10, 0, 2, 200)));
         assert!(!c.on_uplink_subnet(Ipv4Addr::new(10, 0, 3, 1)));
+        // A /32 uplink (a firewall VM behind another): its gateway is on
+        // the link, nothing else is.
+        let mut narrow = c.clone();
+        narrow.uplink_prefix = 32;
+        assert!(narrow.on_uplink_subnet(narrow.gateway));
+        assert!(!narrow.on_uplink_subnet(Ipv4Addr::new(10, 0, 2, 200)));
     }
 
     #[test]

@@ -250,12 +250,16 @@ impl Stats {
 
 /// Binds client `ci` to the first port it is seen on and learns its MAC;
 /// false when it comes from another port (or does not exist).
-fn bind(clients: &mut [Client], ci: usize, port: usize, mac: Mac) -> bool {
+/// Binds client `ci` to `port` (its first) and learns its MAC; false if it
+/// is bound to another port, or is unbound and `port` serves only the
+/// clients assigned to it (`pinned`, see `Firewall::assign_port`).
+fn bind(clients: &mut [Client], pinned: &[bool], ci: usize, port: usize, mac: Mac) -> bool {
     let Some(c) = clients.get_mut(ci) else {
         return false;
     };
     match c.port {
         Some(p) if p != port => false,
+        None if pinned.get(port).copied().unwrap_or(false) => false,
         _ => {
             c.port = Some(port);
             c.mac = Some(mac);
@@ -491,6 +495,9 @@ pub struct Firewall {
     /// The port the resolver asks from (`RESOLVER_PORT` unless another
     /// core's firewall uses it: `set_resolver_port`).
     resolver_port: u16,
+    /// Per port: whether only the clients assigned to it may use it
+    /// (`assign_port`), rather than whoever appears there first.
+    pinned: Vec<bool>,
 }
 
 fn swap_macs(buf: &mut [u8], new_src: Mac) {
@@ -553,6 +560,7 @@ impl Firewall {
             .first()
             .map_or(1, |m| u32::from_be_bytes([m[2], m[3], m[4], m[5]]));
         let resolver = Resolver::new(names, servers, seed);
+        let pinned = alloc::vec![false; macs.len()];
         let mut fw = Self {
             cfg,
             macs,
@@ -575,6 +583,7 @@ impl Firewall {
             stats: Stats::default(),
             forward_only: false,
             resolver_port: RESOLVER_PORT,
+            pinned,
         };
         // Names that cannot be asked (no DNS server) are settled already.
         let settled: Vec<Resolved> = fw
@@ -589,6 +598,40 @@ impl Firewall {
             .collect();
         fw.apply_resolved(settled);
         fw
+    }
+
+    /// Gives downlink `port` to the clients at `addrs` alone — a Xen
+    /// netback vif, whose client's addresses dom0 wrote — or to nobody
+    /// (empty: the client went away). Clients bound to the port before are
+    /// unbound (their flows stay; replies to them are dropped as
+    /// unreachable until they are bound again); each address that is a
+    /// connected client is bound to the port, moving from any other, its
+    /// MAC learned from its first frame. From then on the port is pinned:
+    /// a frame on it from any other address is dropped as spoofed, however
+    /// early it comes. Returns the addresses that are not connected
+    /// clients (they can send nothing).
+    pub fn assign_port(&mut self, port: usize, addrs: &[IpAddr]) -> Vec<IpAddr> {
+        if port == UPLINK || port >= self.pinned.len() {
+            return addrs.to_vec();
+        }
+        self.pinned[port] = true;
+        for c in &mut self.clients {
+            if c.port == Some(port) {
+                c.port = None;
+                c.mac = None;
+            }
+        }
+        let mut unknown = Vec::new();
+        for &a in addrs {
+            match self.clients.iter_mut().find(|c| c.ip == a) {
+                Some(c) => {
+                    c.port = Some(port);
+                    c.mac = None;
+                }
+                None => unknown.push(a),
+            }
+        }
+        unknown
     }
 
     pub fn config(&self) -> &NetConfig {
@@ -825,7 +868,7 @@ impl Firewall {
 
     /// Binds a client to the first port it is seen on and learns its MAC.
     fn bind_client(&mut self, ci: usize, port: usize, mac: Mac) -> bool {
-        bind(&mut self.clients, ci, port, mac)
+        bind(&mut self.clients, &self.pinned, ci, port, mac)
     }
 
     /// An ARP request or neighbour solicitation the firewall wants sent,
@@ -1074,7 +1117,13 @@ impl Firewall {
         let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
         if let (0, true, Some(t)) = (info.frag_offset, info.ttl > 1, &tuple) {
             let hit = self.ct.by_client(t, now).map(|f| {
-                let bound = bind(&mut self.clients, f.owner as usize, port, src_mac);
+                let bound = bind(
+                    &mut self.clients,
+                    &self.pinned,
+                    f.owner as usize,
+                    port,
+                    src_mac,
+                );
                 if bound {
                     f.touch(now, true, info.tcp_flags);
                 }

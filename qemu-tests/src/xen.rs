@@ -8,7 +8,7 @@
 //! the hypervisor) packed as an initramfs. `run` appends a small archive
 //! with the kernel under test, an `xl` config and a test script, boots the
 //! whole thing and returns what came out of the serial port: Xen's console,
-//! where a PVH guest's port-0xe9 output appears as `(dN) ...` lines. Needs
+//! with the script's lines (the guests' console logs among them). Needs
 //! root and the Debian package mirrors.
 
 use std::path::{Path, PathBuf};
@@ -19,7 +19,7 @@ use crate::debian::{self, cpio, run};
 use crate::RunningMachine;
 
 /// Bumped when the recipe changes, so old caches are rebuilt.
-const RECIPE: &str = "portcullis-xen-v1";
+const RECIPE: &str = "portcullis-xen-v3";
 pub const CACHE: &str = "/var/cache/portcullis/xen";
 
 /// The built images.
@@ -119,7 +119,7 @@ impl XenImages {
         let dir = PathBuf::from(CACHE);
         let stamp = dir.join("stamp");
         if std::fs::read_to_string(&stamp).is_ok_and(|s| s.trim() == RECIPE)
-            && ["xen", "vmlinuz", "base.cpio"]
+            && ["xen", "vmlinuz", "vmlinux", "base.cpio"]
                 .iter()
                 .all(|f| dir.join(f).is_file())
         {
@@ -154,6 +154,7 @@ impl XenImages {
             dir.join("vmlinuz"),
         )
         .map_err(|e| e.to_string())?;
+        extract_vmlinux(&dir.join("vmlinuz"), &dir.join("vmlinux"))?;
         let root = dir.join("rootfs");
         run(Command::new("debootstrap")
             .args([
@@ -193,6 +194,9 @@ impl XenImages {
         for sub in [
             "drivers/xen",
             "drivers/net/xen-netback",
+            // For the client VMs' initramfs (`client.cpio`, made by the
+            // test scripts from dom0's own busybox).
+            "drivers/net/xen-netfront.ko",
             "net/bridge",
             "net/802",
             "net/llc",
@@ -262,6 +266,12 @@ impl XenImages {
         let overlay = work.join("overlay");
         std::fs::create_dir_all(overlay.join("etc/xen")).map_err(|e| e.to_string())?;
         std::fs::copy(kernel, overlay.join("portcullis")).map_err(|e| e.to_string())?;
+        // dom0's kernel uncompressed, for Linux client VMs (PV domUs), when
+        // the script boots them.
+        if script.contains("/vmlinux") {
+            std::fs::copy(self.dir.join("vmlinux"), overlay.join("vmlinux"))
+                .map_err(|e| e.to_string())?;
+        }
         std::fs::write(overlay.join("etc/xen/portcullis.cfg"), xl_cfg)
             .map_err(|e| e.to_string())?;
         std::fs::write(overlay.join("test.sh"), script).map_err(|e| e.to_string())?;
@@ -307,3 +317,115 @@ impl XenImages {
         })
     }
 }
+
+/// The ELF kernel inside a bzImage compressed with XZ (Debian's), so that
+/// dom0's domain builder need not decompress it for every client VM
+/// (nested, ~19 s each, and it failed now and then).
+fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), String> {
+    let image = std::fs::read(bzimage).map_err(|e| e.to_string())?;
+    let magic = b"\xfd7zXZ\x00";
+    let at = image
+        .windows(magic.len())
+        .position(|w| w == magic)
+        .ok_or("the kernel image holds no XZ stream")?;
+    let mut xz = Command::new("xz")
+        .args(["-dc", "--single-stream"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("xz: {e}"))?;
+    let mut stdin = xz.stdin.take().ok_or("xz: no stdin")?;
+    let tail = image[at..].to_vec();
+    let feeder = std::thread::spawn(move || {
+        use std::io::Write;
+        // xz stops reading after the stream: the rest is not wanted.
+        let _ = stdin.write_all(&tail);
+    });
+    let output = xz.wait_with_output().map_err(|e| format!("xz: {e}"))?;
+    let _ = feeder.join();
+    if !output.status.success() || !output.stdout.starts_with(b"\x7fELF") {
+        return Err("decompressing the kernel image gave no ELF".into());
+    }
+    std::fs::write(out, &output.stdout).map_err(|e| e.to_string())
+}
+
+/// dom0's QubesDB for a Portcullis domain, as a shell snippet that writes
+/// `/qdb.py`: a vchan server (libxenvchan through ctypes) at the path
+/// Qubes uses (`/local/domain/0/data/vchan/<domid>/111`, 4096-byte rings
+/// as dom0's qubesdb-daemon asks), printing `ready` once it listens, then
+/// `request ...` for the domain's first message. It then runs the script
+/// at its second argument, one step a line:
+/// - `E path value`: an entry of the answer to MULTIREAD; `END` ends it;
+/// - `W path value`: a write dom0 pushes; `R path`: a removal;
+/// - `A what`: prints the next message from the domain (`what type T path
+///   'P' length N`: the acknowledgements);
+/// - `P file`: waits until `file` exists (the test's go-ahead).
+///
+/// Run as `python3 /qdb.py <domid> <script>`.
+pub const QUBESDB_SERVER: &str = r#"cat > /qdb.py <<'PY'
+import ctypes, os, struct, sys, time
+lib = ctypes.CDLL("libxenvchan.so.4.17")
+P = ctypes.c_void_p
+lib.libxenvchan_server_init.restype = P
+lib.libxenvchan_server_init.argtypes = [P, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t]
+for f in ("libxenvchan_is_open", "libxenvchan_wait", "libxenvchan_data_ready"):
+    getattr(lib, f).argtypes = [P]
+lib.libxenvchan_recv.argtypes = [P, P, ctypes.c_size_t]
+lib.libxenvchan_send.argtypes = [P, ctypes.c_char_p, ctypes.c_size_t]
+dom = int(sys.argv[1])
+ctrl = lib.libxenvchan_server_init(None, dom, ("/local/domain/0/data/vchan/%d/111" % dom).encode(), 4096, 4096)
+print("ready" if ctrl else "server_init failed", flush=True)
+if not ctrl:
+    sys.exit(1)
+def recv(n):
+    while lib.libxenvchan_data_ready(ctrl) < n:
+        if lib.libxenvchan_is_open(ctrl) == 0:
+            sys.exit("closed")
+        lib.libxenvchan_wait(ctrl)
+    buf = ctypes.create_string_buffer(n)
+    lib.libxenvchan_recv(ctrl, buf, n)
+    return buf.raw
+def send(b):
+    while lib.libxenvchan_send(ctrl, b, len(b)) == 0:
+        lib.libxenvchan_wait(ctrl)
+def msg(t, path, data=b""):
+    return struct.pack("<B64s3xI", t, path.encode(), len(data)) + data
+def show(what):
+    t, path, n = struct.unpack("<B64s3xI", recv(72))
+    print("%s type %d path '%s' length %d" % (what, t, path.rstrip(b"\0").decode(), n), flush=True)
+show("request")
+for line in open(sys.argv[2]).read().splitlines():
+    op, _, rest = line.partition(" ")
+    path, _, value = rest.partition(" ")
+    if op == "E":
+        send(msg(11, path, value.encode()))
+    elif op == "END":
+        send(msg(11, ""))
+    elif op == "W":
+        send(msg(1, path, value.encode()))
+    elif op == "R":
+        send(msg(4, path))
+    elif op == "A":
+        show(rest)
+    elif op == "P":
+        while not os.path.exists(path):
+            time.sleep(0.2)
+time.sleep(3600)
+PY
+"#;
+
+/// A shell snippet that defines `make_client INIT OUT`: packs an
+/// initramfs for a Linux client VM (a PV domU booting dom0's own kernel,
+/// `/vmlinuz`) from dom0's busybox and its libraries and the netfront
+/// module, with `INIT` as its `/init`.
+pub const CLIENT_IMAGE: &str = r#"make_client() {
+    rm -rf /c && mkdir -p /c/bin /c/lib/x86_64-linux-gnu /c/lib64 /c/proc /c/sys /c/dev /c/tmp
+    cp /usr/bin/busybox /c/bin/
+    cp /lib/x86_64-linux-gnu/libc.so.6 /lib/x86_64-linux-gnu/libresolv.so.2 /c/lib/x86_64-linux-gnu/
+    cp /lib64/ld-linux-x86-64.so.2 /c/lib64/
+    cp $(find /lib/modules -name 'xen-netfront.ko*' | head -n 1) /c/xen-netfront.ko
+    cp "$1" /c/init
+    chmod +x /c/init
+    (cd /c && find . | busybox cpio -o -H newc 2>/dev/null) > "$2"
+}
+"#;

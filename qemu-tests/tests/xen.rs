@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use qemu_tests::kernel;
-use qemu_tests::xen::XenImages;
+use qemu_tests::xen::{XenImages, QUBESDB_SERVER};
 
 const XL_CFG: &str = r#"name = "portcullis"
 type = "pvh"
@@ -36,61 +36,29 @@ on_crash = "preserve"
 /// up.
 const SCRIPT: &str = r#"#!/bin/sh
 log=/var/log/xen/console/guest-portcullis.log
-# dom0's QubesDB for the forwarding domain: a vchan server (libxenvchan,
-# through ctypes) at the path Qubes uses, answering MULTIREAD with a few
-# entries, then pushing the empty write that completes a client's rules and
-# reading the answer.
-cat > /qdb.py <<'PY'
-import ctypes, os, struct, sys, time
-lib = ctypes.CDLL("libxenvchan.so.4.17")
-P = ctypes.c_void_p
-lib.libxenvchan_server_init.restype = P
-lib.libxenvchan_server_init.argtypes = [P, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t]
-for f in ("libxenvchan_is_open", "libxenvchan_wait", "libxenvchan_data_ready"):
-    getattr(lib, f).argtypes = [P]
-lib.libxenvchan_recv.argtypes = [P, P, ctypes.c_size_t]
-lib.libxenvchan_send.argtypes = [P, ctypes.c_char_p, ctypes.c_size_t]
-dom = int(sys.argv[1])
-# 4096-byte rings, as dom0's qubesdb-daemon asks: each in a page of its own.
-ctrl = lib.libxenvchan_server_init(None, dom, ("/local/domain/0/data/vchan/%d/111" % dom).encode(), 4096, 4096)
-print("ready" if ctrl else "server_init failed", flush=True)
-if not ctrl:
-    sys.exit(1)
-def recv(n):
-    while lib.libxenvchan_data_ready(ctrl) < n:
-        if lib.libxenvchan_is_open(ctrl) == 0:
-            sys.exit("closed")
-        lib.libxenvchan_wait(ctrl)
-    buf = ctypes.create_string_buffer(n)
-    lib.libxenvchan_recv(ctrl, buf, n)
-    return buf.raw
-def send(b):
-    while lib.libxenvchan_send(ctrl, b, len(b)) == 0:
-        lib.libxenvchan_wait(ctrl)
-def msg(t, path, data=b""):
-    return struct.pack("<B64s3xI", t, path.encode(), len(data)) + data
-def show(what):
-    t, path, n = struct.unpack("<B64s3xI", recv(72))
-    print("%s type %d path '%s' length %d" % (what, t, path.rstrip(b"\0").decode(), n), flush=True)
-show("request")
-for p, v in [("/qubes-primary-dns", "10.0.2.3"), ("/qubes-netvm-primary-dns", "10.139.1.1"),
-             ("/connected-ips", "10.137.0.10"), ("/qubes-firewall/10.137.0.10/policy", "drop"),
-             ("/qubes-firewall/10.137.0.10/0000", "action=accept proto=icmp")]:
-    send(msg(11, p, v.encode()))
-send(msg(11, ""))
-send(msg(1, "/qubes-firewall/10.137.0.10"))
-show("answer")
-# A live update when the test asks: the client's rules replaced.
-while not os.path.exists("/tmp/qdb-push"):
-    time.sleep(0.2)
-send(msg(4, "/qubes-firewall/10.137.0.10/"))
-send(msg(1, "/qubes-firewall/10.137.0.10/policy", b"accept"))
-send(msg(1, "/qubes-firewall/10.137.0.10/0000", b"action=drop proto=tcp"))
-send(msg(1, "/qubes-firewall/10.137.0.10"))
-for _ in range(4):
-    show("update answer")
-time.sleep(600)
-PY
+# dom0's QubesDB for the forwarding domain (`QUBESDB_SERVER`): a few
+# entries, the empty write that completes a client's rules and the answer;
+# then, when the test asks, a live update: the client's rules replaced.
+@QDB@
+cat > /qdb-script <<'QDB'
+E /qubes-primary-dns 10.0.2.3
+E /qubes-netvm-primary-dns 10.139.1.1
+E /connected-ips 10.137.0.10
+E /qubes-firewall/10.137.0.10/policy drop
+E /qubes-firewall/10.137.0.10/0000 action=accept proto=icmp
+END
+W /qubes-firewall/10.137.0.10
+A answer
+P /tmp/qdb-push
+R /qubes-firewall/10.137.0.10/
+W /qubes-firewall/10.137.0.10/policy accept
+W /qubes-firewall/10.137.0.10/0000 action=drop proto=tcp
+W /qubes-firewall/10.137.0.10
+A update answer
+A update answer
+A update answer
+A update answer
+QDB
 for m in xen-gntalloc xen-gntdev xen-evtchn; do modprobe $m 2>/dev/null; done
 # Xen's last log lines and the vCPU's registers, as `test: $1: ...` lines.
 diagnose() {
@@ -142,7 +110,7 @@ for attempt in 1 2; do
     pkill -f /qdb.py
     # (An earlier attempt's log says "ready" too: gone before the wait.)
     rm -f /tmp/qdb.log
-    python3 /qdb.py $(xl domid portcullis) > /tmp/qdb.log 2>&1 &
+    python3 /qdb.py $(xl domid portcullis) /qdb-script > /tmp/qdb.log 2>&1 &
     i=0
     until grep -q ready /tmp/qdb.log 2>/dev/null || [ $i -ge 50 ]; do sleep 0.1; i=$((i + 1)); done
     xl unpause portcullis
@@ -234,7 +202,12 @@ fn images() -> XenImages {
 fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     let images = images();
     let run = images
-        .run(kernel(), XL_CFG, SCRIPT, Duration::from_secs(400))
+        .run(
+            kernel(),
+            XL_CFG,
+            &SCRIPT.replace("@QDB@", QUBESDB_SERVER),
+            Duration::from_secs(400),
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     // The domains' ids: the first, the forwarding one's attempts, the one
     // with a bad command line.
@@ -428,7 +401,10 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         connected[0].ends_with("128 receive pages)"),
         "{connected:?}"
     );
-    assert!(has("dataplane: uplink only (no client NICs)"), "{guest:#?}");
+    assert!(
+        has("netback: serving up to 8 client vifs (ports 1-8; our XenStore area backend/vif)"),
+        "{guest:#?}"
+    );
     // Idle, the loop blocks in Xen on the netfront's event channel.
     assert!(
         has("idle: block in Xen (SCHEDOP_poll on event channel "),

@@ -1179,3 +1179,84 @@ fn replaced_rules_bring_their_dsthost_names_to_the_resolver() {
     run(&mut fw, 20, 1, &udp_from(CLIENT, 40000));
     assert_eq!(fw.stats().drop_count(DropReason::RulesPending), 1);
 }
+
+#[test]
+fn assigned_ports_serve_their_clients_alone() {
+    // Two netback ports: port 1 for CLIENT, port 2 for OTHER, assigned
+    // before either client sent anything.
+    let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(DB).unwrap()).unwrap();
+    let port2_mac = [0x52, 0x54, 0, 0, 0, 3];
+    let mut fw = Firewall::new(cfg, alloc::vec![UP_MAC, DOWN_MAC, port2_mac]);
+    let stranger = Ipv4Addr::new(10, 137, 0, 99);
+    assert_eq!(
+        fw.assign_port(1, &[IpAddr::V4(CLIENT), IpAddr::V4(stranger)]),
+        alloc::vec![IpAddr::V4(stranger)],
+        "an address that is no connected client is named"
+    );
+    assert!(fw.assign_port(2, &[IpAddr::V4(OTHER)]).is_empty());
+    assert!(fw.assign_port(UPLINK, &[]).is_empty());
+    let ping = |src, mac| {
+        ipv4(
+            mac,
+            CLIENT_MAC,
+            src,
+            Ipv4Addr::new(10, 137, 0, 1),
+            64,
+            PROTO_ICMP,
+            &echo(8, 1),
+        )
+    };
+    // OTHER speaks first, but on CLIENT's port (spoofing CLIENT's address,
+    // then its own): both dropped.
+    assert_eq!(
+        run(&mut fw, 0, 2, &ping(CLIENT, port2_mac)).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    assert_eq!(
+        run(&mut fw, 0, 1, &ping(OTHER, DOWN_MAC)).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    // An ARP claim on a port that is not the client's: dropped too.
+    let claim = arp_frame(
+        ARP_REQUEST,
+        CLIENT_MAC,
+        CLIENT,
+        Ipv4Addr::new(10, 137, 0, 1),
+        [0xff; 6],
+    );
+    assert_eq!(
+        run(&mut fw, 0, 2, &claim).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    // Each on its own port passes.
+    assert!(matches!(
+        run(&mut fw, 0, 1, &ping(CLIENT, DOWN_MAC)).0,
+        Verdict::Forward { port: 1, .. }
+    ));
+    assert!(matches!(
+        run(&mut fw, 0, 2, &ping(OTHER, port2_mac)).0,
+        Verdict::Forward { port: 2, .. }
+    ));
+    // CLIENT's vif goes away: port 1 serves nobody, and CLIENT cannot come
+    // back on it (nor claim port 2).
+    assert!(fw.assign_port(1, &[]).is_empty());
+    assert_eq!(
+        run(&mut fw, 1, 1, &ping(CLIENT, DOWN_MAC)).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    assert_eq!(
+        run(&mut fw, 1, 2, &ping(CLIENT, port2_mac)).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    // It comes back on port 2's old place after OTHER left: it moves.
+    assert!(fw.assign_port(2, &[IpAddr::V4(CLIENT)]).is_empty());
+    assert_eq!(
+        run(&mut fw, 2, 2, &ping(OTHER, port2_mac)).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    assert!(matches!(
+        run(&mut fw, 2, 2, &ping(CLIENT, port2_mac)).0,
+        Verdict::Forward { port: 2, .. }
+    ));
+    assert_eq!(fw.stats().drop_count(DropReason::Spoofed), 6);
+}

@@ -1,0 +1,482 @@
+//! Serving client VMs under Xen: the Qubes firewall VM's netback. Each
+//! client VM's vif is one dataplane port (`ClientVif`, ports 1..), driven by
+//! `drivers::netback` once connected.
+//!
+//! Finding clients: the toolstack (libxl in dom0, for a VM whose `vif`
+//! names us as `backend=`) writes the device's backend directory into our
+//! XenStore area, `backend/vif/<frontend domid>/<devid>` (`frontend`,
+//! `frontend-id`, `online`, `state` 1, `mac`, `ip`, ...), and waits for
+//! the backend to reach InitWait. A free slot looks there every
+//! `SCAN_MS` (one slot scans at a time) and claims a device nobody serves.
+//!
+//! The handshake, as Linux netback does it (`xen_shim::netif::backend_step`
+//! decides from the frontend's state and ours): write the features we
+//! offer (`feature-rx-copy` only: no scatter-gather, no GSO, one queue)
+//! and switch to InitWait; once the frontend is Initialised or Connected,
+//! read its `tx-ring-ref`, `rx-ring-ref`, `event-channel` and
+//! `request-rx-copy` (which must be 1), map its two ring pages at the
+//! slot's two frames of the foreign window above our RAM
+//! (`phys::alloc_foreign`), bind the event channel, and switch to
+//! Connected. The client's addresses (`ip`, as dom0 wrote them) become the
+//! only ones the firewall accepts on the port.
+//!
+//! Teardown, when the frontend closes or disappears, the toolstack sets
+//! our state to Closing or `online` to 0 (`xl network-detach`, the client
+//! destroyed), or the client breaks the ring protocol: unmap the rings,
+//! close the channel, switch to Closed (if the directory is still there),
+//! and free the slot. The same two frames serve the slot's next client, so
+//! hundreds of restarts take no memory.
+
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::net::IpAddr;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use drivers::netback::{BackIo, Direction, GrantCopy, Netback, RINGS_BYTES};
+use drivers::{DmaRegion, Nic, NicStats, Packet, PacketPool};
+use xen_shim::grant::{GnttabCopy, GNTST_OKAY};
+use xen_shim::netif::{backend_step, BackendStep, XenbusState};
+
+use crate::xenstore::SharedStore;
+use crate::{clock, idle, phys, xen};
+
+/// Client vifs served at most (dataplane ports 1..=CLIENT_VIFS).
+pub const CLIENT_VIFS: usize = 8;
+/// Our side's MAC on every client vif, as a Qubes net VM's vifs have.
+pub const CLIENT_SIDE_MAC: [u8; 6] = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff];
+/// How often a free slot looks for new devices (one slot at a time), and
+/// how often a claimed one reads its states.
+const SCAN_MS: u64 = 300;
+const CHECK_MS: u64 = 200;
+
+/// When the next scan for new devices is due (shared by the free slots).
+static NEXT_SCAN_MS: AtomicU64 = AtomicU64::new(0);
+/// Backend directories a slot serves.
+static CLAIMED: spin::Mutex<Vec<String>> = spin::Mutex::new(Vec::new());
+
+/// Grant copies with one client domain, and the event channel to it.
+pub struct ClientIo {
+    domid: u16,
+    port: u32,
+    /// The hypercall's entries, and which op each is.
+    ops: Vec<GnttabCopy>,
+    index: Vec<usize>,
+}
+
+impl BackIo for ClientIo {
+    fn copy(&mut self, ops: &mut [GrantCopy]) {
+        self.ops.clear();
+        self.index.clear();
+        for (i, op) in ops.iter_mut().enumerate() {
+            op.ok = false;
+            let c = match op.dir {
+                Direction::FromClient => {
+                    GnttabCopy::from_grant(self.domid, op.gref, op.offset, op.paddr, op.len)
+                }
+                Direction::ToClient => {
+                    GnttabCopy::to_grant(self.domid, op.gref, op.offset, op.paddr, op.len)
+                }
+            };
+            // An op that would cross a page is not issued (not ok).
+            if let Some(c) = c {
+                self.ops.push(c);
+                self.index.push(i);
+            }
+        }
+        if xen::grant_copy(&mut self.ops) {
+            for (c, &i) in self.ops.iter().zip(&self.index) {
+                ops[i].ok = c.status == GNTST_OKAY;
+            }
+        }
+    }
+
+    fn notify(&mut self) {
+        xen::notify(self.port);
+    }
+}
+
+/// A device found in our backend area.
+struct Device {
+    /// `backend/vif/<fe>/<dev>` (relative to our domain's node).
+    path: String,
+    frontend: String,
+    fe_id: u16,
+}
+
+// Eight slots live for the kernel's life: a box would cost an indirection
+// per batch and save nothing.
+#[allow(clippy::large_enum_variant)]
+enum Vif {
+    Free,
+    /// We are in InitWait; the frontend has not published its rings.
+    Offered(Device),
+    Up(Device, Netback<ClientIo>, [u32; 2]),
+}
+
+/// One client vif: a dataplane port that serves whichever client VM it
+/// claimed, or nobody.
+pub struct ClientVif {
+    slot: usize,
+    store: SharedStore,
+    vif: Vif,
+    /// Two frames of the foreign window for the client's ring pages.
+    rings: u64,
+    /// The client's addresses while connected, and their generation.
+    addrs: Vec<IpAddr>,
+    generation: u64,
+    /// Counters of earlier clients, and frames dropped with no client.
+    past: NicStats,
+    next_check_ms: u64,
+}
+
+fn state(store: &mut SharedStore, path: &str) -> Option<XenbusState> {
+    store.read(path).ok().and_then(|v| XenbusState::parse(&v))
+}
+
+fn number(store: &mut SharedStore, path: &str) -> Result<u32, String> {
+    let v = store.read(path).map_err(|e| format!("{path}: {e:?}"))?;
+    v.trim()
+        .parse()
+        .map_err(|_| format!("{path}: '{}' is not a number", v.trim()))
+}
+
+impl ClientVif {
+    pub fn new(slot: usize, store: SharedStore) -> Self {
+        let rings = phys::alloc_foreign((RINGS_BYTES / 4096) as u64);
+        Self {
+            slot,
+            store,
+            vif: Vif::Free,
+            rings,
+            addrs: Vec::new(),
+            generation: 0,
+            past: NicStats::default(),
+            next_check_ms: 0,
+        }
+    }
+
+    fn port_name(&self) -> usize {
+        self.slot + 1
+    }
+
+    /// Looks for a device nobody serves whose frontend is starting, and
+    /// offers it our features.
+    fn scan(&mut self) {
+        let Ok(domains) = self.store.directory("backend/vif") else {
+            return;
+        };
+        for fe in domains {
+            let Ok(devs) = self.store.directory(&format!("backend/vif/{fe}")) else {
+                continue;
+            };
+            for dev in devs {
+                let path = format!("backend/vif/{fe}/{dev}");
+                if CLAIMED.lock().contains(&path) {
+                    continue;
+                }
+                if let Some(d) = self.consider(path) {
+                    self.offer(d);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A device this slot may take: online, and its frontend starting.
+    fn consider(&mut self, path: String) -> Option<Device> {
+        let online = self.store.read(&format!("{path}/online")).ok()?;
+        if online.trim() != "1" {
+            return None;
+        }
+        let ours = state(&mut self.store, &format!("{path}/state"))?;
+        let frontend = self.store.read(&format!("{path}/frontend")).ok()?;
+        let frontend = frontend.trim().to_string();
+        let fe_id: u16 = self
+            .store
+            .read(&format!("{path}/frontend-id"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        let theirs =
+            state(&mut self.store, &format!("{frontend}/state")).unwrap_or(XenbusState::Unknown);
+        (backend_step(theirs, ours) == BackendStep::Offer).then_some(Device {
+            path,
+            frontend,
+            fe_id,
+        })
+    }
+
+    fn offer(&mut self, d: Device) {
+        let features = [
+            ("feature-rx-copy", "1"),
+            ("feature-rx-flip", "0"),
+            ("feature-sg", "0"),
+            ("feature-gso-tcpv4", "0"),
+            ("feature-gso-tcpv6", "0"),
+            ("feature-ipv6-csum-offload", "0"),
+            ("state", XenbusState::InitWait.value()),
+        ];
+        let path = d.path.clone();
+        let written = self.store.transaction(|t| {
+            features
+                .iter()
+                .try_for_each(|(k, v)| t.write(&format!("{path}/{k}"), v))
+        });
+        if let Err(e) = written {
+            println!("netback: {path}: offering features: {e:?}");
+            return;
+        }
+        CLAIMED.lock().push(path);
+        println!(
+            "netback: vif{}: domain {} ({}) found; waiting for its frontend",
+            self.port_name(),
+            d.fe_id,
+            d.path
+        );
+        self.vif = Vif::Offered(d);
+    }
+
+    /// Maps the frontend's rings, binds its channel, and goes Connected.
+    fn connect(&mut self, d: &Device) -> Result<(Netback<ClientIo>, [u32; 2]), String> {
+        let fe = &d.frontend;
+        let tx = number(&mut self.store, &format!("{fe}/tx-ring-ref"))?;
+        let rx = number(&mut self.store, &format!("{fe}/rx-ring-ref"))?;
+        let evtchn = number(&mut self.store, &format!("{fe}/event-channel"))?;
+        let copy = number(&mut self.store, &format!("{fe}/request-rx-copy")).unwrap_or(0);
+        if copy != 1 {
+            return Err(
+                "the frontend does not ask for request-rx-copy (page flipping is not offered)"
+                    .into(),
+            );
+        }
+        let mut handles = [0u32; 2];
+        for (i, gref) in [tx, rx].into_iter().enumerate() {
+            let gpfn = (self.rings >> 12) + i as u64;
+            match xen::map_grant(d.fe_id, gref, gpfn) {
+                Ok(h) => handles[i] = h,
+                Err(status) => {
+                    self.unmap(&handles[..i]);
+                    return Err(format!("mapping ring grant {gref}: status {status}"));
+                }
+            }
+        }
+        let Some(port) = xen::bind_interdomain(d.fe_id, evtchn) else {
+            self.unmap(&handles);
+            return Err(format!("binding event channel {evtchn} failed"));
+        };
+        let io = ClientIo {
+            domid: d.fe_id,
+            port,
+            ops: Vec::with_capacity(64),
+            index: Vec::with_capacity(64),
+        };
+        // SAFETY: the two frames at `rings` now hold the client's ring
+        // pages (mapped above), identity-mapped, used by this slot alone
+        // until `unmap`.
+        let region = unsafe {
+            DmaRegion::new(
+                core::ptr::NonNull::new(self.rings as *mut u8)
+                    .unwrap_or(core::ptr::NonNull::dangling()),
+                self.rings,
+                RINGS_BYTES,
+            )
+        };
+        let Some(nb) = Netback::new(io, region, CLIENT_SIDE_MAC) else {
+            xen::close_port(port);
+            self.unmap(&handles);
+            return Err("ring region too small".into());
+        };
+        if let Err(e) = self
+            .store
+            .write(&format!("{}/state", d.path), XenbusState::Connected.value())
+        {
+            let (io, _) = nb.into_parts();
+            xen::close_port(io.port);
+            self.unmap(&handles);
+            return Err(format!("switching to Connected: {e:?}"));
+        }
+        Ok((nb, handles))
+    }
+
+    /// Unmaps the ring pages mapped with `handles`.
+    fn unmap(&self, handles: &[u32]) {
+        for (i, &h) in handles.iter().enumerate() {
+            let gpfn = (self.rings >> 12) + i as u64;
+            if !xen::unmap_grant(gpfn, h) {
+                println!(
+                    "netback: vif{}: unmapping ring page {i} failed",
+                    self.port_name()
+                );
+            }
+        }
+    }
+
+    /// Lets the device go: switch to Closed if its directory is still
+    /// there, free the slot.
+    fn release(&mut self, d: Device, why: &str) {
+        println!(
+            "netback: vif{}: domain {}: {why}; disconnected",
+            self.port_name(),
+            d.fe_id
+        );
+        if state(&mut self.store, &format!("{}/state", d.path)).is_some() {
+            let _ = self
+                .store
+                .write(&format!("{}/state", d.path), XenbusState::Closed.value());
+        }
+        CLAIMED.lock().retain(|p| *p != d.path);
+        idle::set_client_port(self.slot, 0);
+        self.set_addrs(Vec::new());
+        self.vif = Vif::Free;
+    }
+
+    fn set_addrs(&mut self, addrs: Vec<IpAddr>) {
+        self.addrs = addrs;
+        self.generation += 1;
+    }
+
+    /// Why the device must be let go, if it must: the toolstack closing
+    /// it, or the frontend gone or closing.
+    fn gone(&mut self, d: &Device) -> Option<&'static str> {
+        let online = self.store.read(&format!("{}/online", d.path)).ok();
+        let ours = state(&mut self.store, &format!("{}/state", d.path));
+        let theirs = state(&mut self.store, &format!("{}/state", d.frontend))
+            .unwrap_or(XenbusState::Unknown);
+        match (online.as_deref().map(str::trim), ours) {
+            (None, _) | (_, None) => Some("its device was removed"),
+            (Some("0"), _) | (_, Some(XenbusState::Closing | XenbusState::Closed)) => {
+                Some("the toolstack closed it")
+            }
+            _ => match backend_step(theirs, ours.unwrap_or(XenbusState::Unknown)) {
+                BackendStep::Disconnect | BackendStep::Close => Some("its frontend closed"),
+                _ => None,
+            },
+        }
+    }
+
+    /// Moves the slot on (every `CHECK_MS`).
+    fn check(&mut self) {
+        match core::mem::replace(&mut self.vif, Vif::Free) {
+            Vif::Free => {
+                let now = clock::recent_ms();
+                if NEXT_SCAN_MS.load(Ordering::Relaxed) <= now {
+                    NEXT_SCAN_MS.store(now + SCAN_MS, Ordering::Relaxed);
+                    self.scan();
+                }
+            }
+            Vif::Offered(d) => {
+                if let Some(why) = self.gone(&d) {
+                    self.release(d, why);
+                    return;
+                }
+                let ours = XenbusState::InitWait;
+                let theirs = state(&mut self.store, &format!("{}/state", d.frontend))
+                    .unwrap_or(XenbusState::Unknown);
+                if backend_step(theirs, ours) != BackendStep::Connect {
+                    self.vif = Vif::Offered(d);
+                    return;
+                }
+                match self.connect(&d) {
+                    Ok((nb, handles)) => {
+                        let text = self
+                            .store
+                            .read(&format!("{}/ip", d.path))
+                            .unwrap_or_default();
+                        let addrs: Vec<IpAddr> = text
+                            .split_whitespace()
+                            .filter_map(|a| a.parse().ok())
+                            .collect();
+                        println!(
+                            "netback: vif{}: domain {} connected (event channel {}, address {})",
+                            self.port_name(),
+                            d.fe_id,
+                            nb_port(&nb),
+                            if addrs.is_empty() {
+                                "none: all its traffic is dropped".to_string()
+                            } else {
+                                text.trim().to_string()
+                            }
+                        );
+                        idle::set_client_port(self.slot, nb_port(&nb));
+                        self.set_addrs(addrs);
+                        self.vif = Vif::Up(d, nb, handles);
+                    }
+                    Err(e) => self.release(d, &e),
+                }
+            }
+            Vif::Up(d, nb, handles) => {
+                let why = if nb.is_dead() {
+                    Some("it broke the ring protocol")
+                } else {
+                    self.gone(&d)
+                };
+                let Some(why) = why else {
+                    self.vif = Vif::Up(d, nb, handles);
+                    return;
+                };
+                self.past += nb.stats();
+                let (io, _) = nb.into_parts();
+                xen::close_port(io.port);
+                self.unmap(&handles);
+                self.release(d, why);
+            }
+        }
+    }
+}
+
+fn nb_port(nb: &Netback<ClientIo>) -> u32 {
+    nb.io().port
+}
+
+impl Nic for ClientVif {
+    fn mac(&self) -> [u8; 6] {
+        CLIENT_SIDE_MAC
+    }
+
+    fn rx_batch(&mut self, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
+        if let Vif::Up(_, nb, _) = &mut self.vif {
+            nb.rx_batch(pool, out, max);
+        }
+    }
+
+    fn tx_batch(&mut self, pool: &mut PacketPool, batch: &mut Vec<Packet>) {
+        if let Vif::Up(_, nb, _) = &mut self.vif {
+            nb.tx_batch(pool, batch);
+            return;
+        }
+        self.past.tx_errors += batch.len() as u64;
+        for p in batch.drain(..) {
+            pool.free(p.buf);
+        }
+    }
+
+    fn maintain(&mut self, _pool: &mut PacketPool) {
+        let now = clock::recent_ms();
+        let dead = matches!(&self.vif, Vif::Up(_, nb, _) if nb.is_dead());
+        if now >= self.next_check_ms || dead {
+            self.next_check_ms = now + CHECK_MS;
+            self.check();
+        }
+    }
+
+    fn stats(&self) -> NicStats {
+        let mut s = self.past;
+        if let Vif::Up(_, nb, _) = &self.vif {
+            s += nb.stats();
+        }
+        s
+    }
+
+    fn arm(&mut self) -> bool {
+        match &mut self.vif {
+            Vif::Up(_, nb, _) => nb.arm(),
+            _ => false,
+        }
+    }
+
+    fn assigned(&self) -> Option<(u64, &[IpAddr])> {
+        Some((self.generation, &self.addrs))
+    }
+}
