@@ -3,9 +3,10 @@
 //!
 //! `XenImages::ensure` builds, once, under `/var/cache/portcullis/xen`: the
 //! Xen hypervisor (from Debian's package, decompressed for QEMU's multiboot
-//! loader), the dom0 kernel and the few modules dom0 needs, and a dom0 root
-//! filesystem (debootstrap + Xen tools from the security suite, matching
-//! the hypervisor) packed as an initramfs. `run` appends a small archive
+//! loader), the dom0 kernel (also uncompressed, for Linux client VMs) and
+//! the few modules dom0 and its clients need, and a dom0 root filesystem
+//! (debootstrap + Xen tools from the security suite, matching the
+//! hypervisor) packed as an initramfs. `run` appends a small archive
 //! with the kernel under test, an `xl` config and a test script, boots the
 //! whole thing and returns what came out of the serial port: Xen's console,
 //! with the script's lines (the guests' console logs among them). Needs
