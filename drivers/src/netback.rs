@@ -62,41 +62,23 @@ struct Taken {
     ops: usize,
 }
 
-/// The frame a chain of transmit requests offers, checked for a backend
-/// that took no extra info (GSO): its length (the first request's size),
-/// `MIN_FRAME..=MAX_FRAME`, with every piece inside its granted page and
-/// the later pieces no longer than the frame. `None` to refuse it.
-fn chain_pieces(chain: &[TxRequest]) -> Option<usize> {
+/// The bytes the first request of a chain carries — the frame's length
+/// (its size) less the later pieces — once the chain is checked for a
+/// backend that took no extra info (GSO): a frame of `MIN_FRAME..=MAX_FRAME`
+/// bytes, later pieces no longer than it, every piece inside its granted
+/// page. `None` to refuse it. The later requests carry their own sizes.
+fn first_piece(chain: &[TxRequest]) -> Option<usize> {
     let total = usize::from(chain.first()?.size);
     if !(MIN_FRAME..=MAX_FRAME).contains(&total) {
         return None;
     }
-    let mut rest = 0usize;
-    for r in &chain[1..] {
-        rest += usize::from(r.size);
-    }
-    if rest > total {
-        return None;
-    }
-    for (i, r) in chain.iter().enumerate() {
-        if r.flags & NETTXF_EXTRA_INFO != 0 {
-            return None;
-        }
-        if usize::from(r.offset) + piece_len(chain, i, total) > PAGE {
-            return None;
-        }
-    }
-    Some(total)
-}
-
-/// Bytes request `i` of a chain carries: its size, but for the first, the
-/// frame's length less the later pieces.
-fn piece_len(chain: &[TxRequest], i: usize, total: usize) -> usize {
-    if i > 0 {
-        return usize::from(chain[i].size);
-    }
     let rest: usize = chain[1..].iter().map(|r| usize::from(r.size)).sum();
-    total.saturating_sub(rest)
+    let first = total.checked_sub(rest)?;
+    let fits = chain.iter().enumerate().all(|(i, r)| {
+        let len = if i == 0 { first } else { usize::from(r.size) };
+        r.flags & NETTXF_EXTRA_INFO == 0 && usize::from(r.offset) + len <= PAGE
+    });
+    fits.then_some(first)
 }
 
 /// Which way a grant copy goes.
@@ -313,13 +295,13 @@ impl<B: BackIo> Nic for Netback<B> {
             for (i, r) in chain.iter().enumerate() {
                 taken.ids[i] = r.id;
             }
-            let pieces = chain_pieces(chain);
-            match (pieces, pieces.and_then(|_| pool.alloc())) {
-                (Some(total), Some(buf)) => {
+            let first = first_piece(chain);
+            match (first, first.and_then(|_| pool.alloc())) {
+                (Some(first), Some(buf)) => {
                     let base = pool.paddr(&buf) + HEADROOM as u64;
                     let mut pos = 0;
                     for (i, r) in chain.iter().enumerate() {
-                        let len = piece_len(chain, i, total);
+                        let len = if i == 0 { first } else { usize::from(r.size) };
                         if len > 0 {
                             self.ops.push(GrantCopy {
                                 dir: Direction::FromClient,

@@ -337,23 +337,45 @@ impl ClientVif {
         self.generation += 1;
     }
 
-    /// Why the device must be let go, if it must: the toolstack closing
-    /// it, or the frontend gone or closing.
-    fn gone(&mut self, d: &Device) -> Option<&'static str> {
+    /// The device's next step from its states, or why it must be let go:
+    /// the toolstack removed or closed it, or the frontend is gone or
+    /// closing.
+    fn step(&mut self, d: &Device) -> Result<BackendStep, &'static str> {
         let online = self.store.read(&format!("{}/online", d.path)).ok();
         let ours = state(&mut self.store, &format!("{}/state", d.path));
         let theirs = state(&mut self.store, &format!("{}/state", d.frontend))
             .unwrap_or(XenbusState::Unknown);
         match (online.as_deref().map(str::trim), ours) {
-            (None, _) | (_, None) => Some("its device was removed"),
+            (None, _) | (_, None) => Err("its device was removed"),
             (Some("0"), _) | (_, Some(XenbusState::Closing | XenbusState::Closed)) => {
-                Some("the toolstack closed it")
+                Err("the toolstack closed it")
             }
-            _ => match backend_step(theirs, ours.unwrap_or(XenbusState::Unknown)) {
-                BackendStep::Disconnect | BackendStep::Close => Some("its frontend closed"),
-                _ => None,
+            (_, Some(ours)) => match backend_step(theirs, ours) {
+                BackendStep::Disconnect | BackendStep::Close => Err("its frontend closed"),
+                step => Ok(step),
             },
         }
+    }
+
+    /// The client's addresses as dom0 wrote them (the vif's `ip`); a token
+    /// that is no address is reported, and its frames will be dropped.
+    fn addresses(&mut self, d: &Device) -> Vec<IpAddr> {
+        let text = self
+            .store
+            .read(&format!("{}/ip", d.path))
+            .unwrap_or_default();
+        let mut addrs = Vec::new();
+        for token in text.split_whitespace() {
+            match token.parse() {
+                Ok(a) => addrs.push(a),
+                Err(_) => println!(
+                    "netback: vif{}: '{token}' in {}/ip is no address; ignored",
+                    self.port_name(),
+                    d.path
+                ),
+            }
+        }
+        addrs
     }
 
     /// Moves the slot on (every `CHECK_MS`).
@@ -367,27 +389,21 @@ impl ClientVif {
                 }
             }
             Vif::Offered(d) => {
-                if let Some(why) = self.gone(&d) {
-                    self.release(d, why);
-                    return;
-                }
-                let ours = XenbusState::InitWait;
-                let theirs = state(&mut self.store, &format!("{}/state", d.frontend))
-                    .unwrap_or(XenbusState::Unknown);
-                if backend_step(theirs, ours) != BackendStep::Connect {
-                    self.vif = Vif::Offered(d);
-                    return;
+                match self.step(&d) {
+                    Err(why) => {
+                        self.release(d, why);
+                        return;
+                    }
+                    Ok(BackendStep::Connect) => {}
+                    Ok(_) => {
+                        self.vif = Vif::Offered(d);
+                        return;
+                    }
                 }
                 match self.connect(&d) {
                     Ok((nb, handles)) => {
-                        let text = self
-                            .store
-                            .read(&format!("{}/ip", d.path))
-                            .unwrap_or_default();
-                        let addrs: Vec<IpAddr> = text
-                            .split_whitespace()
-                            .filter_map(|a| a.parse().ok())
-                            .collect();
+                        let addrs = self.addresses(&d);
+                        let shown: Vec<String> = addrs.iter().map(|a| a.to_string()).collect();
                         println!(
                             "netback: vif{}: domain {} connected (event channel {}, address {})",
                             self.port_name(),
@@ -396,7 +412,7 @@ impl ClientVif {
                             if addrs.is_empty() {
                                 "none: all its traffic is dropped".to_string()
                             } else {
-                                text.trim().to_string()
+                                shown.join(" ")
                             }
                         );
                         idle::set_client_port(self.slot, nb_port(&nb));
@@ -408,13 +424,15 @@ impl ClientVif {
             }
             Vif::Up(d, nb, handles) => {
                 let why = if nb.is_dead() {
-                    Some("it broke the ring protocol")
+                    "it broke the ring protocol"
                 } else {
-                    self.gone(&d)
-                };
-                let Some(why) = why else {
-                    self.vif = Vif::Up(d, nb, handles);
-                    return;
+                    match self.step(&d) {
+                        Err(why) => why,
+                        Ok(_) => {
+                            self.vif = Vif::Up(d, nb, handles);
+                            return;
+                        }
+                    }
                 };
                 self.past += nb.stats();
                 let (io, _) = nb.into_parts();
