@@ -435,7 +435,10 @@ pub fn run_single<N: Nic>(
     stats_interval_ms: u64,
     idle: Idle,
     mut generator: Option<Generator>,
-    mut qubesdb: Option<crate::vchan::QubesDbLink>,
+    (mut qubesdb, mut qrexec): (
+        Option<crate::vchan::QubesDbLink>,
+        Option<crate::qrexec::Agent>,
+    ),
 ) -> ! {
     let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
     let mut last_housekeeping = 0;
@@ -473,6 +476,11 @@ pub fn run_single<N: Nic>(
             if let Some(q) = qubesdb.as_mut() {
                 if !q.follow(&mut firewall) {
                     qubesdb = None;
+                }
+            }
+            if let Some(a) = qrexec.as_mut() {
+                if !a.poll() {
+                    qrexec = None;
                 }
             }
             if let Some(mut buf) = nics.pool.alloc() {

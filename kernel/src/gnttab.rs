@@ -49,6 +49,18 @@ impl GrantTable {
         self.base
     }
 
+    /// A second owner of this table with `refs` of its free references
+    /// (the qrexec agent's, beside netfront's): the entries are disjoint,
+    /// so both may grant and end concurrently.
+    pub fn split_off(&mut self, refs: usize) -> Self {
+        Self {
+            base: self.base,
+            frames: self.frames,
+            max_frames: self.max_frames,
+            refs: self.refs.split_off(refs),
+        }
+    }
+
     pub fn free_refs(&self) -> usize {
         self.refs.available()
     }

@@ -28,6 +28,7 @@ mod netfront;
 mod pci_bus;
 mod phys;
 mod ports;
+mod qrexec;
 mod rtc;
 mod smp;
 mod vchan;
@@ -56,6 +57,9 @@ core::arch::global_asm!(include_str!("ap_boot.S"), options(att_syntax));
 
 /// The fw_cfg file that carries the QubesDB snapshot under QEMU.
 const QUBESDB_FW_CFG: &str = "opt/portcullis/qubesdb";
+/// Grant references kept for the qrexec agent's control connection (three
+/// pages), out of the table netfront grants its buffers from.
+const QREXEC_GRANTS: usize = 8;
 /// Longest command line read from guest memory.
 const MAX_CMDLINE: usize = 2048;
 
@@ -315,8 +319,19 @@ fn start_dataplane(
     // The uplink: the netfront under Xen, else the first virtio NIC.
     let mut devices = Vec::new();
     let mut netfront_port = None;
-    if let Some((dev, (store, table))) = netfront {
-        let store = xenstore::SharedStore::install(store);
+    let mut agent = None;
+    if let Some((dev, (store, mut table))) = netfront {
+        let mut store = xenstore::SharedStore::install(store);
+        // Under Qubes (QubesDB came over vchan), dom0's qrexec daemon
+        // expects an agent: grants of its own from the same table.
+        if qubesdb_link.is_some() {
+            let grants = table.split_off(QREXEC_GRANTS);
+            let domid = store.read("domid").unwrap_or_default();
+            match qrexec::Agent::start(store, grants, domid.trim()) {
+                Ok(a) => agent = Some(a),
+                Err(e) => println!("qrexec: {e}; no agent"),
+            }
+        }
         let (port, evtchn) = connect_netfront(&dev, store, table);
         devices.push(port);
         netfront_port = Some(evtchn);
@@ -468,6 +483,9 @@ fn start_dataplane(
             if qubesdb_link.is_some() {
                 println!("qubesdb: dom0's later updates are followed in layout single only");
             }
+            if agent.is_some() {
+                println!("qrexec: the agent answers in layout single only");
+            }
             let (queues, cores) = rtc_queues(devices);
             let cpus: Vec<usize> = core::iter::once(0).chain(aps).take(cores).collect();
             println!(
@@ -489,6 +507,9 @@ fn start_dataplane(
             if qubesdb_link.is_some() {
                 println!("qubesdb: dom0's later updates are followed in layout single only");
             }
+            if agent.is_some() {
+                println!("qrexec: the agent answers in layout single only");
+            }
             let nics = dataplane::Nics::new(devices, pool);
             dataplane::run_pipeline(nics, firewall(net, macs), stats_interval_ms, ap, idle)
         }
@@ -505,7 +526,7 @@ fn start_dataplane(
                 stats_interval_ms,
                 idle,
                 generator,
-                qubesdb_link,
+                (qubesdb_link, agent),
             )
         }
     }

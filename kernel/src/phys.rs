@@ -220,7 +220,15 @@ pub fn dma_region(bytes: usize) -> drivers::DmaRegion {
 /// device or firmware range is: mapping there gives up no RAM page, so
 /// the domain's memory never shrinks or changes under it, and unmapping
 /// leaves just a hole.
-static FOREIGN: Mutex<Option<(u64, u64)>> = Mutex::new(None);
+static FOREIGN: Mutex<Option<Foreign>> = Mutex::new(None);
+
+/// The window's bookkeeping: never-used frames from `next` to `end`, and
+/// runs given back (`free_foreign`), reused first.
+struct Foreign {
+    next: u64,
+    end: u64,
+    free: alloc::vec::Vec<(u64, u64)>,
+}
 
 /// Frames in the foreign window: enough for the grant table's 64 frames,
 /// the shared info, every client vif's two rings and vchan's pages.
@@ -231,7 +239,11 @@ pub fn init_foreign(mem: &mut PhysMemory) -> Range {
     let start = mem.highest_ram().max(1 << 32).next_multiple_of(SIZE_2M);
     let window = Range::new(start, start + FOREIGN_FRAMES * PAGE_SIZE);
     map_identity(window, false, mem);
-    *FOREIGN.lock() = Some((window.start, window.end));
+    *FOREIGN.lock() = Some(Foreign {
+        next: window.start,
+        end: window.end,
+        free: alloc::vec::Vec::new(),
+    });
     window
 }
 
@@ -240,15 +252,30 @@ pub fn init_foreign(mem: &mut PhysMemory) -> Range {
 /// fatal: the window is sized for everything the kernel maps.
 pub fn alloc_foreign(pages: u64) -> u64 {
     let mut w = FOREIGN.lock();
-    match w.as_mut() {
-        Some((next, end)) if *next + pages * PAGE_SIZE <= *end => {
-            let at = *next;
-            *next += pages * PAGE_SIZE;
-            at
-        }
-        _ => crate::fatal_boot(format_args!(
-            "no room for {pages} more foreign frames (window set up: {})",
-            w.is_some()
-        )),
+    let Some(f) = w.as_mut() else {
+        crate::fatal_boot(format_args!(
+            "{pages} foreign frames asked before the window was set up"
+        ));
+    };
+    // First fit among the runs given back, else new frames.
+    if let Some(run) = f.free.iter_mut().find(|(_, n)| *n >= pages) {
+        let at = run.0;
+        *run = (run.0 + pages * PAGE_SIZE, run.1 - pages);
+        f.free.retain(|(_, n)| *n > 0);
+        return at;
+    }
+    if f.next + pages * PAGE_SIZE > f.end {
+        crate::fatal_boot(format_args!("no room for {pages} more foreign frames"));
+    }
+    let at = f.next;
+    f.next += pages * PAGE_SIZE;
+    at
+}
+
+/// Gives back `pages` frames at `at` (from `alloc_foreign`), once nothing
+/// is mapped there any more.
+pub fn free_foreign(at: u64, pages: u64) {
+    if let Some(f) = FOREIGN.lock().as_mut() {
+        f.free.push((at, pages));
     }
 }

@@ -1,7 +1,12 @@
-//! A vchan client (`xen_shim::vchan` for the layout and arithmetic) and
-//! QubesDB over it: how a Qubes VM gets its configuration from dom0.
+//! vchan (`xen_shim::vchan` for the layout and arithmetic), both ends,
+//! and QubesDB over it: how a Qubes VM gets its configuration from dom0.
 //!
-//! Connecting: read the server's `ring-ref` and `event-channel` from
+//! Serving (qrexec's control connection, `Vchan::serve`): three pages of
+//! our own — the shared page and one page per ring — granted to the
+//! client, an unbound event channel for it, both published in our
+//! XenStore area; the server writes the right ring and reads the left.
+//!
+//! Connecting as the client: read the server's `ring-ref` and `event-channel` from
 //! XenStore, map the server's shared page at a frame of the foreign window
 //! above our RAM (`phys::alloc_foreign`, `GNTTABOP_map_grant_ref`),
 //! check its ring orders, map the rings that have pages of their own the
@@ -20,32 +25,69 @@ use core::sync::atomic::{fence, AtomicU16, AtomicU32, AtomicU8, Ordering};
 use xen_shim::qubesdb::{self, Client, Decoder, Event};
 use xen_shim::vchan::{self as v, Geometry, Live, Place};
 
+use crate::gnttab::{self, GrantTable};
 use crate::xenstore::XenStore;
 use crate::{clock, phys, xen};
+use alloc::string::ToString;
+use xen_shim::grant::GrantRef;
 
 pub struct Vchan {
     /// Guest-physical (and, identity-mapped, virtual) address of the
-    /// server's shared page, mapped over a page we gave back.
+    /// shared page: the server's, mapped at a frame of the foreign window
+    /// (client), or our own page (server).
     page: u64,
     port: u32,
+    /// Which end we are: the server writes the right ring and reads the
+    /// left one, the client the other way round.
+    server: bool,
     /// Each ring's address and size.
     left: (u64, u32),
     right: (u64, u32),
+    /// The client's mappings of the server's pages: frame and handle, and
+    /// the runs of the foreign window they use (unmapped and given back by
+    /// `close`).
+    mapped: Vec<(u64, u32)>,
+    windows: Vec<(u64, u64)>,
 }
 
 /// Maps grants `grefs` of domain `server` at as many contiguous frames of
-/// the foreign window; their address.
-fn map_pages(server: u16, grefs: &[u32]) -> Result<u64, String> {
+/// the foreign window; their address. Each mapping is recorded in
+/// `mapped`, the run in `windows`, also when a later grant fails.
+fn map_pages(
+    server: u16,
+    grefs: &[u32],
+    mapped: &mut Vec<(u64, u32)>,
+    windows: &mut Vec<(u64, u64)>,
+) -> Result<u64, String> {
     let base = phys::alloc_foreign(grefs.len() as u64);
+    windows.push((base, grefs.len() as u64));
     for (i, gref) in grefs.iter().enumerate() {
         let gpfn = (base >> 12) + i as u64;
-        if let Err(e) = xen::map_grant(server, *gref, gpfn) {
-            return Err(format!(
-                "mapping grant {gref} of domain {server}: status {e}"
-            ));
+        match xen::map_grant(server, *gref, gpfn) {
+            Ok(handle) => mapped.push((gpfn, handle)),
+            Err(e) => {
+                return Err(format!(
+                    "mapping grant {gref} of domain {server}: status {e}"
+                ))
+            }
         }
     }
     Ok(base)
+}
+
+/// Unmaps what `map_pages` mapped and gives the window's runs back (a run
+/// with a mapping that would not go is kept out of use).
+fn unmap_pages(mapped: &mut Vec<(u64, u32)>, windows: &mut Vec<(u64, u64)>) {
+    let stuck: Vec<u64> = mapped
+        .drain(..)
+        .filter(|&(gpfn, handle)| !xen::unmap_grant(gpfn, handle))
+        .map(|(gpfn, _)| gpfn << 12)
+        .collect();
+    for (base, pages) in windows.drain(..) {
+        if stuck.iter().all(|&a| a < base || a >= base + pages * 4096) {
+            phys::free_foreign(base, pages);
+        }
+    }
 }
 
 fn read_num(store: &mut XenStore, path: &str) -> Result<u32, String> {
@@ -55,11 +97,40 @@ fn read_num(store: &mut XenStore, path: &str) -> Result<u32, String> {
         .map_err(|_| format!("{path}: '{text}' is not a number"))
 }
 
+/// Pages of our own that we serve a vchan from (`Vchan::serve`): the
+/// shared page and one page per ring, granted to the client.
+pub struct ServerPages {
+    base: u64,
+    grants: Vec<GrantRef>,
+}
+
+/// Ring order of a served vchan: one page per ring (what qrexec's agent
+/// asks for its control connection: 4096 bytes each way).
+const SERVE_ORDER: u16 = 12;
+
+impl ServerPages {
+    /// Three zeroed pages, not yet granted.
+    pub fn new() -> Self {
+        let (base, _) = phys::alloc_dma(3 * 4096);
+        Self {
+            base,
+            grants: Vec::new(),
+        }
+    }
+
+    /// Ends the client's access to the pages; false (and the pages must
+    /// not be reused) while the client still maps one.
+    pub fn end(&mut self, table: &mut GrantTable) -> bool {
+        self.grants.retain(|g| !table.end(*g));
+        self.grants.is_empty()
+    }
+}
+
 impl Vchan {
     fn u32_at(&self, off: usize) -> &AtomicU32 {
         // SAFETY: `off` is one of the 4-aligned index fields at the start of
         // the shared page, which stays mapped for the connection's life;
-        // the server changes them concurrently, hence atomics.
+        // the other end changes them concurrently, hence atomics.
         unsafe { AtomicU32::from_ptr((self.page as usize + off) as *mut u32) }
     }
 
@@ -71,9 +142,24 @@ impl Vchan {
     /// Connects to the server in domain `server` that published itself at
     /// `path`.
     pub fn connect(store: &mut XenStore, server: u16, path: &str) -> Result<Self, String> {
+        let (mut mapped, mut windows) = (Vec::new(), Vec::new());
+        let r = Self::connect_mapping(store, server, path, &mut mapped, &mut windows);
+        if r.is_err() {
+            unmap_pages(&mut mapped, &mut windows);
+        }
+        r
+    }
+
+    fn connect_mapping(
+        store: &mut XenStore,
+        server: u16,
+        path: &str,
+        mapped: &mut Vec<(u64, u32)>,
+        windows: &mut Vec<(u64, u64)>,
+    ) -> Result<Self, String> {
         let gref = read_num(store, &format!("{path}/ring-ref"))?;
         let event = read_num(store, &format!("{path}/event-channel"))?;
-        let page = map_pages(server, &[gref])?;
+        let page = map_pages(server, &[gref], mapped, windows)?;
         let order = |off: usize| {
             // SAFETY: the 2-aligned order fields of the mapped page.
             unsafe { AtomicU16::from_ptr((page as usize + off) as *mut u16) }
@@ -89,11 +175,11 @@ impl Vchan {
             unsafe { AtomicU32::from_ptr((page as usize + v::GRANTS + 4 * i) as *mut u32) }
                 .load(Ordering::Acquire)
         };
-        let ring = |(place, size): (Place, u32), left: bool| match place {
+        let mut ring = |(place, size): (Place, u32), left: bool| match place {
             Place::InPage(off) => Ok((page + off as u64, size)),
             Place::Pages(_) => {
                 let grefs: Vec<u32> = g.grants(left).map(gref_at).collect();
-                map_pages(server, &grefs).map(|base| (base, size))
+                map_pages(server, &grefs, mapped, windows).map(|base| (base, size))
             }
         };
         let (left, right) = (ring(g.left, true)?, ring(g.right, false)?);
@@ -103,12 +189,74 @@ impl Vchan {
         let vc = Self {
             page,
             port,
+            server: false,
             left,
             right,
+            mapped: core::mem::take(mapped),
+            windows: core::mem::take(windows),
         };
         vc.u8_at(v::CLI_LIVE).store(1, Ordering::Release);
         fence(Ordering::SeqCst);
         xen::notify(port);
+        Ok(vc)
+    }
+
+    /// Serves a vchan to domain `client` from `pages`: rings of one page
+    /// each, the pages granted to it, an unbound event channel for it, and
+    /// both published at our XenStore path `path` (`ring-ref`,
+    /// `event-channel`), where a libxenvchan client looks.
+    pub fn serve(
+        store: &mut XenStore,
+        table: &mut GrantTable,
+        pages: &mut ServerPages,
+        client: u16,
+        path: &str,
+    ) -> Result<Self, String> {
+        let page = pages.base;
+        let (left, right) = (page + 4096, page + 8192);
+        // SAFETY: the three pages are ours (`ServerPages::new`) and not
+        // granted yet (a new grant is made below), so nothing else writes
+        // them now; zeroed for a clean start after an earlier client.
+        unsafe { core::ptr::write_bytes(page as *mut u8, 0, 3 * 4096) };
+        let mut grant = |frame: u64| {
+            let g = table
+                .grant(client, frame >> 12, false)
+                .ok_or("no grant reference free")?;
+            pages.grants.push(g);
+            Ok::<u32, &str>(g.0)
+        };
+        let shared = grant(page)?;
+        let grefs = [grant(left)?, grant(right)?];
+        let order = |off: usize| {
+            // SAFETY: the 2-aligned order fields of our shared page.
+            unsafe { AtomicU16::from_ptr((page as usize + off) as *mut u16) }
+        };
+        order(v::LEFT_ORDER).store(SERVE_ORDER, Ordering::Relaxed);
+        order(v::RIGHT_ORDER).store(SERVE_ORDER, Ordering::Relaxed);
+        for (i, g) in grefs.iter().enumerate() {
+            // SAFETY: a 4-aligned word of the grant list, inside our page.
+            unsafe { AtomicU32::from_ptr((page as usize + v::GRANTS + 4 * i) as *mut u32) }
+                .store(*g, Ordering::Relaxed);
+        }
+        let port = gnttab::alloc_unbound(client).ok_or("EVTCHNOP_alloc_unbound failed")?;
+        let vc = Self {
+            page,
+            port,
+            server: true,
+            left: (left, 1 << SERVE_ORDER),
+            right: (right, 1 << SERVE_ORDER),
+            mapped: Vec::new(),
+            windows: Vec::new(),
+        };
+        // Release: the page is complete before it says we are live, and
+        // before the client can find it in XenStore.
+        vc.u8_at(v::CLI_LIVE).store(2, Ordering::Release);
+        vc.u8_at(v::SRV_LIVE).store(1, Ordering::Release);
+        fence(Ordering::SeqCst);
+        store
+            .write(&format!("{path}/ring-ref"), &shared.to_string())
+            .and_then(|_| store.write(&format!("{path}/event-channel"), &port.to_string()))
+            .map_err(|e| format!("publishing {path}: {e:?}"))?;
         Ok(vc)
     }
 
@@ -117,18 +265,35 @@ impl Vchan {
         self.port
     }
 
-    /// The server's state.
-    pub fn server(&self) -> Result<Live, v::VchanError> {
-        Live::parse(self.u8_at(v::SRV_LIVE).load(Ordering::Acquire))
+    /// The other end's state.
+    pub fn peer(&self) -> Result<Live, v::VchanError> {
+        let at = if self.server {
+            v::CLI_LIVE
+        } else {
+            v::SRV_LIVE
+        };
+        Live::parse(self.u8_at(at).load(Ordering::Acquire))
     }
 
-    /// Writes as much of `data` as the left ring has room for; the bytes
-    /// written.
+    /// The ring we write (address, size) and its producer and consumer
+    /// index offsets; then the one we read.
+    fn rings(&self) -> [((u64, u32), usize, usize); 2] {
+        let left = (self.left, v::LEFT_PROD, v::LEFT_CONS);
+        let right = (self.right, v::RIGHT_PROD, v::RIGHT_CONS);
+        if self.server {
+            [right, left]
+        } else {
+            [left, right]
+        }
+    }
+
+    /// Writes as much of `data` as our outgoing ring has room for; the
+    /// bytes written.
     pub fn send(&mut self, data: &[u8]) -> Result<usize, v::VchanError> {
-        let (base, size) = self.left;
-        let prod = self.u32_at(v::LEFT_PROD).load(Ordering::Relaxed);
-        // Acquire: the server has finished reading what it released.
-        let cons = self.u32_at(v::LEFT_CONS).load(Ordering::Acquire);
+        let [((base, size), prod_at, cons_at), _] = self.rings();
+        let prod = self.u32_at(prod_at).load(Ordering::Relaxed);
+        // Acquire: the other end has finished reading what it released.
+        let cons = self.u32_at(cons_at).load(Ordering::Acquire);
         let n = v::writable(prod, cons, size)?.min(data.len() as u32);
         if n == 0 {
             return Ok(0); // full: nothing to publish, no event to send
@@ -136,39 +301,41 @@ impl Vchan {
         let mut from = 0;
         for (at, len) in v::pieces(prod, n, size) {
             for (i, b) in data[from..from + len].iter().enumerate() {
-                // SAFETY: `at + i` lies inside the left ring (`pieces`),
-                // whose `size` bytes at `base` are mapped from the server;
-                // it reads them only after the producer index covers them.
+                // SAFETY: `at + i` lies inside our outgoing ring (`pieces`),
+                // whose `size` bytes at `base` are mapped; the other end
+                // reads them only after the producer index covers them.
                 unsafe { ((base as usize + at + i) as *mut u8).write_volatile(*b) };
             }
             from += len;
         }
         // Release: the bytes before the index that publishes them; a full
         // fence before the notification.
-        self.u32_at(v::LEFT_PROD)
+        self.u32_at(prod_at)
             .store(prod.wrapping_add(n), Ordering::Release);
         fence(Ordering::SeqCst);
         xen::notify(self.port);
         Ok(n as usize)
     }
 
-    /// Appends what has arrived on the right ring to `out`; the byte count.
+    /// Appends what has arrived on our incoming ring to `out`; the byte
+    /// count.
     pub fn recv(&mut self, out: &mut Vec<u8>) -> Result<usize, v::VchanError> {
-        let (base, size) = self.right;
+        let [_, ((base, size), prod_at, cons_at)] = self.rings();
         // Acquire: the bytes are read after the index that covers them.
-        let prod = self.u32_at(v::RIGHT_PROD).load(Ordering::Acquire);
-        let cons = self.u32_at(v::RIGHT_CONS).load(Ordering::Relaxed);
+        let prod = self.u32_at(prod_at).load(Ordering::Acquire);
+        let cons = self.u32_at(cons_at).load(Ordering::Relaxed);
         let n = v::readable(prod, cons, size)?;
         for (at, len) in v::pieces(cons, n, size) {
             for i in 0..len {
-                // SAFETY: inside the right ring's mapped `size` bytes,
-                // below the server's producer index.
+                // SAFETY: inside the incoming ring's mapped `size` bytes,
+                // below the other end's producer index.
                 out.push(unsafe { ((base as usize + at + i) as *const u8).read_volatile() });
             }
         }
         if n > 0 {
-            // Release: our reads are done before the server may reuse them.
-            self.u32_at(v::RIGHT_CONS)
+            // Release: our reads are done before the other end may reuse
+            // them.
+            self.u32_at(cons_at)
                 .store(cons.wrapping_add(n), Ordering::Release);
             fence(Ordering::SeqCst);
             xen::notify(self.port);
@@ -177,7 +344,7 @@ impl Vchan {
     }
 
     /// Sends all of `data`, waiting for room until `deadline_ms`.
-    fn send_all(&mut self, mut data: &[u8], deadline_ms: u64) -> Result<(), String> {
+    pub fn send_all(&mut self, mut data: &[u8], deadline_ms: u64) -> Result<(), String> {
         while !data.is_empty() {
             let n = self.send(data).map_err(|e| format!("{e:?}"))?;
             data = &data[n..];
@@ -189,6 +356,23 @@ impl Vchan {
             }
         }
         Ok(())
+    }
+
+    /// Ends the connection: says we have gone, tells the other end, closes
+    /// our event channel and, as a client, unmaps the server's pages and
+    /// gives their frames back. (A server's pages are ended by their
+    /// owner: `ServerPages::end`.)
+    pub fn close(mut self) {
+        let ours = if self.server {
+            v::SRV_LIVE
+        } else {
+            v::CLI_LIVE
+        };
+        self.u8_at(ours).store(0, Ordering::Release);
+        fence(Ordering::SeqCst);
+        xen::notify(self.port);
+        xen::close_port(self.port);
+        unmap_pages(&mut self.mapped, &mut self.windows);
     }
 }
 
@@ -271,7 +455,7 @@ impl QubesDbLink {
         while !link.client.loaded() {
             let events = link.poll()?;
             link.early = events.into_iter().filter(|e| *e != Event::Loaded).collect();
-            if let Ok(Live::Exited) = link.vchan.server() {
+            if let Ok(Live::Exited) = link.vchan.peer() {
                 return Err("dom0's end closed the connection".into());
             }
             if clock::now_ms() > deadline {

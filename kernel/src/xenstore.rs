@@ -313,6 +313,12 @@ impl SharedStore {
         self.0.lock().write(path, value)
     }
 
+    /// Several requests in a row, for code written against a `XenStore`
+    /// (vchan's connect and serve).
+    pub fn with<T>(&mut self, body: impl FnOnce(&mut XenStore) -> T) -> T {
+        body(&mut self.0.lock())
+    }
+
     pub fn directory(&mut self, path: &str) -> Result<Vec<String>, XsError> {
         self.0.lock().directory(path)
     }

@@ -415,6 +415,108 @@ time.sleep(3600)
 PY
 "#;
 
+/// A shell snippet that writes `/qrexec.py DOMID`: dom0's qrexec daemon,
+/// as far as a firewall VM meets it, over `libxenvchan` (qubes-core-qrexec
+/// is not packaged for Debian; the messages are its `qrexec.h`). It
+/// connects to the agent's control vchan (port 512, the VM serves it),
+/// exchanges HELLO, and runs four service calls the way the daemon and
+/// `qrexec-client` do — a data vchan served by dom0 on a new port (64 KiB
+/// rings, as qrexec-client asks), EXEC_CMDLINE with that port, HELLO there,
+/// stdin, then stdout/stderr until the exit status, and the agent's
+/// CONNECTION_TERMINATED on the control connection. Then it closes the
+/// control connection and connects again (a restarted daemon). Each
+/// result is a line `call <command>: exit <status> stderr '<text>'` or
+/// `hello version N` or `terminated port N`.
+pub const QREXEC_DAEMON: &str = r#"cat > /qrexec.py <<'PY'
+import ctypes, struct, sys, time
+lib = ctypes.CDLL("libxenvchan.so.4.17")
+P = ctypes.c_void_p
+lib.libxenvchan_client_init.restype = P
+lib.libxenvchan_client_init.argtypes = [P, ctypes.c_int, ctypes.c_char_p]
+lib.libxenvchan_server_init.restype = P
+lib.libxenvchan_server_init.argtypes = [P, ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t]
+for f in ("libxenvchan_is_open", "libxenvchan_wait", "libxenvchan_data_ready", "libxenvchan_close"):
+    getattr(lib, f).argtypes = [P]
+lib.libxenvchan_recv.argtypes = [P, P, ctypes.c_size_t]
+lib.libxenvchan_send.argtypes = [P, ctypes.c_char_p, ctypes.c_size_t]
+dom = int(sys.argv[1])
+def out(line):
+    print(line, flush=True)
+def recv(ch, n):
+    deadline = time.time() + 20
+    while lib.libxenvchan_data_ready(ch) < n:
+        if time.time() > deadline:
+            sys.exit("timed out waiting for %d bytes" % n)
+        time.sleep(0.01)
+    buf = ctypes.create_string_buffer(n)
+    lib.libxenvchan_recv(ch, buf, n)
+    return buf.raw
+def send(ch, b):
+    while lib.libxenvchan_send(ch, b, len(b)) == 0:
+        time.sleep(0.01)
+def msg(t, body=b""):
+    return struct.pack("<II", t, len(body)) + body
+def read_msg(ch):
+    t, n = struct.unpack("<II", recv(ch, 8))
+    return t, (recv(ch, n) if n else b"")
+def connect_control():
+    path = ("/local/domain/%d/data/vchan/0/512" % dom).encode()
+    deadline = time.time() + 30
+    while True:
+        ctrl = lib.libxenvchan_client_init(None, dom, path)
+        if ctrl:
+            break
+        if time.time() > deadline:
+            sys.exit("no control vchan from the agent")
+        time.sleep(0.2)
+    send(ctrl, msg(0x300, struct.pack("<I", 3)))
+    t, body = read_msg(ctrl)
+    out("hello type %#x version %d" % (t, struct.unpack("<I", body)[0]))
+    return ctrl
+ctrl = connect_control()
+calls = [
+    (b"DEFAULT:QUBESRPC qubes.WaitForSession dom0", b""),
+    (b"DEFAULT:QUBESRPC qubes.SetDateTime dom0", b"2026-11-27T12:00:00+00:00" + bytes([10])),
+    (b"user:QUBESRPC qubes.Filecopy dom0", b"data"),
+    (b"root:id", b""),
+]
+for i, (cmd, stdin) in enumerate(calls):
+    port = 513 + i
+    data = lib.libxenvchan_server_init(None, dom, ("/local/domain/0/data/vchan/%d/%d" % (dom, port)).encode(), 65536, 65536)
+    if not data:
+        sys.exit("server_init for port %d failed" % port)
+    send(ctrl, msg(0x200, struct.pack("<II", 0, port) + cmd + bytes([0])))
+    t, body = read_msg(data)
+    if t != 0x300:
+        sys.exit("data connection opened with type %#x" % t)
+    send(data, msg(0x300, struct.pack("<I", 3)))
+    if stdin:
+        send(data, msg(0x190, stdin))
+    send(data, msg(0x190))
+    stdout, stderr, code = b"", b"", None
+    while code is None:
+        t, body = read_msg(data)
+        if t == 0x191:
+            stdout += body
+        elif t == 0x192:
+            stderr += body
+        elif t == 0x193:
+            code = struct.unpack("<I", body)[0]
+        else:
+            sys.exit("unexpected type %#x on the data connection" % t)
+    out("call %s: exit %d stdout '%s' stderr '%s'" % (cmd.decode(), code, stdout.decode(), stderr.decode().strip()))
+    t, body = read_msg(ctrl)
+    d, p = struct.unpack("<II", body)
+    out("terminated type %#x domain %d port %d" % (t, d, p))
+    lib.libxenvchan_close(data)
+# A restarted daemon: the agent serves the control connection again.
+lib.libxenvchan_close(ctrl)
+time.sleep(2)
+ctrl = connect_control()
+out("done")
+PY
+"#;
+
 /// A shell snippet that defines `make_client INIT OUT`: packs an
 /// initramfs for a Linux client VM (a PV domU booting dom0's own kernel,
 /// `/vmlinuz`) from dom0's busybox and its libraries and the netfront

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use qemu_tests::kernel;
-use qemu_tests::xen::{XenImages, QUBESDB_SERVER};
+use qemu_tests::xen::{XenImages, QREXEC_DAEMON, QUBESDB_SERVER};
 
 const XL_CFG: &str = r#"name = "portcullis"
 type = "pvh"
@@ -40,6 +40,7 @@ log=/var/log/xen/console/guest-portcullis.log
 # entries, the empty write that completes a client's rules and the answer;
 # then, when the test asks, a live update: the client's rules replaced.
 @QDB@
+@QREXEC@
 cat > /qdb-script <<'QDB'
 E /qubes-primary-dns 10.0.2.3
 E /qubes-netvm-primary-dns 10.139.1.1
@@ -167,6 +168,8 @@ until grep -q "qubesdb: rules of 10.137.0.10 replaced" $log 2>/dev/null || [ $i 
     i=$((i + 1))
 done
 sed 's/^/test: qdb: /' /tmp/qdb.log | grep "update answer"
+# dom0's qrexec daemon calls the agent (`QREXEC_DAEMON`).
+timeout 120 python3 /qrexec.py $(xl domid portcullis) 2>&1 | sed 's/^/test: qrexec: /'
 still_running "the detach"
 # The backend goes away and comes back: traffic must resume without a
 # reboot.
@@ -205,7 +208,9 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         .run(
             kernel(),
             XL_CFG,
-            &SCRIPT.replace("@QDB@", QUBESDB_SERVER),
+            &SCRIPT
+                .replace("@QDB@", QUBESDB_SERVER)
+                .replace("@QREXEC@", QREXEC_DAEMON),
             Duration::from_secs(400),
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -369,6 +374,39 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
             .filter_map(|l| l.find(prefix).map(|at| &l[at + prefix.len()..]))
             .collect()
     };
+    // dom0's qrexec daemon reached the agent: both HELLOs (version 3),
+    // the two services Qubes calls on a net VM at start answered with
+    // status 0, anything else refused with 127 and a reason on stderr,
+    // each call's end reported on the control connection with its port;
+    // and a restarted daemon was served again.
+    let qrexec = test("test: qrexec: ");
+    let expected = [
+        "hello type 0x300 version 3",
+        "call DEFAULT:QUBESRPC qubes.WaitForSession dom0: exit 0 stdout '' stderr ''",
+        "terminated type 0x211 domain 0 port 513",
+        "call DEFAULT:QUBESRPC qubes.SetDateTime dom0: exit 0 stdout '' stderr ''",
+        "terminated type 0x211 domain 0 port 514",
+        "call user:QUBESRPC qubes.Filecopy dom0: exit 127 stdout '' stderr 'Portcullis (firewall VM): service qubes.Filecopy is not offered here'",
+        "terminated type 0x211 domain 0 port 515",
+        "call root:id: exit 127 stdout '' stderr 'Portcullis (firewall VM): running commands is not offered here'",
+        "terminated type 0x211 domain 0 port 516",
+        "hello type 0x300 version 3",
+        "done",
+    ];
+    assert_eq!(qrexec, expected, "{}", run.console);
+    let missing: Vec<&str> = [
+        "qrexec: agent serving dom0 on vchan port 512 (event channel ",
+        "qrexec: dom0's daemon connected (protocol version 3)",
+        "qrexec: qubes.WaitForSession from domain 0: no session to wait for; exit 0",
+        "qrexec: qubes.SetDateTime from domain 0: dom0's date is '2026-11-27T12:00:00+00:00'; exit 0",
+        "qrexec: qubes.Filecopy from domain 0: refused (exit 127)",
+        "qrexec: command 'id' from domain 0: refused (exit 127)",
+        "qrexec: dom0's daemon closed the control connection",
+    ]
+    .into_iter()
+    .filter(|p| !has(p))
+    .collect();
+    assert!(missing.is_empty(), "missing {missing:#?} in {guest:#?}");
     // What the script saw, and the guest's last counters: shown first when
     // an assertion below fails.
     for l in run

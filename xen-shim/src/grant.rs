@@ -265,6 +265,17 @@ impl RefAllocator {
     pub fn available(&self) -> usize {
         self.free.len()
     }
+
+    /// Moves `n` free references (fewer if there are not as many) to a new
+    /// allocator over the same table: two owners of one table, each
+    /// granting from its own references.
+    pub fn split_off(&mut self, n: usize) -> Self {
+        let keep = self.free.len().saturating_sub(n);
+        Self {
+            free: self.free.split_off(keep),
+            limit: self.limit,
+        }
+    }
 }
 
 /// Word and bit of event channel `port` in the 2-level bitmaps.
@@ -333,6 +344,16 @@ mod tests {
         assert!(!a.release(GrantRef(9)), "already free");
         assert!(a.release(r));
         assert!(!a.release(r), "twice");
+        let mut b = a.split_off(4);
+        assert_eq!((a.available(), b.available()), (500, 4));
+        let mine: Vec<GrantRef> = (0..4).map(|_| b.alloc().unwrap()).collect();
+        assert!(b.alloc().is_none(), "only its own four");
+        for r in &mine {
+            assert!(a.free.iter().all(|f| *f != r.0), "disjoint");
+            assert!(b.release(*r));
+        }
+        assert_eq!(a.split_off(1000).available(), 500);
+        assert_eq!(a.available(), 0);
         assert_eq!(entry_offset(GrantRef(511), 1), Some(4088));
         assert_eq!(entry_offset(GrantRef(512), 1), None);
     }

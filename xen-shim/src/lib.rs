@@ -4,8 +4,8 @@
 //! (`hvm_start_info` and its memory map), hypercall numbers and CPUID
 //! decoding, grant-table and event-channel layouts and bookkeeping
 //! (`grant`), the XenStore wire codec, the netfront/netback ring protocol
-//! and xenbus handshake (`netif`), the QubesDB protocol (`qubesdb`) and
-//! the vchan ring (`vchan`).
+//! and xenbus handshake (`netif`), the QubesDB protocol (`qubesdb`), the
+//! qrexec agent's protocol (`qrexec`) and the vchan ring (`vchan`).
 //! It decodes what another party (Xen, QEMU's PVH loader, dom0) wrote into
 //! typed values and never trusts it: every parser takes bytes and returns a
 //! `Result`. It performs no hardware access itself; the kernel reads guest
@@ -20,6 +20,7 @@ pub mod grant;
 pub mod hypercall;
 pub mod netif;
 pub mod pvh;
+pub mod qrexec;
 pub mod qubesdb;
 pub mod vchan;
 pub mod xenstore;
