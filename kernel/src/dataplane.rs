@@ -446,6 +446,9 @@ pub fn run_single<N: Nic>(
     let mut idler = Idler::new(idle);
     let mut counters = CoreStats::new(0, "all");
     let assigns = nics.nics.iter().any(|n| n.assigned().is_some());
+    if qubesdb.as_mut().is_some_and(|q| !q.report_handled()) {
+        qubesdb = None;
+    }
     nics.flush();
     loop {
         let (start, now) = clock::now();

@@ -400,7 +400,14 @@ impl QubesDbLink {
             }
         };
         for e in events {
-            let Event::Written(path) = e else { continue };
+            let path = match e {
+                Event::Written(path) => path,
+                Event::Unexpected(kind, path) => {
+                    println!("qubesdb: unexpected {kind:?} for '{path}' from dom0");
+                    continue;
+                }
+                _ => continue,
+            };
             let value = self.client.get(&path).unwrap_or("x");
             let Some(ip) = qubesdb::rules_committed(&path, value) else {
                 continue;
@@ -425,6 +432,45 @@ impl QubesDbLink {
                 }
                 None => println!("qubesdb: rules for {ip}, which is not a client, ignored"),
             }
+            if let Err(e) = self.handled(ip) {
+                println!("qubesdb: {e}; live updates stop here");
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Tells dom0 that a client's rules are handled, as Qubes's firewall
+    /// agent does (`/qubes-firewall_handled/<ip>`, one more each time).
+    fn handled(&mut self, ip: &str) -> Result<(), String> {
+        let w = self
+            .client
+            .firewall_handled(ip)
+            .map_err(|e| format!("{ip}: {e:?}"))?;
+        self.vchan.send_all(&w, clock::now_ms() + 1000)
+    }
+
+    /// At the start of forwarding, with the rules of the database in
+    /// force: every client that has rules is reported handled once.
+    pub fn report_handled(&mut self) -> bool {
+        let targets: Vec<String> = self
+            .client
+            .rule_targets()
+            .into_iter()
+            .map(String::from)
+            .collect();
+        for ip in &targets {
+            if let Err(e) = self.handled(ip) {
+                println!("qubesdb: {e}; live updates stop here");
+                return false;
+            }
+        }
+        if !targets.is_empty() {
+            println!(
+                "qubesdb: rules in force for {}; told dom0 ({}<ip>)",
+                targets.join(" "),
+                qubesdb::HANDLED
+            );
         }
         true
     }

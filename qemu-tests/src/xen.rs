@@ -362,6 +362,10 @@ fn extract_vmlinux(bzimage: &Path, out: &Path) -> Result<(), String> {
 ///   'P' length N`: the acknowledgements);
 /// - `P file`: waits until `file` exists (the test's go-ahead).
 ///
+/// Writes of the domain's own (`/qubes-firewall_handled/<ip>`) are
+/// answered RESP_OK whenever they arrive and printed as `vm write 'PATH'
+/// 'VALUE'`; after the script it goes on answering them.
+///
 /// Run as `python3 /qdb.py <domid> <script>`.
 pub const QUBESDB_SERVER: &str = r#"cat > /qdb.py <<'PY'
 import ctypes, os, struct, sys, time
@@ -392,8 +396,18 @@ def send(b):
 def msg(t, path, data=b""):
     return struct.pack("<B64s3xI", t, path.encode(), len(data)) + data
 def show(what):
-    t, path, n = struct.unpack("<B64s3xI", recv(72))
-    print("%s type %d path '%s' length %d" % (what, t, path.rstrip(b"\0").decode(), n), flush=True)
+    while True:
+        t, path, n = struct.unpack("<B64s3xI", recv(72))
+        path = path.rstrip(b"\0").decode()
+        data = recv(n) if n else b""
+        if t == 1:
+            # A write of the domain's own: stored and answered, as dom0's
+            # qubesdb-daemon does.
+            print("vm write '%s' '%s'" % (path, data.decode()), flush=True)
+            send(msg(7, path))
+            continue
+        print("%s type %d path '%s' length %d" % (what, t, path, n), flush=True)
+        return
 show("request")
 for line in open(sys.argv[2]).read().splitlines():
     op, _, rest = line.partition(" ")
@@ -411,7 +425,8 @@ for line in open(sys.argv[2]).read().splitlines():
     elif op == "P":
         while not os.path.exists(path):
             time.sleep(0.2)
-time.sleep(3600)
+while True:
+    show("later")
 PY
 "#;
 

@@ -192,6 +192,7 @@ echo "test: connected again after $(( $(ms) - t )) ms"
 pings "ping again"
 stats_after
 still_running "the end"
+grep "vm write" /tmp/qdb.log | sed 's/^/test: qdb: /'
 xl destroy portcullis && echo "test: destroyed"
 show_log $id
 run 'extra="bogus"'
@@ -365,6 +366,26 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         .filter(|l| l.contains("test: qdb: update answer type 7 "))
         .collect();
     assert_eq!(acks.len(), 4, "{}", run.console);
+    // What Qubes's firewall agent writes back: the client's rules handled
+    // once when forwarding started, and again after the live update.
+    assert!(
+        has("qubesdb: rules in force for 10.137.0.10; told dom0 (/qubes-firewall_handled/<ip>)"),
+        "{guest:#?}"
+    );
+    let writes: Vec<&str> = run
+        .console
+        .lines()
+        .filter(|l| l.starts_with("test: qdb: vm write "))
+        .collect();
+    assert_eq!(
+        writes,
+        [
+            "test: qdb: vm write '/qubes-firewall_handled/10.137.0.10' '1'",
+            "test: qdb: vm write '/qubes-firewall_handled/10.137.0.10' '2'"
+        ],
+        "{}",
+        run.console
+    );
     // ...netfront: the xenbus handshake with Linux netback completed...
     // (Xen's console lines for the guest may share a line with dom0's
     // output, before or after it: the prefix is looked for anywhere.)

@@ -19,6 +19,7 @@
 //! failed).
 
 use alloc::collections::BTreeMap;
+use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
@@ -185,8 +186,11 @@ pub enum Event {
     Removed(String),
     /// A value that is not UTF-8 was refused (the key is left out).
     NotText(String),
+    /// Dom0 stored a write of ours (`Client::write`).
+    Acknowledged(String),
     /// Dom0 answered with an error, or sent what the VM side does not
-    /// expect (a request other than WRITE and RM, an entry after loading).
+    /// expect (a request other than WRITE and RM, an entry after loading,
+    /// an answer to no write of ours).
     Unexpected(Kind, String),
 }
 
@@ -204,6 +208,8 @@ pub struct Client {
     store: BTreeMap<String, String>,
     /// Entries the initial load brought.
     initial: usize,
+    /// Writes of ours dom0 has not answered yet.
+    awaiting: usize,
 }
 
 impl Default for Client {
@@ -218,6 +224,7 @@ impl Client {
             phase: Phase::Loading,
             store: BTreeMap::new(),
             initial: 0,
+            awaiting: 0,
         }
     }
 
@@ -244,6 +251,38 @@ impl Client {
     /// Every entry.
     pub fn entries(&self) -> impl Iterator<Item = (&str, &str)> {
         self.store.iter().map(|(k, v)| (k.as_str(), v.as_str()))
+    }
+
+    /// A write of ours, as the VM's QubesDB daemon forwards a local
+    /// client's write to dom0: the message to send. The value is in our
+    /// store at once; dom0 answers RESP_OK (`Event::Acknowledged`).
+    pub fn write(&mut self, path: &str, value: &str) -> Result<Vec<u8>, QdbError> {
+        let m = encode(Kind::Write, path, value.as_bytes())?;
+        self.store.insert(path.into(), value.into());
+        self.awaiting += 1;
+        Ok(m)
+    }
+
+    /// The client addresses that have rules (`/qubes-firewall/<ip>/...`),
+    /// as Qubes's firewall agent lists its targets.
+    pub fn rule_targets(&self) -> Vec<&str> {
+        let t: alloc::collections::BTreeSet<&str> = self
+            .store
+            .keys()
+            .filter_map(|k| k.strip_prefix("/qubes-firewall/")?.split('/').next())
+            .filter(|ip| !ip.is_empty())
+            .collect();
+        t.into_iter().collect()
+    }
+
+    /// What Qubes's firewall agent writes once it has handled a client's
+    /// rules (applied them, or blocked the client for rules it could not
+    /// use): `/qubes-firewall_handled/<ip>`, a count one higher each time,
+    /// which tools in dom0 watch to know the rules are in force.
+    pub fn firewall_handled(&mut self, ip: &str) -> Result<Vec<u8>, QdbError> {
+        let path = format!("{HANDLED}{ip}");
+        let n: u64 = self.get(&path).and_then(|v| v.parse().ok()).unwrap_or(0);
+        self.write(&path, &(n + 1).to_string())
     }
 
     /// Handles one message from dom0: what changed, and the answer to
@@ -285,10 +324,21 @@ impl Client {
                 let ok = encode(Kind::RespOk, &m.path, &[]).ok();
                 (Some(Event::Removed(m.path)), ok)
             }
+            (Phase::Live, Kind::RespOk) if self.awaiting > 0 => {
+                self.awaiting -= 1;
+                (Some(Event::Acknowledged(m.path)), None)
+            }
+            (Phase::Live, kind @ (Kind::RespError | Kind::RespErrorNoent)) if self.awaiting > 0 => {
+                self.awaiting -= 1;
+                (Some(Event::Unexpected(kind, m.path)), None)
+            }
             (_, kind) => (Some(Event::Unexpected(kind, m.path)), None),
         }
     }
 }
+
+/// Where the firewall agent counts handled rule updates, per client.
+pub const HANDLED: &str = "/qubes-firewall_handled/";
 
 /// The client address whose rule update a write of `path` completes:
 /// dom0 ends each update with an empty write to `/qubes-firewall/<ip>`.
@@ -383,6 +433,53 @@ mod tests {
         let mut d = Decoder::new();
         d.push(&bytes);
         c.handle(d.next_message().unwrap().unwrap())
+    }
+
+    #[test]
+    fn writes_of_ours_count_handled_rules_and_take_dom0s_answers() {
+        let mut c = Client::new();
+        for (p, v) in [
+            ("/qubes-firewall/10.137.0.10/policy", "drop"),
+            ("/qubes-firewall/10.137.0.10/0000", "action=accept"),
+            ("/qubes-firewall/10.137.0.11/policy", "accept"),
+            ("/qubes-firewall_handled/10.137.0.11", "4"),
+            ("/qubes-ip", "10.0.2.15"),
+        ] {
+            feed(&mut c, msg(Kind::RespMultiread, p, v.as_bytes()));
+        }
+        // An answer before the load, or to no write of ours: unexpected.
+        let stray = feed(&mut c, msg(Kind::RespOk, "/x", &[]));
+        assert_eq!(stray.0, Some(Event::Unexpected(Kind::RespOk, "/x".into())));
+        feed(&mut c, msg(Kind::RespMultiread, "", &[]));
+        assert_eq!(c.rule_targets(), ["10.137.0.10", "10.137.0.11"]);
+        let w = c.firewall_handled("10.137.0.10").unwrap();
+        assert_eq!(
+            w,
+            msg(Kind::Write, "/qubes-firewall_handled/10.137.0.10", b"1")
+        );
+        let w = c.firewall_handled("10.137.0.11").unwrap();
+        assert_eq!(
+            w,
+            msg(Kind::Write, "/qubes-firewall_handled/10.137.0.11", b"5")
+        );
+        assert_eq!(c.get("/qubes-firewall_handled/10.137.0.10"), Some("1"));
+        let w = c.firewall_handled("10.137.0.10").unwrap();
+        assert_eq!(&w[72..], b"2");
+        // Three writes: two answered OK, one refused; a fourth answer is
+        // unexpected.
+        let p = "/qubes-firewall_handled/10.137.0.10";
+        let ok = feed(&mut c, msg(Kind::RespOk, p, &[]));
+        assert_eq!(ok, (Some(Event::Acknowledged(p.into())), None));
+        feed(&mut c, msg(Kind::RespOk, p, &[]));
+        let refused = feed(&mut c, msg(Kind::RespError, p, &[]));
+        assert_eq!(
+            refused.0,
+            Some(Event::Unexpected(Kind::RespError, p.into()))
+        );
+        let extra = feed(&mut c, msg(Kind::RespOk, p, &[]));
+        assert_eq!(extra.0, Some(Event::Unexpected(Kind::RespOk, p.into())));
+        // A write of ours must encode.
+        assert_eq!(c.write("/a b", "x"), Err(QdbError::TooLarge));
     }
 
     #[test]
