@@ -240,7 +240,7 @@ fn qubesdb_over_vchan(
     println!(
         "qubesdb: {} entries from dom0 over vchan (event channel {})",
         link.client.initial_entries(),
-        link.vchan.port()
+        link.port()
     );
     // Updates dom0 sends at once; the loop follows later ones.
     let mut quiet_since = clock::now_ms();
@@ -306,7 +306,7 @@ fn start_dataplane(
     access: pci_bus::ConfigAccess,
     nics: &[&PciFunction],
     netfront: Option<(String, (xenstore::XenStore, gnttab::GrantTable))>,
-    (qubesdb, qubesdb_link): (Vec<(String, String)>, Option<vchan::QubesDbLink>),
+    (qubesdb, mut qubesdb_link): (Vec<(String, String)>, Option<vchan::QubesDbLink>),
 ) -> ! {
     let net = match load_config(cmdline_text, &qubesdb) {
         Ok(n) => n,
@@ -322,6 +322,9 @@ fn start_dataplane(
     let mut agent = None;
     if let Some((dev, (store, mut table))) = netfront {
         let mut store = xenstore::SharedStore::install(store);
+        if let Some(l) = qubesdb_link.as_mut() {
+            l.set_store(store);
+        }
         // Under Qubes (QubesDB came over vchan), dom0's qrexec daemon
         // expects an agent: grants of its own from the same table.
         if qubesdb_link.is_some() {

@@ -55,6 +55,22 @@ static NEXT_SCAN_MS: AtomicU64 = AtomicU64::new(0);
 /// Backend directories a slot serves.
 static CLAIMED: spin::Mutex<Vec<String>> = spin::Mutex::new(Vec::new());
 
+/// The last XenStore error a scan met, so that each new one is reported
+/// once (a missing `backend/vif` is normal: no client yet).
+static SCAN_ERROR: spin::Mutex<Option<String>> = spin::Mutex::new(None);
+
+fn scan_error(path: &str, e: xen_shim::xenstore::XsError) {
+    if path == "backend/vif" && e == xen_shim::xenstore::XsError::Remote("ENOENT".into()) {
+        return;
+    }
+    let text = format!("{path}: {e:?}");
+    let mut last = SCAN_ERROR.lock();
+    if last.as_deref() != Some(text.as_str()) {
+        println!("netback: looking for client vifs: {text}");
+        *last = Some(text);
+    }
+}
+
 /// Grant copies with one client domain, and the event channel to it.
 pub struct ClientIo {
     domid: u16,
@@ -163,12 +179,20 @@ impl ClientVif {
     /// Looks for a device nobody serves whose frontend is starting, and
     /// offers it our features.
     fn scan(&mut self) {
-        let Ok(domains) = self.store.directory("backend/vif") else {
-            return;
+        let domains = match self.store.directory("backend/vif") {
+            Ok(d) => d,
+            Err(e) => {
+                scan_error("backend/vif", e);
+                return;
+            }
         };
         for fe in domains {
-            let Ok(devs) = self.store.directory(&format!("backend/vif/{fe}")) else {
-                continue;
+            let devs = match self.store.directory(&format!("backend/vif/{fe}")) {
+                Ok(d) => d,
+                Err(e) => {
+                    scan_error(&format!("backend/vif/{fe}"), e);
+                    continue;
+                }
             };
             for dev in devs {
                 let path = format!("backend/vif/{fe}/{dev}");

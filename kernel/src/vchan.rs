@@ -26,7 +26,7 @@ use xen_shim::qubesdb::{self, Client, Decoder, Event};
 use xen_shim::vchan::{self as v, Geometry, Live, Place};
 
 use crate::gnttab::{self, GrantTable};
-use crate::xenstore::XenStore;
+use crate::xenstore::{SharedStore, XenStore};
 use crate::{clock, phys, xen};
 use alloc::string::ToString;
 use xen_shim::grant::GrantRef;
@@ -377,31 +377,71 @@ impl Vchan {
 }
 
 /// QubesDB over vchan: the connection, the conversation and the decoder.
+/// When dom0's QubesDB daemon for this domain goes away (restarted), the
+/// link is closed and made again from the loop (`follow`): the database
+/// loads anew and every client's rules are applied from it.
 pub struct QubesDbLink {
-    pub vchan: Vchan,
+    /// `None` while dom0's end is gone and the link waits to reconnect.
+    vchan: Option<Vchan>,
     pub client: Client,
     decoder: Decoder,
     /// Events that arrived with the end of the load, not yet taken.
     early: Vec<Event>,
+    /// dom0's vchan path for us.
+    path: String,
+    /// XenStore for reconnecting, once the loop shares it (`set_store`).
+    store: Option<SharedStore>,
+    /// When to look for dom0's end again, while it is gone.
+    next_try: u64,
+    /// A reconnected link whose database has not loaded completely yet.
+    reloading: bool,
 }
 
+/// How often a gone QubesDB is looked for again.
+const RECONNECT_MS: u64 = 1000;
+
 impl QubesDbLink {
+    /// Our event channel (0 while reconnecting).
+    pub fn port(&self) -> u32 {
+        self.vchan.as_ref().map_or(0, Vchan::port)
+    }
+
+    /// The XenStore connection to reconnect with, once the loop shares it.
+    pub fn set_store(&mut self, store: SharedStore) {
+        self.store = Some(store);
+    }
+
     /// Follows what dom0 pushed since the last call (every housekeeping
     /// round of the loop): each change acknowledged, and a client's rules
     /// replaced in `firewall` when dom0 completes their update (the empty
-    /// write to `/qubes-firewall/<ip>`). False once the link failed (it is
-    /// then dropped; the rules in force stay).
+    /// write to `/qubes-firewall/<ip>`). When dom0's end has gone, the
+    /// rules in force stay and the link is made again. False once the
+    /// link cannot go on (it is then dropped; the rules in force stay).
     pub fn follow(&mut self, firewall: &mut netstack::firewall::Firewall) -> bool {
+        let Some(vchan) = self.vchan.as_ref() else {
+            return self.reconnect();
+        };
+        if let Ok(Live::Exited) | Err(_) = vchan.peer() {
+            return self.lose("dom0's QubesDB daemon went away");
+        }
         let events = match self.poll() {
             Ok(e) => e,
-            Err(e) => {
-                println!("qubesdb: {e}; live updates stop here");
-                return false;
-            }
+            Err(e) => return self.lose(&e),
         };
         for e in events {
             let path = match e {
+                Event::Written(path) | Event::Removed(path) if is_client_list(&path) => {
+                    self.follow_clients(firewall);
+                    continue;
+                }
                 Event::Written(path) => path,
+                Event::Loaded if self.reloading => {
+                    self.reloading = false;
+                    if let Err(e) = self.reload(firewall) {
+                        return self.lose(&e);
+                    }
+                    continue;
+                }
                 Event::Unexpected(kind, path) => {
                     println!("qubesdb: unexpected {kind:?} for '{path}' from dom0");
                     continue;
@@ -409,34 +449,137 @@ impl QubesDbLink {
                 _ => continue,
             };
             let value = self.client.get(&path).unwrap_or("x");
-            let Some(ip) = qubesdb::rules_committed(&path, value) else {
+            let Some(ip) = qubesdb::rules_committed(&path, value).map(String::from) else {
                 continue;
             };
-            let Ok(addr) = ip.parse::<core::net::IpAddr>() else {
-                println!("qubesdb: {path}: not an address");
-                continue;
-            };
-            let prefix = format!("{path}/");
-            let entries = self
-                .client
-                .entries()
-                .filter_map(|(k, v)| k.strip_prefix(prefix.as_str()).map(|name| (name, v)));
-            let rules = netstack::rules::Ruleset::from_entries(entries, addr.is_ipv4());
-            let summary = match &rules {
-                Ok(r) => format!("{} rules, policy {:?}", r.rules.len(), r.policy),
-                Err(e) => format!("invalid ({e}): all its traffic dropped"),
-            };
-            match firewall.replace_rules(addr, rules) {
-                Some(n) => {
-                    println!("qubesdb: rules of {ip} replaced: {summary}; {n} flows dropped")
-                }
-                None => println!("qubesdb: rules for {ip}, which is not a client, ignored"),
-            }
-            if let Err(e) = self.handled(ip) {
-                println!("qubesdb: {e}; live updates stop here");
-                return false;
+            if let Err(e) = self.apply(&ip, firewall) {
+                return self.lose(&e);
             }
         }
+        true
+    }
+
+    /// Replaces `ip`'s rules in `firewall` with what the database holds
+    /// for it (fail closed: rules that do not parse, or none, drop all its
+    /// traffic) and tells dom0 they are handled; an error if telling
+    /// failed (the link is then broken).
+    fn apply(
+        &mut self,
+        ip: &str,
+        firewall: &mut netstack::firewall::Firewall,
+    ) -> Result<(), String> {
+        let Ok(addr) = ip.parse::<core::net::IpAddr>() else {
+            println!("qubesdb: /qubes-firewall/{ip}: not an address");
+            return Ok(());
+        };
+        let prefix = format!("/qubes-firewall/{ip}/");
+        let entries = self
+            .client
+            .entries()
+            .filter_map(|(k, v)| k.strip_prefix(prefix.as_str()).map(|name| (name, v)));
+        let rules = netstack::rules::Ruleset::from_entries(entries, addr.is_ipv4());
+        let summary = match &rules {
+            Ok(r) => format!("{} rules, policy {:?}", r.rules.len(), r.policy),
+            Err(e) => format!("invalid ({e}): all its traffic dropped"),
+        };
+        match firewall.replace_rules(addr, rules) {
+            Some(n) => println!("qubesdb: rules of {ip} replaced: {summary}; {n} flows dropped"),
+            None => println!("qubesdb: rules for {ip}, which is not a client, ignored"),
+        }
+        self.handled(ip)
+    }
+
+    /// dom0 changed the list of connected clients (a client qube started
+    /// or stopped): the firewall follows it, each client that came with
+    /// the rules the database has for it.
+    fn follow_clients(&mut self, firewall: &mut netstack::firewall::Firewall) {
+        let mut db = netstack::config::QubesDb::default();
+        for (k, v) in self.client.entries() {
+            // (What dom0 wrote passed QubesDB's checks; a key this one
+            // refuses is one the configuration does not read.)
+            let _ = db.set(k, v);
+        }
+        let wanted = match netstack::config::NetConfig::clients_from_db(&db) {
+            Ok(w) => w,
+            Err(e) => {
+                println!("qubesdb: connected clients: {e}; the list in force stays");
+                return;
+            }
+        };
+        let (added, removed) = firewall.set_clients(wanted);
+        for ip in &added {
+            println!("qubesdb: client {ip} connected");
+        }
+        for ip in &removed {
+            println!("qubesdb: client {ip} disconnected (its flows ended)");
+        }
+    }
+
+    /// After a reconnection: the connected clients and every client's
+    /// rules from the new database (the ones it no longer has rules for
+    /// are blocked), each reported handled.
+    fn reload(&mut self, firewall: &mut netstack::firewall::Firewall) -> Result<(), String> {
+        println!(
+            "qubesdb: reloaded {} entries from dom0",
+            self.client.initial_entries()
+        );
+        self.follow_clients(firewall);
+        let mut ips: Vec<String> = firewall.clients().iter().map(|ip| ip.to_string()).collect();
+        for t in self.client.rule_targets() {
+            if !ips.iter().any(|ip| ip == t) {
+                ips.push(t.into());
+            }
+        }
+        ips.iter().try_for_each(|ip| self.apply(ip, firewall))
+    }
+
+    /// dom0's end is gone: the link is closed and looked for again soon.
+    fn lose(&mut self, why: &str) -> bool {
+        if let Some(vc) = self.vchan.take() {
+            vc.close();
+        }
+        if self.store.is_none() {
+            println!("qubesdb: {why}; live updates stop here");
+            return false;
+        }
+        println!("qubesdb: {why}; the rules in force stay; reconnecting");
+        self.next_try = clock::recent_ms() + RECONNECT_MS;
+        true
+    }
+
+    /// Looks for dom0's end again; once there, asks for the whole
+    /// database (it loads over the next rounds: `follow`).
+    fn reconnect(&mut self) -> bool {
+        let now = clock::recent_ms();
+        let Some(store) = self.store.as_mut() else {
+            return false;
+        };
+        if now < self.next_try {
+            return true;
+        }
+        self.next_try = now + RECONNECT_MS;
+        let path = self.path.clone();
+        let Ok(mut vc) = store.with(|s| Vchan::connect(s, 0, &path)) else {
+            return true; // not there yet (or a stale entry): later
+        };
+        if !matches!(vc.peer(), Ok(Live::Connected)) {
+            vc.close();
+            return true;
+        }
+        if let Err(e) = vc.send_all(&Client::start(), now + 1000) {
+            println!("qubesdb: asking the database again: {e}");
+            vc.close();
+            return true;
+        }
+        println!(
+            "qubesdb: reconnected to dom0 (event channel {}); loading",
+            vc.port()
+        );
+        self.vchan = Some(vc);
+        self.client = Client::new();
+        self.decoder = Decoder::new();
+        self.early.clear();
+        self.reloading = true;
         true
     }
 
@@ -447,11 +590,19 @@ impl QubesDbLink {
             .client
             .firewall_handled(ip)
             .map_err(|e| format!("{ip}: {e:?}"))?;
-        self.vchan.send_all(&w, clock::now_ms() + 1000)
+        self.send_all(&w, clock::now_ms() + 1000)
+    }
+
+    fn send_all(&mut self, bytes: &[u8], deadline: u64) -> Result<(), String> {
+        match self.vchan.as_mut() {
+            Some(vc) => vc.send_all(bytes, deadline),
+            None => Err("not connected".into()),
+        }
     }
 
     /// At the start of forwarding, with the rules of the database in
-    /// force: every client that has rules is reported handled once.
+    /// force: every client that has rules is reported handled once. False
+    /// as `follow`.
     pub fn report_handled(&mut self) -> bool {
         let targets: Vec<String> = self
             .client
@@ -461,8 +612,7 @@ impl QubesDbLink {
             .collect();
         for ip in &targets {
             if let Err(e) = self.handled(ip) {
-                println!("qubesdb: {e}; live updates stop here");
-                return false;
+                return self.lose(&e);
             }
         }
         if !targets.is_empty() {
@@ -474,6 +624,11 @@ impl QubesDbLink {
         }
         true
     }
+}
+
+/// The keys that list the connected clients.
+fn is_client_list(path: &str) -> bool {
+    path == "/connected-ips" || path == "/connected-ips6"
 }
 
 /// How long dom0 may take to send the whole database.
@@ -491,17 +646,21 @@ impl QubesDbLink {
     fn connect(store: &mut XenStore, path: &str) -> Result<Self, String> {
         let vchan = Vchan::connect(store, 0, path)?;
         let mut link = Self {
-            vchan,
+            vchan: Some(vchan),
             client: Client::new(),
             decoder: Decoder::new(),
             early: Vec::new(),
+            path: path.into(),
+            store: None,
+            next_try: 0,
+            reloading: false,
         };
         let deadline = clock::now_ms() + LOAD_TIMEOUT_MS;
-        link.vchan.send_all(&Client::start(), deadline)?;
+        link.send_all(&Client::start(), deadline)?;
         while !link.client.loaded() {
             let events = link.poll()?;
             link.early = events.into_iter().filter(|e| *e != Event::Loaded).collect();
-            if let Ok(Live::Exited) = link.vchan.peer() {
+            if let Some(Ok(Live::Exited)) = link.vchan.as_ref().map(Vchan::peer) {
                 return Err("dom0's end closed the connection".into());
             }
             if clock::now_ms() > deadline {
@@ -519,13 +678,14 @@ impl QubesDbLink {
     pub fn poll(&mut self) -> Result<Vec<Event>, String> {
         let mut events = core::mem::take(&mut self.early);
         let mut bytes = Vec::new();
-        self.vchan.recv(&mut bytes).map_err(|e| format!("{e:?}"))?;
+        let vc = self.vchan.as_mut().ok_or("not connected")?;
+        vc.recv(&mut bytes).map_err(|e| format!("{e:?}"))?;
         self.decoder.push(&bytes);
         while let Some(m) = self.decoder.next_message() {
             let m = m.map_err(|e| format!("from dom0: {e:?}"))?;
             let (event, answer) = self.client.handle(m);
             if let Some(a) = answer {
-                self.vchan.send_all(&a, clock::now_ms() + 1000)?;
+                self.send_all(&a, clock::now_ms() + 1000)?;
             }
             events.extend(event);
         }

@@ -184,6 +184,41 @@ fn netmask_prefix(mask: Ipv4Addr) -> Option<u8> {
 }
 
 impl NetConfig {
+    /// The connected clients (`/connected-ips`, `/connected-ips6`), each
+    /// with its rules from `/qubes-firewall/<ip>/` (or why they were
+    /// refused): what `from_db` takes, and what the firewall takes again
+    /// when dom0 changes the list (`Firewall::set_clients`).
+    pub fn clients_from_db(db: &QubesDb) -> Result<Vec<ClientConfig>, ConfigError> {
+        let mut clients: Vec<ClientConfig> = Vec::new();
+        for (key, problem) in [
+            ("/connected-ips", "not a list of IPv4 addresses"),
+            ("/connected-ips6", "not a list of IPv6 addresses"),
+        ] {
+            let v4 = key == "/connected-ips";
+            for word in db.get(key).unwrap_or("").split_whitespace() {
+                let client: IpAddr = match (v4, word.parse::<IpAddr>()) {
+                    (true, Ok(a @ IpAddr::V4(_))) | (false, Ok(a @ IpAddr::V6(_))) => a,
+                    _ => {
+                        return Err(ConfigError {
+                            key: key.to_string(),
+                            problem,
+                        })
+                    }
+                };
+                if clients.iter().any(|c| c.ip == client) {
+                    continue;
+                }
+                let prefix = alloc::format!("/qubes-firewall/{client}/");
+                let entries = db.under(&prefix).map(|(k, v)| (&k[prefix.len()..], v));
+                clients.push(ClientConfig {
+                    ip: client,
+                    rules: Ruleset::from_entries(entries, v4),
+                });
+            }
+        }
+        Ok(clients)
+    }
+
     pub fn from_db(db: &QubesDb) -> Result<Self, ConfigError> {
         let err = |key: &str, problem| ConfigError {
             key: key.to_string(),
@@ -223,28 +258,7 @@ impl NetConfig {
                     .map_err(|_| err(key, "not an IPv6 address")),
             }
         };
-        let mut clients: Vec<ClientConfig> = Vec::new();
-        for (key, problem) in [
-            ("/connected-ips", "not a list of IPv4 addresses"),
-            ("/connected-ips6", "not a list of IPv6 addresses"),
-        ] {
-            let v4 = key == "/connected-ips";
-            for word in db.get(key).unwrap_or("").split_whitespace() {
-                let client: IpAddr = match (v4, word.parse::<IpAddr>()) {
-                    (true, Ok(a @ IpAddr::V4(_))) | (false, Ok(a @ IpAddr::V6(_))) => a,
-                    _ => return Err(err(key, problem)),
-                };
-                if clients.iter().any(|c| c.ip == client) {
-                    continue;
-                }
-                let prefix = alloc::format!("/qubes-firewall/{client}/");
-                let entries = db.under(&prefix).map(|(k, v)| (&k[prefix.len()..], v));
-                clients.push(ClientConfig {
-                    ip: client,
-                    rules: Ruleset::from_entries(entries, v4),
-                });
-            }
-        }
+        let clients = Self::clients_from_db(db)?;
         let ip6 = match (
             ip6("/qubes-ip6")?,
             ip6("/qubes-gateway6")?,

@@ -27,7 +27,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hashbrown::HashMap;
 
-use crate::config::NetConfig;
+use crate::config::{ClientConfig, NetConfig};
 use crate::conntrack::{Addr, Conntrack, CreateError, Flow, Outbound, Tuple};
 use crate::dns::{Resolved, Resolver, DNS_PORT, RESOLVER_PORT};
 use crate::ipv6::{is_ipv6_multicast_mac, PROTO_ICMPV6};
@@ -318,6 +318,10 @@ struct Client {
     hits: Vec<u64>,
     port: Option<usize>,
     mac: Option<Mac>,
+    /// In dom0's list of connected clients. A client that left keeps its
+    /// entry (flows name clients by index), out of the address indexes, so
+    /// its frames are dropped as spoofed until it comes back.
+    connected: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -498,6 +502,9 @@ pub struct Firewall {
     /// Per port: whether only the clients assigned to it may use it
     /// (`assign_port`), rather than whoever appears there first.
     pinned: Vec<bool>,
+    /// Per port: the addresses assigned to it (`assign_port`), for clients
+    /// that connect later (`set_clients`).
+    assigned: Vec<Vec<IpAddr>>,
 }
 
 fn swap_macs(buf: &mut [u8], new_src: Mac) {
@@ -524,6 +531,7 @@ impl Firewall {
                 rules: c.rules.clone(),
                 port: None,
                 mac: None,
+                connected: true,
             })
             .collect();
         let client_index = clients
@@ -561,6 +569,7 @@ impl Firewall {
             .map_or(1, |m| u32::from_be_bytes([m[2], m[3], m[4], m[5]]));
         let resolver = Resolver::new(names, servers, seed);
         let pinned = alloc::vec![false; macs.len()];
+        let assigned = alloc::vec![Vec::new(); macs.len()];
         let mut fw = Self {
             cfg,
             macs,
@@ -584,6 +593,7 @@ impl Firewall {
             forward_only: false,
             resolver_port: RESOLVER_PORT,
             pinned,
+            assigned,
         };
         // Names that cannot be asked (no DNS server) are settled already.
         let settled: Vec<Resolved> = fw
@@ -615,6 +625,7 @@ impl Firewall {
             return addrs.to_vec();
         }
         self.pinned[port] = true;
+        self.assigned[port] = addrs.to_vec();
         for c in &mut self.clients {
             if c.port == Some(port) {
                 c.port = None;
@@ -623,7 +634,7 @@ impl Firewall {
         }
         let mut unknown = Vec::new();
         for &a in addrs {
-            match self.clients.iter_mut().find(|c| c.ip == a) {
+            match self.clients.iter_mut().find(|c| c.ip == a && c.connected) {
                 Some(c) => {
                     c.port = Some(port);
                     c.mac = None;
@@ -634,8 +645,97 @@ impl Firewall {
         unknown
     }
 
+    /// The configuration the firewall was made with (its `clients` as they
+    /// were then: `clients` gives today's).
     pub fn config(&self) -> &NetConfig {
         &self.cfg
+    }
+
+    /// The connected clients' addresses.
+    pub fn clients(&self) -> Vec<IpAddr> {
+        self.clients
+            .iter()
+            .filter(|c| c.connected)
+            .map(|c| c.ip)
+            .collect()
+    }
+
+    /// Follows dom0's list of connected clients (`/connected-ips`,
+    /// `/connected-ips6`, each address with its rules:
+    /// `NetConfig::clients_from_db`), as Qubes's firewall agent does when
+    /// client qubes start and stop. A client that left is disconnected: its
+    /// flows end, its port binding is undone, and its frames are dropped as
+    /// spoofed from then on, like any address that is not a client. A
+    /// client that came is connected with its rules, and bound to the port
+    /// its address was assigned to, if any (`assign_port`). A client that
+    /// stays keeps its flows and its rules (its rule updates come with
+    /// their own commit: `replace_rules`). Returns (added, removed).
+    pub fn set_clients(&mut self, wanted: Vec<ClientConfig>) -> (Vec<IpAddr>, Vec<IpAddr>) {
+        let mut removed = Vec::new();
+        for ci in 0..self.clients.len() {
+            let ip = self.clients[ci].ip;
+            if self.clients[ci].connected && !wanted.iter().any(|w| w.ip == ip) {
+                self.disconnect(ci);
+                removed.push(ip);
+            }
+        }
+        let mut added = Vec::new();
+        for w in wanted {
+            if self.clients.iter().any(|c| c.ip == w.ip && c.connected) {
+                continue;
+            }
+            let ci = match self.clients.iter().position(|c| c.ip == w.ip) {
+                Some(ci) => ci,
+                None => {
+                    self.clients.push(Client {
+                        ip: w.ip,
+                        rules: Err(RuleError::NoPolicy),
+                        hits: Vec::new(),
+                        port: None,
+                        mac: None,
+                        connected: false,
+                    });
+                    self.clients.len() - 1
+                }
+            };
+            match w.ip {
+                IpAddr::V4(a) => {
+                    self.client_index.insert(a, ci);
+                }
+                IpAddr::V6(a) if self.cfg.ip6.is_some() => {
+                    self.client_index6.insert(a, ci);
+                }
+                IpAddr::V6(_) => {} // IPv6 off: listed, never indexed, as at creation
+            }
+            let port = self.assigned.iter().position(|a| a.contains(&w.ip));
+            let c = &mut self.clients[ci];
+            c.connected = true;
+            c.port = port;
+            c.mac = None;
+            self.set_rules(ci, w.rules);
+            added.push(w.ip);
+        }
+        (added, removed)
+    }
+
+    /// Takes client `ci` out: out of the indexes, its flows ended, unbound.
+    fn disconnect(&mut self, ci: usize) {
+        let Some(c) = self.clients.get_mut(ci) else {
+            return;
+        };
+        c.connected = false;
+        c.port = None;
+        c.mac = None;
+        match c.ip {
+            IpAddr::V4(a) => {
+                self.client_index.remove(&a);
+                self.ct.remove_owned(ci as u32);
+            }
+            IpAddr::V6(a) => {
+                self.client_index6.remove(&a);
+                self.ct6.remove_owned(ci as u32);
+            }
+        }
     }
 
     /// Turns the firewall off, for measuring what the machine can forward
@@ -687,6 +787,7 @@ impl Firewall {
     pub fn rule_hits(&self) -> impl Iterator<Item = (IpAddr, Result<&[u64], &RuleError>)> {
         self.clients
             .iter()
+            .filter(|c| c.connected)
             .map(|c| (c.ip, c.rules.as_ref().map(|_| c.hits.as_slice())))
     }
 
@@ -899,7 +1000,21 @@ impl Firewall {
         ip: IpAddr,
         rules: Result<Ruleset, RuleError>,
     ) -> Option<usize> {
-        let ci = self.clients.iter().position(|c| c.ip == ip)?;
+        let ci = self
+            .clients
+            .iter()
+            .position(|c| c.ip == ip && c.connected)?;
+        self.set_rules(ci, rules);
+        let dropped = match ip {
+            IpAddr::V4(_) => self.ct.remove_owned(ci as u32),
+            IpAddr::V6(_) => self.ct6.remove_owned(ci as u32),
+        };
+        Some(dropped)
+    }
+
+    /// Gives client `ci` its rules, with the addresses already known for
+    /// their `dsthost` names (the others are asked), and fresh counters.
+    fn set_rules(&mut self, ci: usize, rules: Result<Ruleset, RuleError>) {
         let mut rules = rules;
         if let Ok(r) = &mut rules {
             let names: Vec<alloc::string::String> =
@@ -915,14 +1030,10 @@ impl Firewall {
                 }
             }
         }
-        let client = &mut self.clients[ci];
-        client.hits = alloc::vec![0; rules.as_ref().map(|r| r.rules.len() + 1).unwrap_or(0)];
-        client.rules = rules;
-        let dropped = match ip {
-            IpAddr::V4(_) => self.ct.remove_owned(ci as u32),
-            IpAddr::V6(_) => self.ct6.remove_owned(ci as u32),
-        };
-        Some(dropped)
+        if let Some(client) = self.clients.get_mut(ci) {
+            client.hits = alloc::vec![0; rules.as_ref().map(|r| r.rules.len() + 1).unwrap_or(0)];
+            client.rules = rules;
+        }
     }
 
     /// Gives what names resolved to to every rule set using them.

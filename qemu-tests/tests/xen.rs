@@ -59,6 +59,17 @@ A update answer
 A update answer
 A update answer
 A update answer
+W /connected-ips 10.137.0.10 10.137.0.20
+A clients answer
+QDB
+cat > /qdb-script2 <<'QDB'
+E /qubes-primary-dns 10.0.2.3
+E /qubes-netvm-primary-dns 10.139.1.1
+E /connected-ips 10.137.0.10
+E /qubes-firewall/10.137.0.10/policy drop
+E /qubes-firewall/10.137.0.10/0000 action=accept proto=udp
+E /qubes-firewall/10.137.0.10/0001 action=accept proto=icmp
+END
 QDB
 for m in xen-gntalloc xen-gntdev xen-evtchn; do modprobe $m 2>/dev/null; done
 # Xen's last log lines and the vCPU's registers, as `test: $1: ...` lines.
@@ -170,6 +181,14 @@ done
 sed 's/^/test: qdb: /' /tmp/qdb.log | grep "update answer"
 # dom0's qrexec daemon calls the agent (`QREXEC_DAEMON`).
 timeout 120 python3 /qrexec.py $(xl domid portcullis) 2>&1 | sed 's/^/test: qrexec: /'
+# dom0's QubesDB daemon restarts with a changed database: the domain
+# reconnects, loads it and applies the client's rules from it.
+pkill -f /qdb.py
+python3 /qdb.py $(xl domid portcullis) /qdb-script2 > /tmp/qdb2.log 2>&1 &
+i=0
+until grep -q "qubesdb: reloaded" $log 2>/dev/null || [ $i -ge 300 ]; do sleep 0.1; i=$((i + 1)); done
+sleep 2
+sed 's/^/test: qdb2: /' /tmp/qdb2.log
 still_running "the detach"
 # The backend goes away and comes back: traffic must resume without a
 # reboot.
@@ -192,7 +211,7 @@ echo "test: connected again after $(( $(ms) - t )) ms"
 pings "ping again"
 stats_after
 still_running "the end"
-grep "vm write" /tmp/qdb.log | sed 's/^/test: qdb: /'
+grep -E "vm write|clients answer" /tmp/qdb.log | sed 's/^/test: qdb: /'
 xl destroy portcullis && echo "test: destroyed"
 show_log $id
 run 'extra="bogus"'
@@ -428,6 +447,41 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     .filter(|p| !has(p))
     .collect();
     assert!(missing.is_empty(), "missing {missing:#?} in {guest:#?}");
+    // dom0's QubesDB daemon restarted with other rules: the domain saw its
+    // end go, connected to the new one, loaded the whole database (the
+    // MULTIREAD dom0 saw) and applied the client's rules from it, counted
+    // handled anew in the new database.
+    // A client qube started: dom0 added it to /connected-ips; and the
+    // database after dom0's restart no longer lists it.
+    assert!(
+        run.console
+            .contains("test: qdb: clients answer type 7 path '/connected-ips' length 0"),
+        "{}",
+        run.console
+    );
+    let missing: Vec<&str> = [
+        "qubesdb: client 10.137.0.20 connected",
+        "qubesdb: client 10.137.0.20 disconnected (its flows ended)",
+        "qubesdb: dom0's QubesDB daemon went away; the rules in force stay; reconnecting",
+        "qubesdb: reconnected to dom0 (event channel ",
+        "qubesdb: reloaded 6 entries from dom0",
+        "qubesdb: rules of 10.137.0.10 replaced: 2 rules, policy Drop; ",
+    ]
+    .into_iter()
+    .filter(|p| !has(p))
+    .collect();
+    assert!(missing.is_empty(), "missing {missing:#?} in {guest:#?}");
+    let qdb2 = test("test: qdb2: ");
+    assert_eq!(
+        qdb2,
+        [
+            "ready",
+            "request type 2 path '' length 0",
+            "vm write '/qubes-firewall_handled/10.137.0.10' '1'"
+        ],
+        "{}",
+        run.console
+    );
     // What the script saw, and the guest's last counters: shown first when
     // an assertion below fails.
     for l in run

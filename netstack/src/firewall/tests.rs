@@ -1260,3 +1260,94 @@ fn assigned_ports_serve_their_clients_alone() {
     ));
     assert_eq!(fw.stats().drop_count(DropReason::Spoofed), 6);
 }
+
+#[test]
+fn clients_follow_dom0s_list_of_connected_clients() {
+    // At creation only CLIENT is connected; OTHER's rules are already in
+    // the database (dom0 may write them first) and its vif already has a
+    // port, but it is not a client yet.
+    let db = |connected: &str| {
+        let text = DB.replace(
+            "/connected-ips 10.137.0.10 10.137.0.11 10.137.0.12",
+            &alloc::format!("/connected-ips {connected}"),
+        );
+        QubesDb::parse_snapshot(&text).unwrap()
+    };
+    let cfg = NetConfig::from_db(&db("10.137.0.10")).unwrap();
+    let port2_mac = [0x52, 0x54, 0, 0, 0, 3];
+    let mut fw = Firewall::new(cfg, alloc::vec![UP_MAC, DOWN_MAC, port2_mac]);
+    let reply = arp_frame(ARP_REPLY, GW_MAC, GATEWAY, UPLINK_IP, UP_MAC);
+    assert_eq!(run(&mut fw, 0, UPLINK, &reply).0, Verdict::Consumed);
+    assert_eq!(
+        fw.assign_port(2, &[IpAddr::V4(OTHER)]),
+        alloc::vec![IpAddr::V4(OTHER)]
+    );
+    let udp = |src, sport, mac| {
+        ipv4(
+            mac,
+            CLIENT_MAC,
+            src,
+            SERVER,
+            64,
+            PROTO_UDP,
+            &udp_seg(sport, 5201, b"x"),
+        )
+    };
+    let forwarded = |v: Verdict| matches!(v, Verdict::Forward { port: UPLINK, .. });
+    assert!(forwarded(
+        run(&mut fw, 1, 1, &udp(CLIENT, 40000, DOWN_MAC)).0
+    ));
+    assert_eq!(
+        run(&mut fw, 1, 2, &udp(OTHER, 40001, port2_mac)).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    let ips = |list: &[Ipv4Addr]| list.iter().map(|&a| IpAddr::V4(a)).collect::<Vec<_>>();
+    assert_eq!(fw.clients(), ips(&[CLIENT]));
+    // OTHER starts: dom0 adds it to the list. It is connected with its
+    // rules (accept) on the port its vif has; CLIENT keeps its flow.
+    let both = NetConfig::clients_from_db(&db("10.137.0.10 10.137.0.11")).unwrap();
+    assert_eq!(fw.set_clients(both.clone()), (ips(&[OTHER]), ips(&[])));
+    assert_eq!(fw.set_clients(both), (ips(&[]), ips(&[])), "no change");
+    assert_eq!(fw.flows(), 1);
+    assert!(forwarded(
+        run(&mut fw, 2, 2, &udp(OTHER, 40001, port2_mac)).0
+    ));
+    assert_eq!(
+        run(&mut fw, 2, 1, &udp(OTHER, 40002, DOWN_MAC)).0,
+        Verdict::Drop(DropReason::Spoofed),
+        "only on its own port"
+    );
+    assert_eq!(fw.clients(), ips(&[CLIENT, OTHER]));
+    // CLIENT stops: its flow ends, its frames are spoofed, an answer to
+    // its old flow finds nobody, and its counters leave the report.
+    let only_other = NetConfig::clients_from_db(&db("10.137.0.11")).unwrap();
+    assert_eq!(fw.set_clients(only_other), (ips(&[]), ips(&[CLIENT])));
+    assert_eq!(fw.flows(), 1);
+    assert_eq!(
+        run(&mut fw, 3, 1, &udp(CLIENT, 40000, DOWN_MAC)).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    let answer = ipv4(
+        UP_MAC,
+        GW_MAC,
+        SERVER,
+        UPLINK_IP,
+        64,
+        PROTO_UDP,
+        &udp_seg(5201, 40000, b"y"),
+    );
+    assert!(!matches!(
+        run(&mut fw, 3, UPLINK, &answer).0,
+        Verdict::Forward { .. }
+    ));
+    let reported: Vec<IpAddr> = fw.rule_hits().map(|(ip, _)| ip).collect();
+    assert_eq!(reported, ips(&[OTHER]));
+    // It starts again: connected anew, with the rules the database has
+    // for it (TCP/UDP 5201, DNS, ICMP), on the port it is first seen on.
+    let again = NetConfig::clients_from_db(&db("10.137.0.11 10.137.0.10")).unwrap();
+    assert_eq!(fw.set_clients(again), (ips(&[CLIENT]), ips(&[])));
+    assert!(forwarded(
+        run(&mut fw, 4, 1, &udp(CLIENT, 40003, DOWN_MAC)).0
+    ));
+    assert_eq!(fw.clients(), ips(&[CLIENT, OTHER]));
+}
