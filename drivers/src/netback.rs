@@ -19,10 +19,11 @@
 //! Checksums: a client's TCP and UDP frames may come with the transport
 //! checksum left for the backend to fill (`NETTXF_csum_blank`, what Linux
 //! netfront does for every such frame: it offers checksum offload
-//! unconditionally). Those are completed here (`complete_checksum`),
-//! before the firewall sees them; one that cannot be completed (not
-//! plain IPv4/IPv6 TCP or UDP, or truncated) goes on as it is and fails
-//! the firewall's checksum check.
+//! unconditionally). Those are completed here, before the firewall sees
+//! them (`netstack::wire::complete_checksum`, with the firewall's
+//! word-at-a-time sum); one that cannot be completed (not plain IPv4/IPv6
+//! TCP or UDP, or truncated) goes on as it is and fails the firewall's
+//! checksum check.
 //!
 //! Notifications: we poll both rings; after publishing responses we
 //! notify the client only when its `rsp_event` lies within what we
@@ -31,6 +32,7 @@
 use alloc::vec::Vec;
 use core::sync::atomic::{fence, AtomicU32, Ordering};
 
+use netstack::wire::complete_checksum;
 use xen_shim::netif::*;
 
 use crate::pool::{BufId, Packet, PacketPool, HEADROOM, MAX_FRAME};
@@ -434,79 +436,6 @@ impl<B: BackIo> Nic for Netback<B> {
     fn arm(&mut self) -> bool {
         !self.dead && self.arm_tx()
     }
-}
-
-/// Fills in the transport checksum of an Ethernet frame carrying IPv4 or
-/// IPv6 (without extension headers) TCP or UDP, whatever the field held;
-/// false (the frame unchanged) for anything else, a fragment, or lengths
-/// that do not fit the frame.
-pub fn complete_checksum(frame: &mut [u8]) -> bool {
-    let be16 = |f: &[u8], at: usize| u16::from_be_bytes([f[at], f[at + 1]]);
-    if frame.len() < 14 {
-        return false;
-    }
-    let (l4, l4_len, proto, mut sum) = match be16(frame, 12) {
-        0x0800 => {
-            if frame.len() < 34 || frame[14] >> 4 != 4 {
-                return false;
-            }
-            let ihl = usize::from(frame[14] & 0x0f) * 4;
-            let total = usize::from(be16(frame, 16));
-            // Not a fragment (offset 0, no more fragments).
-            if ihl < 20 || total < ihl || be16(frame, 20) & 0x3fff != 0 {
-                return false;
-            }
-            let proto = frame[23];
-            let mut sum = 0u32;
-            for at in (26..34).step_by(2) {
-                sum += u32::from(be16(frame, at));
-            }
-            (14 + ihl, total - ihl, proto, sum)
-        }
-        0x86dd => {
-            if frame.len() < 54 {
-                return false;
-            }
-            let proto = frame[20];
-            let mut sum = 0u32;
-            for at in (22..54).step_by(2) {
-                sum += u32::from(be16(frame, at));
-            }
-            (54, usize::from(be16(frame, 18)), proto, sum)
-        }
-        _ => return false,
-    };
-    let field = match proto {
-        6 => 16,
-        17 => 6,
-        _ => return false,
-    };
-    let end = l4 + l4_len;
-    if end > frame.len() || l4_len < field + 2 {
-        return false;
-    }
-    frame[l4 + field] = 0;
-    frame[l4 + field + 1] = 0;
-    sum += u32::from(proto) + (l4_len as u32 & 0xffff) + (l4_len as u32 >> 16);
-    let seg = &frame[l4..end];
-    for pair in seg.chunks(2) {
-        sum += u32::from(u16::from_be_bytes([
-            pair[0],
-            pair.get(1).copied().unwrap_or(0),
-        ]));
-        if sum > 0xffff_0000 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-    }
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    let mut csum = !(sum as u16);
-    if csum == 0 && proto == 17 {
-        csum = 0xffff;
-    }
-    frame[l4 + field..l4 + field + 2].copy_from_slice(&csum.to_be_bytes());
-    true
 }
 
 #[cfg(test)]

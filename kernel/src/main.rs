@@ -712,6 +712,10 @@ fn xenstore_report(store: &mut xenstore::XenStore) {
         Ok((path, token)) => println!("xenstore: unexpected watch event {path} {token}"),
         Err(e) => println!("xenstore: watch failed: {e:?}"),
     }
+    // Nobody follows it later: its events would wait in the queue forever.
+    if let Err(e) = store.unwatch("data/portcullis", "status") {
+        println!("xenstore: unwatch failed: {e:?}");
+    }
     // A transaction that reads and writes the key while, the first time,
     // the key changes outside it: xenstored refuses that commit (EAGAIN)
     // and the second run commits.

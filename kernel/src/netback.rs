@@ -127,7 +127,7 @@ enum Vif {
     Free,
     /// We are in InitWait; the frontend has not published its rings.
     Offered(Device),
-    Up(Device, Netback<ClientIo>, [u32; 2]),
+    Up(Device, Netback<ClientIo>, Vec<u32>),
 }
 
 /// One client vif: a dataplane port that serves whichever client VM it
@@ -263,7 +263,7 @@ impl ClientVif {
     }
 
     /// Maps the frontend's rings, binds its channel, and goes Connected.
-    fn connect(&mut self, d: &Device) -> Result<(Netback<ClientIo>, [u32; 2]), String> {
+    fn connect(&mut self, d: &Device) -> Result<(Netback<ClientIo>, Vec<u32>), String> {
         let fe = &d.frontend;
         let tx = number(&mut self.store, &format!("{fe}/tx-ring-ref"))?;
         let rx = number(&mut self.store, &format!("{fe}/rx-ring-ref"))?;
@@ -275,17 +275,7 @@ impl ClientVif {
                     .into(),
             );
         }
-        let mut handles = [0u32; 2];
-        for (i, gref) in [tx, rx].into_iter().enumerate() {
-            let gpfn = (self.rings >> 12) + i as u64;
-            match xen::map_grant(d.fe_id, gref, gpfn) {
-                Ok(h) => handles[i] = h,
-                Err(status) => {
-                    self.unmap(&handles[..i]);
-                    return Err(format!("mapping ring grant {gref}: status {status}"));
-                }
-            }
-        }
+        let handles = xen::map_grants(d.fe_id, &[tx, rx], self.rings >> 12)?;
         let Some(port) = xen::bind_interdomain(d.fe_id, evtchn) else {
             self.unmap(&handles);
             return Err(format!("binding event channel {evtchn} failed"));
@@ -326,14 +316,12 @@ impl ClientVif {
 
     /// Unmaps the ring pages mapped with `handles`.
     fn unmap(&self, handles: &[u32]) {
-        for (i, &h) in handles.iter().enumerate() {
-            let gpfn = (self.rings >> 12) + i as u64;
-            if !xen::unmap_grant(gpfn, h) {
-                println!(
-                    "netback: vif{}: unmapping ring page {i} failed",
-                    self.port_name()
-                );
-            }
+        let stuck = xen::unmap_grants(self.rings >> 12, handles);
+        if stuck > 0 {
+            println!(
+                "netback: vif{}: {stuck} ring pages would not unmap",
+                self.port_name()
+            );
         }
     }
 

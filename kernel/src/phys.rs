@@ -249,33 +249,61 @@ pub fn init_foreign(mem: &mut PhysMemory) -> Range {
 
 /// `pages` consecutive frames of the foreign window (nothing is there
 /// until something is mapped: never touch them before). Running out is
-/// fatal: the window is sized for everything the kernel maps.
+/// fatal: for what the kernel sets up (the grant table, shared info, the
+/// client vifs' rings), the window is sized.
 pub fn alloc_foreign(pages: u64) -> u64 {
+    match try_alloc_foreign(pages) {
+        Some(at) => at,
+        None => crate::fatal_boot(format_args!("no room for {pages} more foreign frames")),
+    }
+}
+
+/// As `alloc_foreign`, `None` when there is no room: for what another
+/// domain sizes (a vchan's rings).
+pub fn try_alloc_foreign(pages: u64) -> Option<u64> {
     let mut w = FOREIGN.lock();
-    let Some(f) = w.as_mut() else {
-        crate::fatal_boot(format_args!(
-            "{pages} foreign frames asked before the window was set up"
-        ));
-    };
+    let f = w.as_mut()?;
     // First fit among the runs given back, else new frames.
-    if let Some(run) = f.free.iter_mut().find(|(_, n)| *n >= pages) {
-        let at = run.0;
-        *run = (run.0 + pages * PAGE_SIZE, run.1 - pages);
-        f.free.retain(|(_, n)| *n > 0);
-        return at;
+    if let Some(i) = f.free.iter().position(|&(_, n)| n >= pages) {
+        let (at, n) = f.free[i];
+        if n == pages {
+            f.free.remove(i);
+        } else {
+            f.free[i] = (at + pages * PAGE_SIZE, n - pages);
+        }
+        return Some(at);
     }
     if f.next + pages * PAGE_SIZE > f.end {
-        crate::fatal_boot(format_args!("no room for {pages} more foreign frames"));
+        return None;
     }
     let at = f.next;
     f.next += pages * PAGE_SIZE;
-    at
+    Some(at)
 }
 
 /// Gives back `pages` frames at `at` (from `alloc_foreign`), once nothing
-/// is mapped there any more.
+/// is mapped there any more. Runs that touch are merged, and one that
+/// ends where the never-used frames begin goes back to them, so the
+/// window does not fragment.
 pub fn free_foreign(at: u64, pages: u64) {
-    if let Some(f) = FOREIGN.lock().as_mut() {
-        f.free.push((at, pages));
+    let mut w = FOREIGN.lock();
+    let Some(f) = w.as_mut() else {
+        return;
+    };
+    let (mut start, mut end) = (at, at + pages * PAGE_SIZE);
+    f.free.retain(|&(s, n)| {
+        let e = s + n * PAGE_SIZE;
+        if e == start || s == end {
+            start = start.min(s);
+            end = end.max(e);
+            false
+        } else {
+            true
+        }
+    });
+    if end == f.next {
+        f.next = start;
+    } else {
+        f.free.push((start, (end - start) / PAGE_SIZE));
     }
 }

@@ -9,6 +9,9 @@
 //! leaf `base + 2` names, after which Xen fills it with one 32-byte stub per
 //! hypercall.
 
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
 use core::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use x86_64::registers::model_specific::Msr;
@@ -304,6 +307,35 @@ pub fn map_grant(dom: u16, gref: u32, gpfn: u64) -> Result<u32, i64> {
         (0, s) => Err(i64::from(s)),
         (e, _) => Err(e),
     }
+}
+
+/// Maps grants `grefs` of domain `dom` at consecutive frames from `gpfn`
+/// (`map_grant`): their handles. When one is refused, those mapped are
+/// unmapped again and the error names it.
+pub fn map_grants(dom: u16, grefs: &[u32], gpfn: u64) -> Result<Vec<u32>, String> {
+    let mut handles = Vec::with_capacity(grefs.len());
+    for (i, &gref) in grefs.iter().enumerate() {
+        match map_grant(dom, gref, gpfn + i as u64) {
+            Ok(h) => handles.push(h),
+            Err(status) => {
+                unmap_grants(gpfn, &handles);
+                return Err(format!(
+                    "mapping grant {gref} of domain {dom}: status {status}"
+                ));
+            }
+        }
+    }
+    Ok(handles)
+}
+
+/// Unmaps grants mapped by `map_grants` at frames from `gpfn`: how many
+/// would not go (their frames must not be reused).
+pub fn unmap_grants(gpfn: u64, handles: &[u32]) -> usize {
+    handles
+        .iter()
+        .enumerate()
+        .filter(|&(i, &h)| !unmap_grant(gpfn + i as u64, h))
+        .count()
 }
 
 /// The grant table's current and maximum size in frames.

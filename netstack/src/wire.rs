@@ -391,7 +391,9 @@ fn plain_ipv4(frame: &[u8]) -> Option<Ipv4Info> {
         return None;
     }
     // The transport header lies within the datagram, as `transport`
-    // checks it: TCP's data offset, UDP's length.
+    // checks it: TCP's data offset, UDP's length. (Read here at fixed
+    // offsets: calling `transport` on the segment costs 21 more
+    // instructions per packet, callgrind.)
     let seg = total.checked_sub(IPV4_MIN_HEADER)?;
     let tcp_flags = match proto {
         PROTO_TCP => {
@@ -472,6 +474,75 @@ pub(crate) fn transport(
             ))
         }
         _ => Ok((0, 0, 0)),
+    }
+}
+
+/// Fills in the transport checksum of an Ethernet frame carrying IPv4, or
+/// IPv6 without extension headers, TCP or UDP, whatever the field held:
+/// for a frame whose sender left it to us (a Xen netfront's
+/// `NETTXF_csum_blank`). False, and the frame unchanged, for anything
+/// else, a fragment, or lengths that do not fit the frame.
+pub fn complete_checksum(frame: &mut [u8]) -> bool {
+    let Some((l4, len, proto, pseudo)) = blank_checksum_place(frame) else {
+        return false;
+    };
+    let field = if proto == PROTO_TCP { 16 } else { 6 };
+    if len < field + 2 {
+        return false;
+    }
+    let Some(seg) = frame.get_mut(l4..l4 + len) else {
+        return false;
+    };
+    seg[field..field + 2].fill(0);
+    let mut c = fold(sum16(seg, pseudo));
+    if proto == PROTO_UDP && c == 0 {
+        c = 0xffff;
+    }
+    seg[field..field + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
+/// Where `complete_checksum` works: the transport header's offset, the
+/// segment's length (not checked against the frame), the protocol (TCP or
+/// UDP) and the pseudo-header's sum.
+fn blank_checksum_place(frame: &[u8]) -> Option<(usize, usize, u8, u32)> {
+    let l3 = ETH_HEADER;
+    match get_u16(frame, 12)? {
+        ETHERTYPE_IPV4 => {
+            let h: &[u8; IPV4_MIN_HEADER] = frame.get(l3..l3 + IPV4_MIN_HEADER)?.try_into().ok()?;
+            let ihl = usize::from(h[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            let fragment = u16::from_be_bytes([h[6], h[7]]) & 0x3fff != 0;
+            if h[0] >> 4 != 4 || ihl < IPV4_MIN_HEADER || total < ihl || fragment {
+                return None;
+            }
+            let proto = matches!(h[9], PROTO_TCP | PROTO_UDP).then_some(h[9])?;
+            let src = Ipv4Addr::new(h[12], h[13], h[14], h[15]);
+            let dst = Ipv4Addr::new(h[16], h[17], h[18], h[19]);
+            let len = total - ihl;
+            Some((
+                l3 + ihl,
+                len,
+                proto,
+                pseudo_header_sum(src, dst, proto, len),
+            ))
+        }
+        ETHERTYPE_IPV6 => {
+            let h: &[u8; 40] = frame.get(l3..l3 + 40)?.try_into().ok()?;
+            let proto = matches!(h[6], PROTO_TCP | PROTO_UDP).then_some(h[6])?;
+            if h[0] >> 4 != 6 {
+                return None;
+            }
+            let addr = |at: usize| {
+                let mut a = [0u8; 16];
+                a.copy_from_slice(&h[at..at + 16]);
+                Ipv6Addr::from(a)
+            };
+            let len = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            let pseudo = crate::ipv6::pseudo_header_sum6(addr(8), addr(24), proto, len);
+            Some((l3 + 40, len, proto, pseudo))
+        }
+        _ => None,
     }
 }
 

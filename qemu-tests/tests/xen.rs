@@ -350,6 +350,11 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     let id = ids[ids.len() - 2];
     let guest = net;
     let has = |prefix: &str| guest.iter().any(|l| l.starts_with(prefix));
+    // Every one of `prefixes` begins a line of the guest's.
+    let has_all = |prefixes: &[&str]| {
+        let missing: Vec<&&str> = prefixes.iter().filter(|p| !has(p)).collect();
+        assert!(missing.is_empty(), "missing {missing:#?} in {guest:#?}");
+    };
     let vif = format!("xenstore: device vif/0 backend /local/domain/0/backend/vif/{id}/0 state 1");
     assert!(has(&vif), "{guest:#?}");
     // QubesDB from dom0 over vchan (libxenvchan's server, mapped by grant):
@@ -359,15 +364,11 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     // A live update while forwarding: dom0 removed the client's rules,
     // wrote new ones and completed the update; every message acknowledged,
     // the new rule set in force.
-    let missing: Vec<&str> = [
+    has_all(&[
         "qubesdb: 5 entries from dom0 over vchan (event channel ",
         "qubesdb: dom0 wrote /qubes-firewall/10.137.0.10; acknowledged (the rules of 10.137.0.10 are complete)",
         "qubesdb: rules of 10.137.0.10 replaced: 1 rules, policy Accept; 0 flows dropped",
-    ]
-    .into_iter()
-    .filter(|p| !has(p))
-    .collect();
-    assert!(missing.is_empty(), "missing {missing:#?} in {guest:#?}");
+    ]);
     assert!(
         guest.iter().any(|l| l.starts_with("portcullis: ready")
             && l.contains(" dns 10.139.1.1->10.0.2.3 clients 10.137.0.10")),
@@ -434,7 +435,7 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "done",
     ];
     assert_eq!(qrexec, expected, "{}", run.console);
-    let missing: Vec<&str> = [
+    has_all(&[
         "qrexec: agent serving dom0 on vchan port 512 (event channel ",
         "qrexec: dom0's daemon connected (protocol version 3)",
         "qrexec: qubes.WaitForSession from domain 0: no session to wait for; exit 0",
@@ -442,11 +443,7 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "qrexec: qubes.Filecopy from domain 0: refused (exit 127)",
         "qrexec: command 'id' from domain 0: refused (exit 127)",
         "qrexec: dom0's daemon closed the control connection",
-    ]
-    .into_iter()
-    .filter(|p| !has(p))
-    .collect();
-    assert!(missing.is_empty(), "missing {missing:#?} in {guest:#?}");
+    ]);
     // dom0's QubesDB daemon restarted with other rules: the domain saw its
     // end go, connected to the new one, loaded the whole database (the
     // MULTIREAD dom0 saw) and applied the client's rules from it, counted
@@ -459,18 +456,14 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "{}",
         run.console
     );
-    let missing: Vec<&str> = [
+    has_all(&[
         "qubesdb: client 10.137.0.20 connected",
         "qubesdb: client 10.137.0.20 disconnected (its flows ended)",
         "qubesdb: dom0's QubesDB daemon went away; the rules in force stay; reconnecting",
         "qubesdb: reconnected to dom0 (event channel ",
         "qubesdb: reloaded 6 entries from dom0",
         "qubesdb: rules of 10.137.0.10 replaced: 2 rules, policy Drop; ",
-    ]
-    .into_iter()
-    .filter(|p| !has(p))
-    .collect();
-    assert!(missing.is_empty(), "missing {missing:#?} in {guest:#?}");
+    ]);
     let qdb2 = test("test: qdb2: ");
     assert_eq!(
         qdb2,

@@ -25,6 +25,48 @@ pub mod qubesdb;
 pub mod vchan;
 pub mod xenstore;
 
+/// A byte stream (what a vchan delivers, in any pieces) cut into messages
+/// of a fixed-size header that gives the body's length, then the body:
+/// QubesDB's and qrexec's framing. After a refused header the stream is
+/// out of step for good: only the `failed` error comes out.
+#[derive(Debug, Default)]
+pub(crate) struct Framer {
+    buf: alloc::vec::Vec<u8>,
+    failed: bool,
+}
+
+impl Framer {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
+        if !self.failed {
+            self.buf.extend_from_slice(bytes);
+        }
+    }
+
+    /// The next whole message: what `header` made of its header, and its
+    /// body; `None` until it has all arrived.
+    pub(crate) fn next<const H: usize, T, E>(
+        &mut self,
+        header: impl FnOnce(&[u8; H]) -> Result<(T, usize), E>,
+        failed: E,
+    ) -> Option<Result<(T, alloc::vec::Vec<u8>), E>> {
+        if self.failed {
+            return Some(Err(failed));
+        }
+        let h: &[u8; H] = self.buf.get(..H)?.try_into().ok()?;
+        let (head, len) = match header(h) {
+            Ok(x) => x,
+            Err(e) => {
+                self.failed = true;
+                self.buf = alloc::vec::Vec::new();
+                return Some(Err(e));
+            }
+        };
+        let body = self.buf.get(H..H.checked_add(len)?)?.to_vec();
+        self.buf.drain(..H + len);
+        Some(Ok((head, body)))
+    }
+}
+
 /// How far producer index `prod` is ahead of consumer index `cons` in a
 /// ring of `size` entries (free-running indices, wrapping); `None` when
 /// they are more than a ring apart — what the other side wrote cannot be

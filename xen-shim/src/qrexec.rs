@@ -101,10 +101,7 @@ pub fn hello() -> Vec<u8> {
 
 /// Splits received bytes into messages.
 #[derive(Debug, Default)]
-pub struct Decoder {
-    buf: Vec<u8>,
-    failed: bool,
-}
+pub struct Decoder(crate::Framer);
 
 impl Decoder {
     pub fn new() -> Self {
@@ -113,29 +110,22 @@ impl Decoder {
 
     /// Bytes received.
     pub fn push(&mut self, bytes: &[u8]) {
-        if !self.failed {
-            self.buf.extend_from_slice(bytes);
-        }
+        self.0.push(bytes);
     }
 
     /// The next whole message, if one has arrived; after an error, only
     /// errors.
     pub fn next_message(&mut self) -> Option<Result<Message, QrexecError>> {
-        if self.failed {
-            return Some(Err(QrexecError::Failed));
-        }
-        let h: &[u8; HEADER] = self.buf.get(..HEADER)?.try_into().ok()?;
-        let ty = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
-        let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
-        if len as usize > MAX_BODY {
-            self.failed = true;
-            self.buf = Vec::new();
-            return Some(Err(QrexecError::TooLong(len)));
-        }
-        let end = HEADER + len as usize;
-        let body = self.buf.get(HEADER..end)?.to_vec();
-        self.buf.drain(..end);
-        Some(Ok(Message { ty, body }))
+        let header = |h: &[u8; HEADER]| {
+            let ty = u32::from_le_bytes([h[0], h[1], h[2], h[3]]);
+            let len = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+            if len as usize > MAX_BODY {
+                return Err(QrexecError::TooLong(len));
+            }
+            Ok((ty, len as usize))
+        };
+        let m = self.0.next(header, QrexecError::Failed)?;
+        Some(m.map(|(ty, body)| Message { ty, body }))
     }
 }
 

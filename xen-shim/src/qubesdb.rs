@@ -138,10 +138,7 @@ pub fn decode_header(h: &[u8; HEADER]) -> Result<(Kind, String, usize), QdbError
 /// Splits a byte stream (what vchan delivers, in any pieces) into
 /// messages.
 #[derive(Debug, Default)]
-pub struct Decoder {
-    buf: Vec<u8>,
-    failed: bool,
-}
+pub struct Decoder(crate::Framer);
 
 impl Decoder {
     pub fn new() -> Self {
@@ -150,28 +147,16 @@ impl Decoder {
 
     /// Bytes received.
     pub fn push(&mut self, bytes: &[u8]) {
-        if !self.failed {
-            self.buf.extend_from_slice(bytes);
-        }
+        self.0.push(bytes);
     }
 
     /// The next whole message, if one has arrived.
     pub fn next_message(&mut self) -> Option<Result<Message, QdbError>> {
-        if self.failed {
-            return Some(Err(QdbError::Failed));
-        }
-        let header: &[u8; HEADER] = self.buf.get(..HEADER)?.try_into().ok()?;
-        let (kind, path, len) = match decode_header(header) {
-            Ok(h) => h,
-            Err(e) => {
-                self.failed = true;
-                self.buf = Vec::new();
-                return Some(Err(e));
-            }
-        };
-        let data = self.buf.get(HEADER..HEADER + len)?.to_vec();
-        self.buf.drain(..HEADER + len);
-        Some(Ok(Message { kind, path, data }))
+        let m = self.0.next(
+            |h: &[u8; HEADER]| decode_header(h).map(|(kind, path, len)| ((kind, path), len)),
+            QdbError::Failed,
+        )?;
+        Some(m.map(|((kind, path), data)| Message { kind, path, data }))
     }
 }
 
