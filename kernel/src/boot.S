@@ -96,8 +96,9 @@ long_mode_entry:
     .balign 8
 boot_gdt:
     .quad 0
-    .quad 0x00af9a000000ffff    /* 0x08: 64-bit code, ring 0 */
-    .quad 0x00cf92000000ffff    /* 0x10: data */
+    /* Accessed bits set: the CPU need not write to a read-only page. */
+    .quad 0x00af9b000000ffff    /* 0x08: 64-bit code, ring 0 */
+    .quad 0x00cf93000000ffff    /* 0x10: data */
 boot_gdt_ptr:
     .word boot_gdt_ptr - boot_gdt - 1
     .long boot_gdt

@@ -21,7 +21,11 @@
 //!
 //! `stats` on the boot core asks every other core for a copy of its
 //! counters (over a third ring) and prints one set of lines, added up over
-//! the cores, plus one line per core.
+//! the cores, plus one line per core. Those are snapshots taken one core
+//! after another, so a frame in a hand-off ring can be counted handed off
+//! and not yet taken over; on `quit`, every core first stops receiving and
+//! takes what its rings hold, so the final report's hand-offs and takes
+//! are equal.
 
 use alloc::boxed::Box;
 use alloc::string::String;
@@ -52,6 +56,15 @@ const RETURN_BATCH: usize = 4 * RX_BATCH;
 /// Set by the boot core to ask core `k` for its counters; cleared by
 /// core `k` once it has sent them.
 static STATS_REQUEST: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+
+/// Set by the boot core when it is asked to quit: every core stops
+/// receiving, so that the frames handed between cores come to rest and
+/// the final counters add up (`quiesce`).
+static QUIESCE: AtomicBool = AtomicBool::new(false);
+/// Set by core `k` once it receives no more (so hands nothing more over).
+static QUIET: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// How long the boot core waits for the other cores to stop receiving.
+const QUIESCE_MS: u64 = 1000;
 
 /// What one core reports for `stats`.
 struct Report {
@@ -102,6 +115,45 @@ impl RtcCore {
                 self.nics.pool.free(p.buf)
             }
         }
+    }
+
+    /// Takes over and processes the frames other cores received for flows
+    /// this core owns: whether there were any.
+    fn take_handed(&mut self, now: u64, handed: &mut Vec<(usize, Packet)>) -> bool {
+        let mut busy = false;
+        for j in 0..self.from.len() {
+            if let Some(ring) = self.from[j].as_mut() {
+                ring.pop_batch(handed, RX_BATCH);
+            }
+            busy |= !handed.is_empty();
+            self.taken_over += handed.len() as u64;
+            for (port, p) in handed.drain(..) {
+                self.process(now, port, p);
+            }
+        }
+        busy
+    }
+
+    /// The boot core, asked to quit: has every other core stop receiving
+    /// (they hand nothing over after that), then takes what is left in
+    /// its own hand-off rings. The other cores take theirs before they
+    /// report (`run`), so the final report's hand-offs and takes match.
+    fn quiesce(&mut self, now: u64, handed: &mut Vec<(usize, Packet)>) {
+        QUIESCE.store(true, Ordering::Release);
+        let cores = self.steering.cores();
+        let deadline = clock::now_ms() + QUIESCE_MS;
+        for (k, quiet) in QUIET.iter().enumerate().take(cores).skip(1) {
+            while !quiet.load(Ordering::Acquire) && clock::now_ms() < deadline {
+                core::hint::spin_loop();
+            }
+            if !quiet.load(Ordering::Acquire) {
+                println!(
+                    "stats: core index {k} did not stop receiving; its counters may be in motion"
+                );
+            }
+        }
+        while self.take_handed(now, handed) {}
+        self.nics.flush();
     }
 
     /// A copy of `p` in a buffer of this core's pool (`None` when the pool
@@ -185,18 +237,17 @@ impl RtcCore {
                 }
             }
             // Frames other cores received for flows this core owns.
-            for j in 0..cores {
-                if let Some(ring) = self.from[j].as_mut() {
-                    ring.pop_batch(&mut handed, RX_BATCH);
-                }
-                busy |= !handed.is_empty();
-                self.taken_over += handed.len() as u64;
-                for (port, p) in handed.drain(..) {
-                    self.process(now, port, p);
-                }
+            busy |= self.take_handed(now, &mut handed);
+            // This core's own receive queues, until the boot core quits
+            // (the last round's hand-offs were pushed before `QUIET`).
+            let receiving = self.index == 0 || !QUIESCE.load(Ordering::Acquire);
+            if !receiving && !QUIET[self.index].load(Ordering::Relaxed) {
+                QUIET[self.index].store(true, Ordering::Release);
             }
-            // This core's own receive queues.
             for i in 0..self.nics.nics.len() {
+                if !receiving {
+                    break;
+                }
                 self.nics.nics[i].rx_batch(&mut self.nics.pool, &mut rx, RX_BATCH);
                 busy |= !rx.is_empty();
                 counters.batch(rx.len());
@@ -251,6 +302,12 @@ impl RtcCore {
                 }
                 if let Some(ring) = report_to.as_mut() {
                     if STATS_REQUEST[self.index].load(Ordering::Acquire) {
+                        // Once the others are quiet, what they handed
+                        // over is all in the rings now: take it first.
+                        if QUIET[self.index].load(Ordering::Relaxed) {
+                            while self.take_handed(now, &mut handed) {}
+                            self.nics.flush();
+                        }
                         let r = Box::new(self.report(&counters, &idler));
                         // The boot core takes every report it asks for
                         // before asking again: the ring has room.
@@ -261,6 +318,9 @@ impl RtcCore {
                 if let Some((console, reports)) = console.as_mut() {
                     let request = console.poll(now);
                     if !matches!(request, Request::None) {
+                        if let Request::Quit = request {
+                            self.quiesce(now, &mut handed);
+                        }
                         let mine = self.report(&counters, &idler);
                         print_reports(mine, reports, now);
                         if let Request::Quit = request {

@@ -309,7 +309,9 @@ impl XenImages {
         );
         m.extra = vec![
             "-cpu".into(),
-            "max".into(),
+            // PORTCULLIS_XEN_CPU: another CPU model for the nested machine,
+            // for the Xen issue's experiments.
+            std::env::var("PORTCULLIS_XEN_CPU").unwrap_or_else(|_| "max".into()),
             "-initrd".into(),
             format!(
                 "{} console=hvc0 earlyprintk=xen loglevel=4,{}",
@@ -543,6 +545,186 @@ lib.libxenvchan_close(ctrl)
 time.sleep(2)
 ctrl = connect_control()
 out("done")
+PY
+"#;
+
+/// A shell snippet that writes `/corecheck.py DOMID ELF [ADDRESS...]`:
+/// reads a stopped (or paused) Portcullis domain's memory and says, as
+/// `core: ` lines, whether what should not change did: every read-only
+/// segment of the kernel ELF (code, read-only data) byte for byte, the
+/// boot page tables' translations of the addresses an exception needs
+/// (identity), and the IDT's 32 exception gates (each at its stub, IST 1),
+/// the GDT's descriptors and the TSS's IST stack. Its last line is
+/// `core: verdict: sound ...` when all of that is as built, `core:
+/// verdict: damaged ...` otherwise: with sound tables and code, an
+/// exception reaches the kernel's reporter, so a domain that stopped with
+/// a triple fault and a sound verdict was stopped by the (nested) CPU, not
+/// by what it ran. Python 3 only (dom0).
+pub const CORE_CHECK: &str = r#"cat > /corecheck.py <<'PY'
+import ctypes, struct, sys
+elf = open(sys.argv[2], "rb").read()
+def out(s): print("core: " + s, flush=True)
+def sections(b):
+    shoff, = struct.unpack_from("<Q", b, 0x28)
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", b, 0x3a)
+    hdrs = [struct.unpack_from("<IIQQQQIIQQ", b, shoff + i * shentsize) for i in range(shnum)]
+    names = hdrs[shstrndx][4]
+    def name(h):
+        end = b.index(b"\0", names + h[0])
+        return b[names + h[0]:end].decode()
+    return {name(h): h for h in hdrs}
+damage = []
+# The domain's memory, a page at a time: read through libxenforeignmemory
+# when the first argument is a domain id (what dom0 does: only the pages
+# looked at are mapped, where `xl dump-core` maps all of them, minutes in
+# the nested machine), or from a file in `xl dump-core`'s format.
+frames = {}
+if sys.argv[1].isdigit():
+    fm = ctypes.CDLL("libxenforeignmemory.so.1")
+    fm.xenforeignmemory_open.restype = ctypes.c_void_p
+    fm.xenforeignmemory_open.argtypes = [ctypes.c_void_p, ctypes.c_uint]
+    fm.xenforeignmemory_map.restype = ctypes.c_void_p
+    fm.xenforeignmemory_map.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_size_t, ctypes.POINTER(ctypes.c_uint64), ctypes.POINTER(ctypes.c_int)]
+    fm.xenforeignmemory_unmap.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
+    handle, dom = fm.xenforeignmemory_open(None, 0), int(sys.argv[1])
+    def page(pfn):
+        if pfn not in frames:
+            arr, err = (ctypes.c_uint64 * 1)(pfn), (ctypes.c_int * 1)()
+            at = fm.xenforeignmemory_map(handle, dom, 1, 1, arr, err)
+            frames[pfn] = None
+            if at and err[0] == 0:
+                frames[pfn] = ctypes.string_at(at, 4096)
+            if at:
+                fm.xenforeignmemory_unmap(handle, at, 1)
+        return frames[pfn]
+else:
+    core = open(sys.argv[1], "rb").read()
+    cs = sections(core)
+    pages = cs[".xen_pages"][4]
+    index = {}
+    if ".xen_pfn" in cs:
+        h = cs[".xen_pfn"]
+        for i in range(h[5] // 8):
+            index[struct.unpack_from("<Q", core, h[4] + 8 * i)[0]] = i
+    elif ".xen_p2m" in cs:
+        h = cs[".xen_p2m"]
+        for i in range(h[5] // 16):
+            index[struct.unpack_from("<Q", core, h[4] + 16 * i)[0]] = i
+    def page(pfn):
+        i = index.get(pfn)
+        return None if i is None else core[pages + i * 4096:pages + (i + 1) * 4096]
+def phys(a, n):
+    r = b""
+    while n > 0:
+        p = page(a >> 12)
+        if p is None:
+            return None
+        k = min(n, 4096 - (a & 4095))
+        r += p[a & 4095:(a & 4095) + k]
+        a += k
+        n -= k
+    return r
+# The kernel's symbols.
+es = sections(elf)
+sym = {}
+st, strtab = es[".symtab"], es[".strtab"][4]
+for i in range(st[5] // 24):
+    nm, info, other, shn, value, size = struct.unpack_from("<IBBHQQ", elf, st[4] + 24 * i)
+    end = elf.index(b"\0", strtab + nm)
+    sym[elf[strtab + nm:end].decode(errors="replace")] = value
+def find(part):
+    return next((v for k, v in sym.items() if part in k), None)
+# Read-only segments, byte for byte.
+phoff, = struct.unpack_from("<Q", elf, 0x20)
+phentsize, phnum = struct.unpack_from("<HH", elf, 0x36)
+for i in range(phnum):
+    t, flags, off, va, pa, filesz, memsz, align = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * phentsize)
+    if t != 1 or flags & 2:
+        continue
+    mem = phys(pa, filesz)
+    if mem is None:
+        out("segment at %#x: not all in the dump" % pa)
+        damage.append("segment %#x missing" % pa)
+        continue
+    want = elf[off:off + filesz]
+    bad = [] if mem == want else [j for j in range(filesz) if mem[j] != want[j]]
+    if not bad:
+        out("segment at %#x (%d bytes, flags %d): intact" % (pa, filesz, flags))
+        continue
+    out("segment at %#x (%d bytes, flags %d): %d bytes differ, first at %#x, last at %#x" % (pa, filesz, flags, len(bad), pa + bad[0], pa + bad[-1]))
+    damage.append("segment %#x" % pa)
+    for j in bad[:4]:
+        s = j & ~15
+        out("  %#x: now %s" % (pa + s, mem[s:s + 16].hex()))
+        out("  %#x: elf %s" % (pa + s, want[s:s + 16].hex()))
+# Translations through the boot page tables.
+pml4 = find("boot_pml4")
+def walk(va):
+    table = pml4
+    for level, shift in ((4, 39), (3, 30), (2, 21), (1, 12)):
+        e = phys(table + 8 * ((va >> shift) & 511), 8)
+        if e is None:
+            return "table %#x not in the dump" % table
+        e, = struct.unpack("<Q", e)
+        if not e & 1:
+            return "not present at level %d (entry %#x)" % (level, e)
+        base = e & 0x000ffffffffff000
+        if level == 1 or (level in (2, 3) and e & 0x80):
+            return base + (va & ((1 << shift) - 1))
+        table = base
+for name in ("IDT", "GDT", "TSS", "EXCEPTION_STACK"):
+    a = find("3cpu%d%s" % (len(name), name))
+    if a is None:
+        out("no symbol %s" % name)
+        continue
+    pa = walk(a)
+    out("%s at %#x maps to %s" % (name, a, ("%#x" % pa) if isinstance(pa, int) else pa))
+    if pa != a:
+        damage.append("%s mapping" % name)
+for a in [int(x, 16) for x in sys.argv[3:]]:
+    pa = walk(a)
+    out("%#x maps to %s" % (a, ("%#x" % pa) if isinstance(pa, int) else pa))
+# The IDT's exception gates (a Once: its data 16 bytes after the symbol).
+idt, stubs = find("3cpu3IDT"), find("exception_stubs")
+if idt is None or stubs is None:
+    damage.append("no IDT symbols")
+else:
+    want = [struct.unpack_from("<Q", phys(stubs, 256), 8 * i)[0] for i in range(32)]
+    raw = phys(idt, 16 + 32 * 16)
+    for skip in (0, 8, 16):
+        gates = [struct.unpack_from("<HHBBHII", raw, skip + 16 * i) for i in range(32)]
+        got = [g[0] | (g[4] << 16) | (g[5] << 32) for g in gates]
+        if got[0] == want[0]:
+            break
+    good = sum(1 for i in range(32) if got[i] == want[i] and gates[i][2] == 1 and gates[i][3] == 0x8e)
+    out("IDT exception gates right: %d of 32" % good)
+    if good != 32:
+        damage.append("IDT")
+    for i in [i for i in range(32) if got[i] != want[i] or gates[i][2] != 1 or gates[i][3] != 0x8e][:6]:
+        out("  gate %d: %s" % (i, raw[skip + 16 * i:skip + 16 * i + 16].hex()))
+# The GDT: null, flat code and data (accessed bits aside), the TSS's
+# descriptor (available or busy, limit 0x67) at the TSS, whose first IST
+# entry is the top of the exception stack.
+gdt, tss, stack = find("3cpu3GDT"), find("3cpu3TSS"), find("3cpu15EXCEPTION_STACK")
+g = None if gdt is None else phys(gdt, 40)
+t = None if tss is None else phys(tss, 0x68)
+if None in (g, t, stack):
+    damage.append("GDT or TSS missing")
+else:
+    out("GDT area: %s" % g.hex())
+    null, code, data, lo, hi = struct.unpack_from("<QQQQQ", g, 0)
+    base = ((lo >> 16) & 0xffffff) | (((lo >> 56) & 0xff) << 24) | ((hi & 0xffffffff) << 32)
+    if null != 0 or code | (1 << 40) != 0x00af9b000000ffff or data | (1 << 40) != 0x00cf93000000ffff:
+        damage.append("GDT")
+    if lo & 0xffff != 0x67 or (lo >> 40) & 0xfd != 0x89 or base != tss:
+        damage.append("TSS descriptor")
+    out("TSS area: %s" % t[:64].hex())
+    if struct.unpack_from("<Q", t, 0x24)[0] != stack + 16 * 1024:
+        damage.append("TSS")
+if damage:
+    out("verdict: damaged (%s)" % ", ".join(damage))
+else:
+    out("verdict: sound (code, read-only data, page tables, IDT, GDT and TSS as built)")
 PY
 "#;
 
