@@ -324,6 +324,11 @@ fn start_dataplane(
         let mut store = xenstore::SharedStore::install(store);
         if let Some(l) = qubesdb_link.as_mut() {
             l.set_store(store);
+            l.set_overrides(
+                cmdline::qubesdb_overrides(cmdline_text)
+                    .map(|(k, v)| (k.into(), v.into()))
+                    .collect(),
+            );
         }
         // Under Qubes (QubesDB came over vchan), dom0's qrexec daemon
         // expects an agent: grants of its own from the same table.

@@ -388,6 +388,9 @@ pub struct QubesDbLink {
     next_try: u64,
     /// A reconnected link whose database has not loaded completely yet.
     reloading: bool,
+    /// Keys the command line sets (they win over the database's, as at
+    /// boot: `set_overrides`).
+    overrides: Vec<(String, String)>,
 }
 
 /// How often a gone QubesDB is looked for again.
@@ -402,6 +405,12 @@ impl QubesDbLink {
     /// The XenStore connection to reconnect with, once the loop shares it.
     pub fn set_store(&mut self, store: SharedStore) {
         self.store = Some(store);
+    }
+
+    /// The keys the command line sets: they stay in force over what dom0
+    /// writes, as they did over the database at boot.
+    pub fn set_overrides(&mut self, overrides: Vec<(String, String)>) {
+        self.overrides = overrides;
     }
 
     /// Follows what dom0 pushed since the last call (every housekeeping
@@ -425,6 +434,10 @@ impl QubesDbLink {
             let path = match e {
                 Event::Written(path) | Event::Removed(path) if is_client_list(&path) => {
                     self.follow_clients(firewall);
+                    continue;
+                }
+                Event::Written(path) | Event::Removed(path) if is_uplink_key(&path) => {
+                    self.follow_uplink(firewall);
                     continue;
                 }
                 Event::Written(path) => path,
@@ -511,6 +524,46 @@ impl QubesDbLink {
         }
     }
 
+    /// dom0 changed the uplink's address, gateway or DNS servers (the
+    /// firewall's upstream moved): the firewall follows the database's
+    /// configuration; one that does not parse leaves the one in force.
+    fn follow_uplink(&mut self, firewall: &mut netstack::firewall::Firewall) {
+        let mut db = netstack::config::QubesDb::default();
+        let overrides = self.overrides.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (k, v) in self.client.entries().chain(overrides) {
+            if let Err(e) = db.set(k, v) {
+                println!("qubesdb: uplink: {e}; the configuration in force stays");
+                return;
+            }
+        }
+        let cfg = match netstack::config::NetConfig::from_db(&db) {
+            Ok(c) => c,
+            Err(e) => {
+                println!("qubesdb: uplink: {e}; the configuration in force stays");
+                return;
+            }
+        };
+        let change = firewall.set_uplink(&cfg);
+        if change.address {
+            println!(
+                "qubesdb: uplink address now {}/{} ({} flows ended)",
+                cfg.uplink_ip, cfg.uplink_prefix, change.flows_ended
+            );
+        }
+        if change.gateway {
+            println!("qubesdb: uplink gateway now {}", cfg.gateway);
+        }
+        if change.dns {
+            let dns: Vec<String> = cfg
+                .upstream_dns
+                .iter()
+                .flatten()
+                .map(|a| a.to_string())
+                .collect();
+            println!("qubesdb: upstream DNS now {}", dns.join(" "));
+        }
+    }
+
     /// After a reconnection: the connected clients and every client's
     /// rules from the new database (the ones it no longer has rules for
     /// are blocked), each reported handled.
@@ -520,6 +573,7 @@ impl QubesDbLink {
             self.client.initial_entries()
         );
         self.follow_clients(firewall);
+        self.follow_uplink(firewall);
         let mut ips: Vec<String> = firewall.clients().iter().map(|ip| ip.to_string()).collect();
         for t in self.client.rule_targets() {
             if !ips.iter().any(|ip| ip == t) {
@@ -630,6 +684,18 @@ fn is_client_list(path: &str) -> bool {
     path == "/connected-ips" || path == "/connected-ips6"
 }
 
+/// The keys of the uplink's configuration that are followed live.
+fn is_uplink_key(path: &str) -> bool {
+    matches!(
+        path,
+        "/qubes-ip"
+            | "/qubes-netmask"
+            | "/qubes-gateway"
+            | "/qubes-primary-dns"
+            | "/qubes-secondary-dns"
+    )
+}
+
 /// How long dom0 may take to send the whole database.
 const LOAD_TIMEOUT_MS: u64 = 10_000;
 
@@ -653,6 +719,7 @@ impl QubesDbLink {
             store: None,
             next_try: 0,
             reloading: false,
+            overrides: Vec::new(),
         };
         let deadline = clock::now_ms() + LOAD_TIMEOUT_MS;
         link.send_all(&Client::start(), deadline)?;

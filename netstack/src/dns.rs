@@ -143,6 +143,24 @@ impl Resolver {
         self.entries.is_empty()
     }
 
+    /// New servers (the uplink's DNS changed): every name is asked again,
+    /// from them (a query out to an old server is forgotten: its answer
+    /// matches nothing). Addresses already known stay until the new
+    /// answers. With no server, nothing is asked and what is known stays.
+    pub fn set_servers(&mut self, servers: Vec<Ipv4Addr>) {
+        self.servers = servers;
+        let askable = !self.servers.is_empty();
+        for e in &mut self.entries {
+            if askable && valid_name(&e.name) {
+                e.state = State::Due;
+            } else {
+                e.state = State::Done;
+                e.expires = u64::MAX;
+                e.resolved = true;
+            }
+        }
+    }
+
     /// Server number `i` (as in `Query::server`).
     pub fn server(&self, i: usize) -> Option<Ipv4Addr> {
         self.servers.get(i).copied()
@@ -478,6 +496,33 @@ mod tests {
         // Asked again when the smallest TTL (100 s) runs out.
         assert!(r.next_query(20 + 99_000, &mut buf).0.is_none());
         assert!(r.next_query(20 + 100_000, &mut buf).0.is_some());
+    }
+
+    #[test]
+    fn new_servers_are_asked_everything_again() {
+        let mut r = Resolver::new([("example.com", false)], vec![SERVER], 7);
+        let mut buf = [0u8; MAX_QUERY];
+        let q = r.next_query(0, &mut buf).0.expect("due");
+        let query = buf[..q.len].to_vec();
+        let ans = response(&query, 0, &[(TYPE_A, 300, &[192, 0, 2, 1])]);
+        assert!(r.answer(10, SERVER, &ans).is_some());
+        assert!(r.next_query(20, &mut buf).0.is_none(), "answered for 300 s");
+        // The uplink's DNS changed: the name is asked again, of the new
+        // server; what the old one said stays meanwhile.
+        let new = Ipv4Addr::new(192, 0, 2, 53);
+        r.set_servers(vec![new]);
+        let q = r.next_query(30, &mut buf).0.expect("asked again");
+        assert_eq!(r.server(q.server), Some(new));
+        assert_eq!(
+            r.entries().next().unwrap().2,
+            &[IpAddr::from([192, 0, 2, 1])]
+        );
+        // The old server's late answer to the old query matches nothing.
+        assert_eq!(r.answer(40, SERVER, &ans), None);
+        // No server at all: nothing is asked, what is known stays.
+        r.set_servers(Vec::new());
+        assert!(r.next_query(50, &mut buf).0.is_none());
+        assert!(r.resolved("example.com", false));
     }
 
     #[test]

@@ -208,6 +208,18 @@ impl core::ops::AddAssign<&Stats> for Stats {
     }
 }
 
+/// What `Firewall::set_uplink` changed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UplinkChange {
+    /// The uplink's address or prefix.
+    pub address: bool,
+    pub gateway: bool,
+    /// The upstream DNS servers.
+    pub dns: bool,
+    /// Flows ended by a new address.
+    pub flows_ended: usize,
+}
+
 /// A copy of what a firewall reports (`stats`), taken on its own core and
 /// added up with other cores' copies on another: counters, flows, rule
 /// hits and `dsthost` names.
@@ -658,6 +670,46 @@ impl Firewall {
             .filter(|c| c.connected)
             .map(|c| c.ip)
             .collect()
+    }
+
+    /// Follows a change of the uplink's configuration from dom0
+    /// (`/qubes-ip`, `/qubes-netmask`, `/qubes-gateway`,
+    /// `/qubes-primary-dns`, `/qubes-secondary-dns`: `new` holds the
+    /// database's whole configuration, of which the uplink part is taken),
+    /// as a Qubes net VM follows its upstream: a new address ends every
+    /// IPv4 flow and fragment in progress (their translation used the old
+    /// one; clients start new ones, which leave from the new address); a
+    /// new gateway is asked for by ARP and traffic waits for its answer
+    /// (counted drops meanwhile); new DNS servers take the redirected
+    /// queries and the firewall's own lookups from then on (every
+    /// `dsthost` name is asked again). The client side stays as it is.
+    pub fn set_uplink(&mut self, new: &NetConfig) -> UplinkChange {
+        let mut change = UplinkChange {
+            address: new.uplink_ip != self.cfg.uplink_ip
+                || new.uplink_prefix != self.cfg.uplink_prefix,
+            gateway: new.gateway != self.cfg.gateway,
+            dns: new.upstream_dns != self.cfg.upstream_dns,
+            flows_ended: 0,
+        };
+        if change.address {
+            change.flows_ended = self.ct.len();
+            self.ct = Conntrack::new(new.uplink_ip, self.ct.capacity());
+            self.frags = FragmentTable::default();
+            self.cfg.uplink_ip = new.uplink_ip;
+            self.cfg.uplink_prefix = new.uplink_prefix;
+        }
+        if change.gateway {
+            let old = self.cfg.gateway;
+            self.cfg.gateway = new.gateway;
+            self.wanted.retain(|w| w.ip != old);
+            self.arp_want(new.gateway);
+        }
+        if change.dns {
+            self.cfg.upstream_dns = new.upstream_dns;
+            let servers = new.upstream_dns.iter().flatten().copied().collect();
+            self.resolver.set_servers(servers);
+        }
+        change
     }
 
     /// Follows dom0's list of connected clients (`/connected-ips`,

@@ -165,6 +165,7 @@ vif = ["backend=portcullis,ip=10.137.0.12,mac=00:16:3e:00:00:12"]
 extra = "/qubes-ip=10.137.0.12 /qubes-netmask=255.255.255.255 /qubes-gateway=10.137.0.1 /qubes-netvm-gateway=10.139.0.1 stats-interval=1"
 on_poweroff = "destroy"
 on_crash = "destroy"
+@XL_EXTRA@
 CFG
 # `xl create`, with its errors and Xen's memory shown when it fails.
 create() {
@@ -282,8 +283,13 @@ fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
         .replace("@CORE@", CORE_CHECK)
         .replace("@CLIENT@", CLIENT_IMAGE)
         .replace("@RESTARTS@", &RESTARTS.to_string());
+    // PORTCULLIS_XL_EXTRA: lines added to every Portcullis domain's `xl`
+    // config (experiments on the nested machine, e.g. `hap = 0`).
+    let extra = std::env::var("PORTCULLIS_XL_EXTRA").unwrap_or_default();
+    let script = script.replace("@XL_EXTRA@", &extra);
+    let firewall_cfg = format!("{FIREWALL_CFG}{extra}\n");
     let run = images
-        .run(kernel(), FIREWALL_CFG, &script, Duration::from_secs(900))
+        .run(kernel(), &firewall_cfg, &script, Duration::from_secs(900))
         .unwrap_or_else(|e| panic!("{e}"));
     let test: Vec<&str> = run
         .console

@@ -67,6 +67,8 @@ A update answer
 A update answer
 W /connected-ips 10.137.0.10 10.137.0.20
 A clients answer
+W /qubes-primary-dns 10.0.2.4
+A uplink answer
 QDB
 cat > /qdb-script2 <<'QDB'
 E /qubes-primary-dns 10.0.2.3
@@ -226,7 +228,7 @@ echo "test: connected again after $(( $(ms) - t )) ms"
 pings "ping again"
 stats_after
 still_running "the end"
-grep -E "vm write|clients answer" /tmp/qdb.log | sed 's/^/test: qdb: /'
+grep -E "vm write|clients answer|uplink answer" /tmp/qdb.log | sed 's/^/test: qdb: /'
 xl destroy portcullis && echo "test: destroyed"
 show_log $id
 run 'extra="bogus"'
@@ -514,6 +516,19 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "{}",
         run.console
     );
+    // The uplink's DNS server moved (the command line sets the address
+    // and gateway, which stay): followed, and after dom0's restart the
+    // database's first one again.
+    assert!(
+        run.console
+            .contains("test: qdb: uplink answer type 7 path '/qubes-primary-dns' length 0"),
+        "{}",
+        run.console
+    );
+    has_all(&[
+        "qubesdb: upstream DNS now 10.0.2.4",
+        "qubesdb: upstream DNS now 10.0.2.3",
+    ]);
     has_all(&[
         "qubesdb: client 10.137.0.20 connected",
         "qubesdb: client 10.137.0.20 disconnected (its flows ended)",

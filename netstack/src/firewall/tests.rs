@@ -1351,3 +1351,120 @@ fn clients_follow_dom0s_list_of_connected_clients() {
     ));
     assert_eq!(fw.clients(), ips(&[CLIENT, OTHER]));
 }
+
+#[test]
+fn follows_a_new_uplink_address_gateway_and_dns() {
+    let mut fw = ready();
+    let udp = |sport| {
+        ipv4(
+            DOWN_MAC,
+            CLIENT_MAC,
+            CLIENT,
+            SERVER,
+            64,
+            PROTO_UDP,
+            &udp_seg(sport, 5201, b"x"),
+        )
+    };
+    let answer = |to: Ipv4Addr, dport| {
+        ipv4(
+            UP_MAC,
+            GW_MAC,
+            SERVER,
+            to,
+            64,
+            PROTO_UDP,
+            &udp_seg(5201, dport, b"y"),
+        )
+    };
+    let (v, out) = run(&mut fw, 10, 1, &udp(40000));
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }), "{v:?}");
+    let old_port = parsed(&out).sport;
+    assert_eq!(parsed(&out).src, UPLINK_IP);
+    // Nothing changes: nothing happens.
+    let same = NetConfig::from_db(&QubesDb::parse_snapshot(DB).unwrap()).unwrap();
+    assert_eq!(
+        fw.set_uplink(&same),
+        UplinkChange {
+            address: false,
+            gateway: false,
+            dns: false,
+            flows_ended: 0
+        }
+    );
+    assert_eq!(fw.flows(), 1);
+    // dom0 moves the uplink: another address, gateway and DNS server.
+    let (new_ip, new_gw, new_dns) = (
+        Ipv4Addr::new(10, 0, 2, 16),
+        Ipv4Addr::new(10, 0, 2, 1),
+        Ipv4Addr::new(192, 0, 2, 53),
+    );
+    let moved = DB
+        .replace("/qubes-ip 10.0.2.15", "/qubes-ip 10.0.2.16")
+        .replace("/qubes-gateway 10.0.2.2", "/qubes-gateway 10.0.2.1")
+        .replace(
+            "/qubes-primary-dns 10.0.2.3",
+            "/qubes-primary-dns 192.0.2.53",
+        );
+    let moved = NetConfig::from_db(&QubesDb::parse_snapshot(&moved).unwrap()).unwrap();
+    assert_eq!(
+        fw.set_uplink(&moved),
+        UplinkChange {
+            address: true,
+            gateway: true,
+            dns: true,
+            flows_ended: 1
+        }
+    );
+    assert_eq!(fw.flows(), 0);
+    // The old address is not ours any more; its flow's answer is refused.
+    assert_eq!(
+        run(&mut fw, 11, UPLINK, &answer(UPLINK_IP, old_port)).0,
+        Verdict::Drop(DropReason::NotForUs)
+    );
+    // The new gateway is asked for, from the new address; until it
+    // answers, the client's traffic waits (counted).
+    assert_eq!(
+        run(&mut fw, 12, 1, &udp(40001)).0,
+        Verdict::Drop(DropReason::ArpUnresolved)
+    );
+    let mut buf = [0u8; 64];
+    let (port, len) = fw.poll_emit(13, &mut buf).expect("ARP for the new gateway");
+    let req = Arp::parse(&buf[..len]).unwrap();
+    assert_eq!(
+        (port, req.op, req.target_ip, req.sender_ip),
+        (UPLINK, ARP_REQUEST, new_gw, new_ip)
+    );
+    let new_gw_mac = [0x02, 0, 0, 0, 0, 0x98];
+    let reply = arp_frame(ARP_REPLY, new_gw_mac, new_gw, new_ip, UP_MAC);
+    assert_eq!(run(&mut fw, 14, UPLINK, &reply).0, Verdict::Consumed);
+    assert_eq!(fw.gateway_mac(), Some(new_gw_mac));
+    // Now the client's traffic leaves from the new address to the new
+    // gateway, and its answers come back.
+    let (v, out) = run(&mut fw, 15, 1, &udp(40001));
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }), "{v:?}");
+    let i = parsed(&out);
+    assert_eq!((i.src, &out[0..6]), (new_ip, &new_gw_mac[..]));
+    let (v, back) = run(&mut fw, 16, UPLINK, &answer(new_ip, i.sport));
+    assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
+    assert_eq!(parsed(&back).dst, CLIENT);
+    // The client's DNS (to the virtual server) goes to the new server
+    // (off the uplink's subnet: through the gateway).
+    let query = ipv4(
+        DOWN_MAC,
+        CLIENT_MAC,
+        CLIENT,
+        Ipv4Addr::new(10, 139, 1, 1),
+        64,
+        PROTO_UDP,
+        &udp_seg(
+            5353,
+            53,
+            b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\x00\x00\x01\x00\x01",
+        ),
+    );
+    let (v, out) = run(&mut fw, 17, 1, &query);
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }), "{v:?}");
+    let i = parsed(&out);
+    assert_eq!((i.src, i.dst, i.dport), (new_ip, new_dns, 53));
+}
