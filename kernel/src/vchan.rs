@@ -391,7 +391,14 @@ pub struct QubesDbLink {
     /// Keys the command line sets (they win over the database's, as at
     /// boot: `set_overrides`).
     overrides: Vec<(String, String)>,
+    /// When `/dns/...` is next brought up to date (`dns_info`).
+    next_dns_ms: u64,
+    /// `/dns/...` paths dom0 would refuse (too long), reported once.
+    dns_refused: Vec<String>,
 }
+
+/// How often the `dsthost` addresses are compared with what dom0 has.
+const DNS_INFO_MS: u64 = 1000;
 
 /// How often a gone QubesDB is looked for again.
 const RECONNECT_MS: u64 = 1000;
@@ -462,7 +469,36 @@ impl QubesDbLink {
                 return self.lose(&e);
             }
         }
+        let now = clock::recent_ms();
+        if now >= self.next_dns_ms && self.client.loaded() && !self.reloading {
+            self.next_dns_ms = now + DNS_INFO_MS;
+            if let Err(e) = self.dns_info(firewall) {
+                return self.lose(&e);
+            }
+        }
         true
+    }
+
+    /// Writes to dom0 what each client's `dsthost` names resolved to
+    /// (`/dns/<ip>/<name>`), where it differs from what dom0 has, as
+    /// Qubes's firewall agent does for the user.
+    fn dns_info(&mut self, firewall: &netstack::firewall::Firewall) -> Result<(), String> {
+        for (ip, name, addrs) in firewall.dns_info() {
+            let path = format!("{}{ip}/{name}", qubesdb::DNS_INFO);
+            if self.client.get(&path) == Some(qubesdb::dns_value(addrs).as_str()) {
+                continue;
+            }
+            match self.client.dns_info(&ip.to_string(), name, addrs) {
+                Ok(w) => self.send_all(&w, clock::now_ms() + 1000)?,
+                Err(e) => {
+                    if !self.dns_refused.contains(&path) {
+                        println!("qubesdb: {path}: {e:?}; not written (QubesDB's limit)");
+                        self.dns_refused.push(path);
+                    }
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Replaces `ip`'s rules in `firewall` with what the database holds
@@ -492,6 +528,13 @@ impl QubesDbLink {
             Some(n) => println!("qubesdb: rules of {ip} replaced: {summary}; {n} flows dropped"),
             None => println!("qubesdb: rules for {ip}, which is not a client, ignored"),
         }
+        // What its old names resolved to goes, as the agent clears it
+        // (written again as the new rules' names resolve: `dns_info`).
+        let clear = self
+            .client
+            .remove(&format!("{}{ip}/", qubesdb::DNS_INFO))
+            .map_err(|e| format!("{ip}: {e:?}"))?;
+        self.send_all(&clear, clock::now_ms() + 1000)?;
         self.handled(ip)
     }
 
@@ -720,6 +763,8 @@ impl QubesDbLink {
             next_try: 0,
             reloading: false,
             overrides: Vec::new(),
+            next_dns_ms: 0,
+            dns_refused: Vec::new(),
         };
         let deadline = clock::now_ms() + LOAD_TIMEOUT_MS;
         link.send_all(&Client::start(), deadline)?;

@@ -1039,6 +1039,26 @@ impl Firewall {
         self.resolver.entries()
     }
 
+    /// What each connected client's `dsthost` names resolved to, for the
+    /// names resolved so far: (client, name, addresses) — what Qubes's
+    /// firewall agent writes back to `/dns/<ip>/<name>`.
+    pub fn dns_info(&self) -> Vec<(IpAddr, &str, &[IpAddr])> {
+        let mut out = Vec::new();
+        for c in self.clients.iter().filter(|c| c.connected) {
+            let Ok(rules) = &c.rules else { continue };
+            for name in rules.hosts() {
+                let known = self
+                    .resolver
+                    .entries()
+                    .find(|&(n, v6, _, resolved)| n == name && v6 == rules.v6 && resolved);
+                if let Some((n, _, addrs, _)) = known {
+                    out.push((c.ip, n, addrs));
+                }
+            }
+        }
+        out
+    }
+
     /// Replaces the rules of client `ip` (dom0 committed an update): the
     /// new set, or its error (the client's traffic is then dropped); hit
     /// counters start again; `dsthost` names not yet known join the

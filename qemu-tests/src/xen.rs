@@ -422,6 +422,11 @@ def show(what):
             print("vm write '%s' '%s'" % (path, data.decode()), flush=True)
             send(msg(7, path))
             continue
+        if t == 4:
+            # A removal of the domain's own: answered the same way.
+            print("vm rm '%s'" % path, flush=True)
+            send(msg(7, path))
+            continue
         print("%s type %d path '%s' length %d" % (what, t, path, n), flush=True)
         return
 show("request")
@@ -545,6 +550,35 @@ lib.libxenvchan_close(ctrl)
 time.sleep(2)
 ctrl = connect_control()
 out("done")
+PY
+"#;
+
+/// A shell snippet that writes `/names.py ADDRESS`: dom0's DNS server for
+/// the nested test, at ADDRESS port 53 (so that its answers come from the
+/// address asked: the firewall takes no other), answering every A
+/// question with 10.0.2.2 (the bridge's own address) for a minute, and
+/// each question as a line `asked <name>`.
+pub const NAME_SERVER: &str = r#"cat > /names.py <<'PY'
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 53))
+while True:
+    q, peer = s.recvfrom(512)
+    if len(q) < 17:
+        continue
+    end = 12
+    while end < len(q) and q[end] != 0:
+        end += 1 + q[end]
+    qtype = struct.unpack("!H", q[end + 1:end + 3])[0]
+    labels, i = [], 12
+    while i < end:
+        labels.append(q[i + 1:i + 1 + q[i]].decode(errors="replace"))
+        i += 1 + q[i]
+    print("asked %s" % ".".join(labels), flush=True)
+    answer = b""
+    if qtype == 1:
+        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([10, 0, 2, 2])
+    s.sendto(q[:2] + struct.pack("!HHHHH", 0x8180, 1, 1 if answer else 0, 0, 0) + q[12:end + 5] + answer, peer)
 PY
 "#;
 

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use qemu_tests::kernel;
-use qemu_tests::xen::{XenImages, CORE_CHECK, QREXEC_DAEMON, QUBESDB_SERVER};
+use qemu_tests::xen::{XenImages, CORE_CHECK, NAME_SERVER, QREXEC_DAEMON, QUBESDB_SERVER};
 
 const XL_CFG: &str = r#"name = "portcullis"
 type = "pvh"
@@ -47,12 +47,20 @@ log=/var/log/xen/console/guest-portcullis.log
 @QDB@
 @QREXEC@
 @CORE@
+@NAMES@
+# The upstream DNS servers the database names (10.0.2.3, later 10.0.2.4)
+# are dom0 (`NAME_SERVER`): for the firewall's `dsthost` lookups.
+ip addr add 10.0.2.3/24 dev br0
+ip addr add 10.0.2.4/24 dev br0
+python3 /names.py 10.0.2.3 > /tmp/names.log 2>&1 &
+python3 /names.py 10.0.2.4 > /tmp/names2.log 2>&1 &
 cat > /qdb-script <<'QDB'
 E /qubes-primary-dns 10.0.2.3
 E /qubes-netvm-primary-dns 10.139.1.1
 E /connected-ips 10.137.0.10
 E /qubes-firewall/10.137.0.10/policy drop
 E /qubes-firewall/10.137.0.10/0000 action=accept proto=icmp
+E /qubes-firewall/10.137.0.10/0001 action=accept proto=tcp dsthost=pin.example
 END
 W /qubes-firewall/10.137.0.10
 A answer
@@ -228,7 +236,7 @@ echo "test: connected again after $(( $(ms) - t )) ms"
 pings "ping again"
 stats_after
 still_running "the end"
-grep -E "vm write|clients answer|uplink answer" /tmp/qdb.log | sed 's/^/test: qdb: /'
+grep -E "vm write|vm rm|clients answer|uplink answer" /tmp/qdb.log | sed 's/^/test: qdb: /'
 xl destroy portcullis && echo "test: destroyed"
 show_log $id
 run 'extra="bogus"'
@@ -261,7 +269,8 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     let script = SCRIPT
         .replace("@QDB@", QUBESDB_SERVER)
         .replace("@QREXEC@", QREXEC_DAEMON)
-        .replace("@CORE@", CORE_CHECK);
+        .replace("@CORE@", CORE_CHECK)
+        .replace("@NAMES@", NAME_SERVER);
     let nested = || {
         images
             .run(kernel(), XL_CFG, &script, Duration::from_secs(400))
@@ -425,7 +434,7 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
     // wrote new ones and completed the update; every message acknowledged,
     // the new rule set in force.
     has_all(&[
-        "qubesdb: 5 entries from dom0 over vchan (event channel ",
+        "qubesdb: 6 entries from dom0 over vchan (event channel ",
         "qubesdb: dom0 wrote /qubes-firewall/10.137.0.10; acknowledged (the rules of 10.137.0.10 are complete)",
         "qubesdb: rules of 10.137.0.10 replaced: 1 rules, policy Accept; 0 flows dropped",
     ]);
@@ -461,8 +470,17 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         writes,
         [
             "test: qdb: vm write '/qubes-firewall_handled/10.137.0.10' '1'",
+            "test: qdb: vm write '/dns/10.137.0.10/pin.example' '{'10.0.2.2'}'",
             "test: qdb: vm write '/qubes-firewall_handled/10.137.0.10' '2'"
         ],
+        "{}",
+        run.console
+    );
+    // The `dsthost` name of the first rules resolved through dom0's DNS
+    // server and was written back, as Qubes's firewall agent does; the
+    // update, whose rules have no name, cleared it.
+    assert!(
+        run.console.contains("test: qdb: vm rm '/dns/10.137.0.10/'"),
         "{}",
         run.console
     );
@@ -543,6 +561,7 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         [
             "ready",
             "request type 2 path '' length 0",
+            "vm rm '/dns/10.137.0.10/'",
             "vm write '/qubes-firewall_handled/10.137.0.10' '1'"
         ],
         "{}",

@@ -270,6 +270,34 @@ impl Client {
         self.write(&path, &(n + 1).to_string())
     }
 
+    /// A removal of ours (a path ending in `/`: everything under it): the
+    /// message to send; gone from our store at once, answered as a write.
+    pub fn remove(&mut self, path: &str) -> Result<Vec<u8>, QdbError> {
+        let m = encode(Kind::Rm, path, &[])?;
+        if path.ends_with('/') {
+            self.store.retain(|k, _| !k.starts_with(path));
+        } else {
+            self.store.remove(path);
+        }
+        self.awaiting += 1;
+        Ok(m)
+    }
+
+    /// What Qubes's firewall agent writes for the user once a `dsthost`
+    /// name of a client's rules is resolved: `/dns/<ip>/<name>`, the
+    /// addresses in the form the agent's Python writes them (a set's
+    /// text: `{'192.0.2.1', '192.0.2.2'}`, `set()` for none). A path over
+    /// QubesDB's 64 bytes is refused (`TooLarge`), as dom0 refuses the
+    /// agent's.
+    pub fn dns_info(
+        &mut self,
+        ip: &str,
+        name: &str,
+        addrs: &[core::net::IpAddr],
+    ) -> Result<Vec<u8>, QdbError> {
+        self.write(&format!("{DNS_INFO}{ip}/{name}"), &dns_value(addrs))
+    }
+
     /// Handles one message from dom0: what changed, and the answer to
     /// send back (if any).
     pub fn handle(&mut self, m: Message) -> (Option<Event>, Option<Vec<u8>>) {
@@ -324,6 +352,19 @@ impl Client {
 
 /// Where the firewall agent counts handled rule updates, per client.
 pub const HANDLED: &str = "/qubes-firewall_handled/";
+/// Where the firewall agent writes what each client's `dsthost` names
+/// resolved to: `/dns/<ip>/<name>`.
+pub const DNS_INFO: &str = "/dns/";
+
+/// Addresses as the firewall agent writes them to `/dns/<ip>/<name>`: the
+/// text of a Python set of strings (`set()` when empty).
+pub fn dns_value(addrs: &[core::net::IpAddr]) -> String {
+    if addrs.is_empty() {
+        return String::from("set()");
+    }
+    let quoted: Vec<String> = addrs.iter().map(|a| format!("'{a}'")).collect();
+    format!("{{{}}}", quoted.join(", "))
+}
 
 /// The client address whose rule update a write of `path` completes:
 /// dom0 ends each update with an empty write to `/qubes-firewall/<ip>`.
@@ -465,6 +506,44 @@ mod tests {
         assert_eq!(extra.0, Some(Event::Unexpected(Kind::RespOk, p.into())));
         // A write of ours must encode.
         assert_eq!(c.write("/a b", "x"), Err(QdbError::TooLarge));
+    }
+
+    #[test]
+    fn dns_info_is_written_as_the_agent_writes_it() {
+        let mut c = Client::new();
+        feed(&mut c, msg(Kind::RespMultiread, "", &[]));
+        let two = [
+            core::net::IpAddr::from([192, 0, 2, 1]),
+            core::net::IpAddr::from([0x2001, 0xdb8, 0, 0, 0, 0, 0, 1]),
+        ];
+        let w = c.dns_info("10.137.0.10", "example.com", &two).unwrap();
+        assert_eq!(
+            w,
+            msg(
+                Kind::Write,
+                "/dns/10.137.0.10/example.com",
+                b"{'192.0.2.1', '2001:db8::1'}"
+            )
+        );
+        let w = c.dns_info("10.137.0.10", "nothing.test", &[]).unwrap();
+        assert_eq!(&w[72..], b"set()");
+        // Clearing a client's old information, as the agent does first.
+        let rm = c.remove("/dns/10.137.0.10/").unwrap();
+        assert_eq!(rm, msg(Kind::Rm, "/dns/10.137.0.10/", &[]));
+        assert_eq!(c.get("/dns/10.137.0.10/example.com"), None);
+        for _ in 0..3 {
+            let p = "/dns/10.137.0.10/";
+            assert_eq!(
+                feed(&mut c, msg(Kind::RespOk, p, &[])).0,
+                Some(Event::Acknowledged(p.into()))
+            );
+        }
+        // A path beyond QubesDB's 64 bytes is refused, not cut.
+        let long = "a".repeat(60);
+        assert_eq!(
+            c.dns_info("10.137.0.10", &long, &two),
+            Err(QdbError::TooLarge)
+        );
     }
 
     #[test]

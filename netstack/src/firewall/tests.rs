@@ -871,11 +871,13 @@ fn dsthost_rules_are_resolved_through_the_upstream_dns_server() {
             &tcp_seg(sport, 443, TCP_SYN),
         )
     };
-    // Until the names are resolved the client starts nothing.
+    // Until the names are resolved the client starts nothing, and there
+    // is nothing to tell dom0 (`dns_info`).
     assert_eq!(
         run(&mut fw, 0, 1, &syn(www, 40000)).0,
         Verdict::Drop(DropReason::RulesPending)
     );
+    assert!(fw.dns_info().is_empty());
     // The firewall asks ARP for the gateway and the DNS server, then
     // queries the server; the test answers each.
     let mut buf = [0u8; BUF];
@@ -943,6 +945,11 @@ fn dsthost_rules_are_resolved_through_the_upstream_dns_server() {
         Verdict::Drop(DropReason::RulesPending),
         "one name still pending"
     );
+    let resolved = [IpAddr::V4(www)];
+    assert_eq!(
+        fw.dns_info(),
+        [(IpAddr::V4(CLIENT), "www.example.com", &resolved[..])]
+    );
     assert_eq!(
         run(&mut fw, now, UPLINK, &reply(&gone_q, None, dns)).0,
         Verdict::Consumed
@@ -961,6 +968,13 @@ fn dsthost_rules_are_resolved_through_the_upstream_dns_server() {
         .collect();
     assert!(names.contains(&("www.example.com", alloc::vec![IpAddr::V4(www)], true)));
     assert!(names.contains(&("gone.example", alloc::vec![], true)));
+    assert_eq!(
+        fw.dns_info(),
+        [
+            (IpAddr::V4(CLIENT), "www.example.com", &resolved[..]),
+            (IpAddr::V4(CLIENT), "gone.example", &[][..])
+        ]
+    );
     assert_eq!(
         (fw.stats().dns_queries_sent, fw.stats().dns_answers),
         (2, 2)
