@@ -538,20 +538,27 @@ impl QubesDbLink {
         self.handled(ip)
     }
 
+    /// The database as the configuration is read from it: dom0's entries,
+    /// then the command line's keys over them, as at boot. (The decoder's
+    /// limits are the model's, so this does not fail; if it did, what is
+    /// in force stays rather than a rule going missing.)
+    fn database(&self) -> Result<netstack::config::QubesDb, String> {
+        let mut db = netstack::config::QubesDb::default();
+        let overrides = self.overrides.iter().map(|(k, v)| (k.as_str(), v.as_str()));
+        for (k, v) in self.client.entries().chain(overrides) {
+            db.set(k, v).map_err(|e| e.to_string())?;
+        }
+        Ok(db)
+    }
+
     /// dom0 changed the list of connected clients (a client qube started
     /// or stopped): the firewall follows it, each client that came with
     /// the rules the database has for it.
     fn follow_clients(&mut self, firewall: &mut netstack::firewall::Firewall) {
-        let mut db = netstack::config::QubesDb::default();
-        for (k, v) in self.client.entries() {
-            // (The decoder's limits are the model's: this does not fail.
-            // If it did, a rule could go missing: keep the list instead.)
-            if let Err(e) = db.set(k, v) {
-                println!("qubesdb: connected clients: {e}; the list in force stays");
-                return;
-            }
-        }
-        let wanted = match netstack::config::NetConfig::clients_from_db(&db) {
+        let wanted = self.database().and_then(|db| {
+            netstack::config::NetConfig::clients_from_db(&db).map_err(|e| e.to_string())
+        });
+        let wanted = match wanted {
             Ok(w) => w,
             Err(e) => {
                 println!("qubesdb: connected clients: {e}; the list in force stays");
@@ -571,15 +578,10 @@ impl QubesDbLink {
     /// firewall's upstream moved): the firewall follows the database's
     /// configuration; one that does not parse leaves the one in force.
     fn follow_uplink(&mut self, firewall: &mut netstack::firewall::Firewall) {
-        let mut db = netstack::config::QubesDb::default();
-        let overrides = self.overrides.iter().map(|(k, v)| (k.as_str(), v.as_str()));
-        for (k, v) in self.client.entries().chain(overrides) {
-            if let Err(e) = db.set(k, v) {
-                println!("qubesdb: uplink: {e}; the configuration in force stays");
-                return;
-            }
-        }
-        let cfg = match netstack::config::NetConfig::from_db(&db) {
+        let cfg = self
+            .database()
+            .and_then(|db| netstack::config::NetConfig::from_db(&db).map_err(|e| e.to_string()));
+        let cfg = match cfg {
             Ok(c) => c,
             Err(e) => {
                 println!("qubesdb: uplink: {e}; the configuration in force stays");

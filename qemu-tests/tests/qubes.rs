@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use qemu_tests::kernel;
-use qemu_tests::xen::{XenImages, CLIENT_IMAGE, CORE_CHECK, QUBESDB_SERVER};
+use qemu_tests::xen::{XenImages, CLIENT_IMAGE, CORE_CHECK, NAME_SERVER, QUBESDB_SERVER};
 
 const FIREWALL_CFG: &str = r#"name = "portcullis"
 type = "pvh"
@@ -34,30 +34,11 @@ for m in xen-gntalloc xen-gntdev xen-evtchn; do modprobe $m 2>/dev/null; done
 @QDB@
 @CORE@
 @CLIENT@
-# sys-net's services on dom0's bridge: DNS (every name is 10.0.2.2, but
-# go.test only once /tmp/go exists: the clients' go-ahead) and TCP echo
-# servers on ports 5001 and 5002.
-cat > /dns.py <<'PY'
-import os, socket, struct
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("10.0.2.2", 53))
-while True:
-    q, peer = s.recvfrom(512)
-    if len(q) < 17:
-        continue
-    end = 12
-    while end < len(q) and q[end] != 0:
-        end += 1 + q[end]
-    name = q[12:end]
-    qtype = struct.unpack("!H", q[end + 1:end + 3])[0]
-    known = b"\x02go\x04test" != name or os.path.exists("/tmp/go")
-    flags = 0x8180 if known else 0x8183
-    answer = b""
-    if known and qtype == 1:
-        answer = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([10, 0, 2, 2])
-    s.sendto(q[:2] + struct.pack("!HHHHH", flags, 1, 1 if answer else 0, 0, 0) + q[12:end + 5] + answer, peer)
-PY
-python3 /dns.py > /tmp/dns.log 2>&1 &
+# sys-net's services on dom0's bridge: DNS (`NAME_SERVER`: every name is
+# 10.0.2.2, but go.test only once /tmp/go exists: the clients' go-ahead)
+# and TCP echo servers on ports 5001 and 5002.
+@NAMES@
+python3 /names.py 10.0.2.2 > /tmp/dns.log 2>&1 &
 busybox nc -ll -p 5001 -e /bin/cat > /dev/null 2>&1 &
 busybox nc -ll -p 5002 -e /bin/cat > /dev/null 2>&1 &
 # The firewall's QubesDB: three clients; 10.137.0.10 may ping, ask DNS
@@ -281,6 +262,7 @@ fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
     let script = SCRIPT
         .replace("@QDB@", QUBESDB_SERVER)
         .replace("@CORE@", CORE_CHECK)
+        .replace("@NAMES@", NAME_SERVER)
         .replace("@CLIENT@", CLIENT_IMAGE)
         .replace("@RESTARTS@", &RESTARTS.to_string());
     // PORTCULLIS_XL_EXTRA: lines added to every Portcullis domain's `xl`
