@@ -146,19 +146,30 @@ impl Resolver {
     /// New servers (the uplink's DNS changed): every name is asked again,
     /// from them (a query out to an old server is forgotten: its answer
     /// matches nothing). Addresses already known stay until the new
-    /// answers. With no server, nothing is asked and what is known stays.
-    pub fn set_servers(&mut self, servers: Vec<Ipv4Addr>) {
+    /// answers. With no server, nothing is asked and what is known stays;
+    /// a name never resolved is then settled, resolving to nothing, as at
+    /// creation: returned, for the rules waiting on it.
+    pub fn set_servers(&mut self, servers: Vec<Ipv4Addr>) -> Vec<Resolved> {
         self.servers = servers;
         let askable = !self.servers.is_empty();
+        let mut settled = Vec::new();
         for e in &mut self.entries {
             if askable && valid_name(&e.name) {
                 e.state = State::Due;
-            } else {
-                e.state = State::Done;
-                e.expires = u64::MAX;
+                continue;
+            }
+            e.state = State::Done;
+            e.expires = u64::MAX;
+            if !e.resolved {
                 e.resolved = true;
+                settled.push(Resolved {
+                    name: e.name.clone(),
+                    v6: e.v6,
+                    addrs: Vec::new(),
+                });
             }
         }
+        settled
     }
 
     /// Server number `i` (as in `Query::server`).
@@ -510,7 +521,7 @@ mod tests {
         // The uplink's DNS changed: the name is asked again, of the new
         // server; what the old one said stays meanwhile.
         let new = Ipv4Addr::new(192, 0, 2, 53);
-        r.set_servers(vec![new]);
+        assert!(r.set_servers(vec![new]).is_empty());
         let q = r.next_query(30, &mut buf).0.expect("asked again");
         assert_eq!(r.server(q.server), Some(new));
         assert_eq!(
@@ -520,9 +531,24 @@ mod tests {
         // The old server's late answer to the old query matches nothing.
         assert_eq!(r.answer(40, SERVER, &ans), None);
         // No server at all: nothing is asked, what is known stays.
-        r.set_servers(Vec::new());
+        assert!(r.set_servers(Vec::new()).is_empty(), "resolved before");
         assert!(r.next_query(50, &mut buf).0.is_none());
         assert!(r.resolved("example.com", false));
+        // A name still waiting when the servers go is settled to nothing
+        // (and said so), as one is at creation without servers.
+        let mut r = Resolver::new([("example.org", true)], vec![SERVER], 7);
+        assert!(r.next_query(0, &mut buf).0.is_some());
+        let settled = r.set_servers(Vec::new());
+        assert_eq!(
+            settled,
+            [Resolved {
+                name: "example.org".into(),
+                v6: true,
+                addrs: Vec::new()
+            }]
+        );
+        assert!(r.resolved("example.org", true));
+        assert!(r.next_query(60, &mut buf).0.is_none());
     }
 
     #[test]

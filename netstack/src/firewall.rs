@@ -707,7 +707,8 @@ impl Firewall {
         if change.dns {
             self.cfg.upstream_dns = new.upstream_dns;
             let servers = new.upstream_dns.iter().flatten().copied().collect();
-            self.resolver.set_servers(servers);
+            let settled = self.resolver.set_servers(servers);
+            self.apply_resolved(settled);
         }
         change
     }

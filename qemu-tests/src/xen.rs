@@ -681,7 +681,7 @@ for i in range(phnum):
         continue
     mem = phys(pa, filesz)
     if mem is None:
-        out("segment at %#x: not all in the dump" % pa)
+        out("segment at %#x: not all readable" % pa)
         damage.append("segment %#x missing" % pa)
         continue
     want = elf[off:off + filesz]
@@ -702,7 +702,7 @@ def walk(va):
     for level, shift in ((4, 39), (3, 30), (2, 21), (1, 12)):
         e = phys(table + 8 * ((va >> shift) & 511), 8)
         if e is None:
-            return "table %#x not in the dump" % table
+            return "table %#x not readable" % table
         e, = struct.unpack("<Q", e)
         if not e & 1:
             return "not present at level %d (entry %#x)" % (level, e)

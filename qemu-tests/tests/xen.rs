@@ -180,7 +180,7 @@ pings() {
 pings ping
 ip neigh show 10.0.2.15 | sed 's/^/test: neighbour: /'
 # The kernel's code and tables are as built while it forwards
-# (`CORE_CHECK` on a dump of the paused domain): the check that judges a
+# (`CORE_CHECK` reading the paused domain's memory): the check that judges a
 # domain that stopped is itself checked here.
 xl pause portcullis
 python3 /corecheck.py $(xl domid portcullis) /portcullis 2>&1 | sed 's/^/test: running: /'
@@ -248,7 +248,7 @@ fn images() -> XenImages {
 
 /// Whether the forwarding domain was stopped mid-run by the nested
 /// machine rather than by what it ran: it stopped (`test: lost`), and the
-/// dump taken then found its code, page tables, IDT, GDT and TSS as built
+/// check of its memory then found its code, page tables, IDT, GDT and TSS as built
 /// (`CORE_CHECK`'s sound verdict) — with those sound, any exception of
 /// its own reaches the kernel's reporter instead of resetting it. Seen
 /// in the nested machine now and then, together with dom0's processes

@@ -90,6 +90,11 @@ fn echo(icmp_type: u8, id: u16) -> Vec<u8> {
     s
 }
 
+/// A client's IPv4 packet to `dst` (TTL 64), from its own MAC on port 1.
+fn from_client(dst: Ipv4Addr, proto: u8, l4: &[u8]) -> Vec<u8> {
+    ipv4(DOWN_MAC, CLIENT_MAC, CLIENT, dst, 64, proto, l4)
+}
+
 /// Runs one frame through; returns the verdict and the output frame.
 pub(super) fn run(fw: &mut Firewall, now: u64, port: usize, frame: &[u8]) -> (Verdict, Vec<u8>) {
     let mut buf = alloc::vec![0u8; BUF];
@@ -192,15 +197,7 @@ fn answers_arp_for_the_gateway_and_proxies_for_clients() {
 #[test]
 fn nats_an_accepted_flow_and_translates_replies_back() {
     let mut fw = ready();
-    let syn = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_TCP,
-        &tcp_seg(40000, 5201, TCP_SYN),
-    );
+    let syn = from_client(SERVER, PROTO_TCP, &tcp_seg(40000, 5201, TCP_SYN));
     let (v, out) = run(&mut fw, 10, 1, &syn);
     assert_eq!(
         v,
@@ -251,15 +248,7 @@ fn nats_an_accepted_flow_and_translates_replies_back() {
     );
 
     // Mid-flow packets pass without the rules being asked again.
-    let ack = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_TCP,
-        &tcp_seg(40000, 5201, TCP_ACK),
-    );
+    let ack = from_client(SERVER, PROTO_TCP, &tcp_seg(40000, 5201, TCP_ACK));
     assert!(matches!(
         run(&mut fw, 12, 1, &ack).0,
         Verdict::Forward { port: UPLINK, .. }
@@ -271,15 +260,7 @@ fn nats_an_accepted_flow_and_translates_replies_back() {
 #[test]
 fn rejects_blocked_flows_with_admin_prohibited() {
     let mut fw = ready();
-    let syn = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_TCP,
-        &tcp_seg(40001, 22, TCP_SYN),
-    );
+    let syn = from_client(SERVER, PROTO_TCP, &tcp_seg(40001, 22, TCP_SYN));
     let (v, out) = run(&mut fw, 10, 1, &syn);
     assert!(matches!(v, Verdict::Forward { port: 1, .. }), "{v:?}");
     let i = parsed(&out);
@@ -294,15 +275,7 @@ fn rejects_blocked_flows_with_admin_prohibited() {
     assert_eq!(fw.flows(), 0);
     // UDP to a blocked port, and everything from a client whose rules
     // failed to parse.
-    let u = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_UDP,
-        &udp_seg(5000, 9999, b"x"),
-    );
+    let u = from_client(SERVER, PROTO_UDP, &udp_seg(5000, 9999, b"x"));
     assert!(matches!(
         run(&mut fw, 11, 1, &u).0,
         Verdict::Forward { port: 1, .. }
@@ -339,15 +312,7 @@ fn isolation_and_anti_spoofing() {
         run(&mut fw, 0, 1, &spoofed).0,
         Verdict::Drop(DropReason::Spoofed)
     );
-    let c2c = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        OTHER,
-        64,
-        PROTO_UDP,
-        &udp_seg(1, 5201, b""),
-    );
+    let c2c = from_client(OTHER, PROTO_UDP, &udp_seg(1, 5201, b""));
     assert_eq!(
         run(&mut fw, 0, 1, &c2c).0,
         Verdict::Drop(DropReason::ClientToClient)
@@ -367,15 +332,7 @@ fn isolation_and_anti_spoofing() {
     );
     // A client seen on port 1 cannot appear on port 2.
     let mut fw2 = Firewall::new(fw.config().clone(), alloc::vec![UP_MAC, DOWN_MAC, DOWN_MAC]);
-    let ok = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        Ipv4Addr::new(10, 137, 0, 1),
-        64,
-        PROTO_ICMP,
-        &echo(8, 1),
-    );
+    let ok = from_client(Ipv4Addr::new(10, 137, 0, 1), PROTO_ICMP, &echo(8, 1));
     assert!(matches!(
         run(&mut fw2, 0, 1, &ok).0,
         Verdict::Forward { port: 1, .. }
@@ -391,12 +348,8 @@ fn isolation_and_anti_spoofing() {
 #[test]
 fn redirects_dns_both_ways() {
     let mut fw = ready();
-    let q = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
+    let q = from_client(
         Ipv4Addr::new(10, 139, 1, 1),
-        64,
         PROTO_UDP,
         &udp_seg(33333, 53, b"query"),
     );
@@ -448,15 +401,7 @@ fn redirects_dns_both_ways() {
 #[test]
 fn answers_pings_to_its_own_addresses_and_forwards_others() {
     let mut fw = ready();
-    let p = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        Ipv4Addr::new(10, 137, 0, 1),
-        64,
-        PROTO_ICMP,
-        &echo(8, 7),
-    );
+    let p = from_client(Ipv4Addr::new(10, 137, 0, 1), PROTO_ICMP, &echo(8, 7));
     let (v, out) = run(&mut fw, 0, 1, &p);
     assert!(matches!(v, Verdict::Forward { port: 1, .. }));
     let i = parsed(&out);
@@ -477,15 +422,7 @@ fn answers_pings_to_its_own_addresses_and_forwards_others() {
     assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }));
     assert_eq!(parsed(&out).dst, GATEWAY);
     // Through the firewall: id translated, reply translated back.
-    let p = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_ICMP,
-        &echo(8, 7),
-    );
+    let p = from_client(SERVER, PROTO_ICMP, &echo(8, 7));
     let (_, out) = run(&mut fw, 0, 1, &p);
     let i = parsed(&out);
     let nat_id = get_u16(&out, i.l4 + 4).unwrap();
@@ -526,15 +463,7 @@ fn ttl_expiry_makes_time_exceeded() {
 #[test]
 fn translates_icmp_errors_quoting_a_natted_packet() {
     let mut fw = ready();
-    let p = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_UDP,
-        &udp_seg(5000, 5201, b"data"),
-    );
+    let p = from_client(SERVER, PROTO_UDP, &udp_seg(5000, 5201, b"data"));
     let (_, natted) = run(&mut fw, 0, 1, &p);
     // The server answers "port unreachable", quoting what it received.
     let i = parsed(&natted);
@@ -558,15 +487,7 @@ fn translates_icmp_errors_quoting_a_natted_packet() {
 #[test]
 fn malformed_frames_are_counted_drops() {
     let mut fw = ready();
-    let good = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_UDP,
-        &udp_seg(5000, 5201, b"data"),
-    );
+    let good = from_client(SERVER, PROTO_UDP, &udp_seg(5000, 5201, b"data"));
     let mut cases: Vec<(Vec<u8>, DropReason)> = Vec::new();
     cases.push((good[..10].to_vec(), DropReason::Runt));
     cases.push((alloc::vec![0u8; 1600], DropReason::Giant));
@@ -609,15 +530,7 @@ fn malformed_frames_are_counted_drops() {
 #[test]
 fn unresolved_next_hop_asks_arp_and_drops() {
     let mut fw = firewall();
-    let p = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_UDP,
-        &udp_seg(5000, 5201, b"x"),
-    );
+    let p = from_client(SERVER, PROTO_UDP, &udp_seg(5000, 5201, b"x"));
     assert_eq!(
         run(&mut fw, 0, 1, &p).0,
         Verdict::Drop(DropReason::ArpUnresolved)
@@ -630,15 +543,7 @@ fn unresolved_next_hop_asks_arp_and_drops() {
 fn every_truncation_of_every_frame_is_handled() {
     let mut fw = ready();
     let frames = [
-        ipv4(
-            DOWN_MAC,
-            CLIENT_MAC,
-            CLIENT,
-            SERVER,
-            64,
-            PROTO_TCP,
-            &tcp_seg(1, 5201, TCP_SYN),
-        ),
+        from_client(SERVER, PROTO_TCP, &tcp_seg(1, 5201, TCP_SYN)),
         ipv4(
             UP_MAC,
             GW_MAC,
@@ -690,15 +595,7 @@ fn fragments(frame: &[u8], at: usize, id: u16) -> (Vec<u8>, Vec<u8>) {
 fn fragments_follow_the_first_fragment() {
     let mut fw = ready();
     let body = [0x5au8; 100];
-    let whole = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_UDP,
-        &udp_seg(7000, 5201, &body),
-    );
+    let whole = from_client(SERVER, PROTO_UDP, &udp_seg(7000, 5201, &body));
     let (first, second) = fragments(&whole, 48, 0x1234);
     let (v1, out1) = run(&mut fw, 0, 1, &first);
     assert!(
@@ -763,15 +660,7 @@ fn fragments_follow_the_first_fragment() {
 #[test]
 fn stray_out_of_order_and_blocked_fragments_are_dropped() {
     let mut fw = ready();
-    let whole = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_UDP,
-        &udp_seg(7001, 5201, &[1u8; 100]),
-    );
+    let whole = from_client(SERVER, PROTO_UDP, &udp_seg(7001, 5201, &[1u8; 100]));
     let (first, second) = fragments(&whole, 48, 7);
     // A later fragment whose first fragment was never seen.
     assert_eq!(
@@ -798,15 +687,7 @@ fn stray_out_of_order_and_blocked_fragments_are_dropped() {
         "datagram forgotten"
     );
     // A blocked flow: the first fragment is rejected, the rest dropped.
-    let blocked = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_UDP,
-        &udp_seg(7002, 9999, &[2u8; 100]),
-    );
+    let blocked = from_client(SERVER, PROTO_UDP, &udp_seg(7002, 9999, &[2u8; 100]));
     let (b1, b2) = fragments(&blocked, 48, 8);
     assert!(
         matches!(run(&mut fw, 0, 1, &b1).0, Verdict::Forward { port: 1, .. }),
@@ -860,17 +741,7 @@ fn dsthost_rules_are_resolved_through_the_upstream_dns_server() {
     let mut fw = Firewall::new(cfg, alloc::vec![UP_MAC, DOWN_MAC]);
     let dns = Ipv4Addr::new(10, 0, 2, 3);
     let www = Ipv4Addr::new(93, 184, 216, 34);
-    let syn = |dst: Ipv4Addr, sport| {
-        ipv4(
-            DOWN_MAC,
-            CLIENT_MAC,
-            CLIENT,
-            dst,
-            64,
-            PROTO_TCP,
-            &tcp_seg(sport, 443, TCP_SYN),
-        )
-    };
+    let syn = |dst: Ipv4Addr, sport| from_client(dst, PROTO_TCP, &tcp_seg(sport, 443, TCP_SYN));
     // Until the names are resolved the client starts nothing, and there
     // is nothing to tell dom0 (`dns_info`).
     assert_eq!(
@@ -1045,15 +916,7 @@ fn forward_only_rewrites_ethernet_addresses_and_nothing_else() {
     fw.set_forward_only(true);
     // A port no rule allows, from a client: out unchanged but for the MACs
     // (no NAT, no TTL change), to the gateway.
-    let out = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
-        SERVER,
-        64,
-        PROTO_TCP,
-        &tcp_seg(40000, 22, TCP_SYN),
-    );
+    let out = from_client(SERVER, PROTO_TCP, &tcp_seg(40000, 22, TCP_SYN));
     let (v, sent) = run(&mut fw, 10, 1, &out);
     assert_eq!(
         v,
@@ -1369,17 +1232,7 @@ fn clients_follow_dom0s_list_of_connected_clients() {
 #[test]
 fn follows_a_new_uplink_address_gateway_and_dns() {
     let mut fw = ready();
-    let udp = |sport| {
-        ipv4(
-            DOWN_MAC,
-            CLIENT_MAC,
-            CLIENT,
-            SERVER,
-            64,
-            PROTO_UDP,
-            &udp_seg(sport, 5201, b"x"),
-        )
-    };
+    let udp = |sport| from_client(SERVER, PROTO_UDP, &udp_seg(sport, 5201, b"x"));
     let answer = |to: Ipv4Addr, dport| {
         ipv4(
             UP_MAC,
@@ -1464,12 +1317,8 @@ fn follows_a_new_uplink_address_gateway_and_dns() {
     assert_eq!(parsed(&back).dst, CLIENT);
     // The client's DNS (to the virtual server) goes to the new server
     // (off the uplink's subnet: through the gateway).
-    let query = ipv4(
-        DOWN_MAC,
-        CLIENT_MAC,
-        CLIENT,
+    let query = from_client(
         Ipv4Addr::new(10, 139, 1, 1),
-        64,
         PROTO_UDP,
         &udp_seg(
             5353,
@@ -1481,4 +1330,44 @@ fn follows_a_new_uplink_address_gateway_and_dns() {
     assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }), "{v:?}");
     let i = parsed(&out);
     assert_eq!((i.src, i.dst, i.dport), (new_ip, new_dns, 53));
+}
+
+#[test]
+fn a_dsthost_name_waiting_when_the_dns_servers_go_resolves_to_nothing() {
+    let db = "\
+/qubes-ip 10.0.2.15
+/qubes-netmask 255.255.255.0
+/qubes-gateway 10.0.2.2
+/qubes-primary-dns 10.0.2.3
+/qubes-netvm-gateway 10.137.0.1
+/connected-ips 10.137.0.10
+/qubes-firewall/10.137.0.10/policy drop
+/qubes-firewall/10.137.0.10/0000 action=accept proto=tcp dsthost=www.example.com
+/qubes-firewall/10.137.0.10/0001 action=accept proto=udp
+";
+    let mut fw = Firewall::new(
+        NetConfig::from_db(&QubesDb::parse_snapshot(db).unwrap()).unwrap(),
+        alloc::vec![UP_MAC, DOWN_MAC],
+    );
+    let reply = arp_frame(ARP_REPLY, GW_MAC, GATEWAY, UPLINK_IP, UP_MAC);
+    assert_eq!(run(&mut fw, 0, UPLINK, &reply).0, Verdict::Consumed);
+    let udp = from_client(SERVER, PROTO_UDP, &udp_seg(40000, 5201, b"x"));
+    assert_eq!(
+        run(&mut fw, 1, 1, &udp).0,
+        Verdict::Drop(DropReason::RulesPending)
+    );
+    // dom0 takes the DNS servers away before the name was answered: it
+    // resolves to nothing, so the rules apply (the UDP rule lets this
+    // through) instead of waiting for ever.
+    let no_dns = db.replace("/qubes-primary-dns 10.0.2.3\n", "");
+    let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(&no_dns).unwrap()).unwrap();
+    assert!(fw.set_uplink(&cfg).dns);
+    assert!(matches!(
+        run(&mut fw, 2, 1, &udp).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    assert_eq!(
+        fw.dns_info(),
+        [(IpAddr::V4(CLIENT), "www.example.com", &[][..])]
+    );
 }
