@@ -242,11 +242,15 @@ impl<B: BackIo> Nic for Netback<B> {
     /// request answered (OKAY, or ERROR for a frame refused). A frame may
     /// span several requests (`NETTXF_more_data`, as Linux netfront sends
     /// a frame whose bytes cross a page even without scatter-gather); a
-    /// chain not yet wholly published waits for the next batch.
+    /// chain not yet wholly published waits for the next batch. With
+    /// fewer free buffers than `max`, only as many frames are taken: the
+    /// rest wait in the client's ring (their requests unanswered) rather
+    /// than being refused, whatever the other clients hold.
     fn rx_batch(&mut self, pool: &mut PacketPool, out: &mut Vec<Packet>, max: usize) {
         if self.dead {
             return;
         }
+        let max = max.min(pool.available());
         let avail = self.requests(
             TX_RING,
             self.tx_req_cons,

@@ -76,7 +76,19 @@ pub struct BootConfig {
     /// `queues=N`: receive/transmit queue pairs asked of each virtio NIC
     /// (1-16; a device offering fewer gives what it has).
     pub queues: u16,
+    /// `clients=N`: client vifs served under Xen (Qubes's firewall VM
+    /// role), 1-`MAX_CLIENTS`: each is a dataplane port.
+    pub clients: usize,
 }
+
+/// Client vifs served when `clients=` is not given.
+pub const DEFAULT_CLIENTS: usize = 32;
+/// The most client vifs: a blocked loop waits on every client's event
+/// channel and the uplink's in one `SCHEDOP_poll`, which takes at most
+/// 128 ports; and each client's frontend state is watched in XenStore,
+/// whose default quota is 128 watches a domain (a few are the uplink's
+/// and the configuration's).
+pub const MAX_CLIENTS: usize = 100;
 
 impl Default for BootConfig {
     fn default() -> Self {
@@ -94,6 +106,7 @@ impl Default for BootConfig {
             firewall_off: false,
             generate: None,
             queues: 1,
+            clients: DEFAULT_CLIENTS,
         }
     }
 }
@@ -240,6 +253,15 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
                         expected: "queue pairs, 1-16",
                     }))?
             }
+            "clients" => {
+                config.clients = value
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=MAX_CLIENTS).contains(n))
+                    .ok_or(err(CmdlineErrorKind::BadValue {
+                        expected: "client vifs, 1-100",
+                    }))?
+            }
             "idle-wake-us" => {
                 let wake_us = value
                     .parse()
@@ -375,6 +397,12 @@ mod tests {
         assert_eq!(parse("queues=4").unwrap().queues, 4);
         assert_eq!(parse("queues=16").unwrap().queues, 16);
         for bad in ["queues=0", "queues=17", "queues=two"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse("").unwrap().clients, DEFAULT_CLIENTS);
+        assert_eq!(parse("clients=1").unwrap().clients, 1);
+        assert_eq!(parse("clients=100").unwrap().clients, MAX_CLIENTS);
+        for bad in ["clients=0", "clients=101", "clients=-1", "clients=many"] {
             assert!(parse(bad).is_err(), "{bad}");
         }
         let o: Vec<_> = qubesdb_overrides(line).collect();

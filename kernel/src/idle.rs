@@ -35,7 +35,7 @@ struct XenWait {
     /// Changed when the netfront reconnects (`set_xen_port`).
     port: AtomicU32,
     /// The client vifs' channels (0: none), `set_client_port`.
-    clients: [AtomicU32; crate::netback::CLIENT_VIFS],
+    clients: [AtomicU32; kernel::cmdline::MAX_CLIENTS],
     wake_ns: u64,
     shared: &'static gnttab::SharedInfo,
 }
@@ -54,7 +54,7 @@ pub fn start_xen(port: u32, wake_us: u32) -> bool {
     }
     XEN_WAIT.call_once(|| XenWait {
         port: AtomicU32::new(port),
-        clients: [const { AtomicU32::new(0) }; crate::netback::CLIENT_VIFS],
+        clients: [const { AtomicU32::new(0) }; kernel::cmdline::MAX_CLIENTS],
         wake_ns: u64::from(wake_us) * 1000,
         shared,
     });
@@ -81,7 +81,7 @@ impl XenWait {
     /// Blocks until a port is signalled or the timeout, unless `arm`
     /// (asking the devices to signal) says work is already waiting.
     fn block(&self, arm: impl FnOnce() -> bool) {
-        let mut ports = [0u32; 1 + crate::netback::CLIENT_VIFS];
+        let mut ports = [0u32; 1 + kernel::cmdline::MAX_CLIENTS];
         let mut n = 0;
         for p in core::iter::once(&self.port).chain(&self.clients) {
             let p = p.load(Ordering::Relaxed);

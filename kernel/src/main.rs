@@ -347,13 +347,12 @@ fn start_dataplane(
         // firewall VM): one port per client, ports 1..
         if config.layout.unwrap_or(Layout::Single) == Layout::Single {
             devices.extend(
-                (0..netback::CLIENT_VIFS)
+                (0..config.clients)
                     .map(|slot| ports::Port::Client(netback::ClientVif::new(slot, store))),
             );
             println!(
                 "netback: serving up to {} client vifs (ports 1-{}; our XenStore area backend/vif)",
-                netback::CLIENT_VIFS,
-                netback::CLIENT_VIFS
+                config.clients, config.clients
             );
         } else {
             println!("netback: client vifs are served in layout single only");

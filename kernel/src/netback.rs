@@ -6,8 +6,17 @@
 //! names us as `backend=`) writes the device's backend directory into our
 //! XenStore area, `backend/vif/<frontend domid>/<devid>` (`frontend`,
 //! `frontend-id`, `online`, `state` 1, `mac`, `ip`, ...), and waits for
-//! the backend to reach InitWait. A free slot looks there every
-//! `SCAN_MS` (one slot scans at a time) and claims a device nobody serves.
+//! the backend to reach InitWait. A free slot looks there when something
+//! changed in the area, and claims a device nobody serves.
+//!
+//! Watches, not polling: the area is watched (`backend/vif`: devices
+//! appearing and going, the toolstack's `online` and `state`), and so is
+//! each claimed device's frontend `state`. Any such event makes the
+//! claimed slots read their states and a free slot scan; without events
+//! nothing is read, however many slots there are. A slow fallback
+//! (`FALLBACK_MS`) covers an event that never comes; a slot whose
+//! frontend could not be watched (XenStore's quota of watches) reads its
+//! states every `UNWATCHED_MS` instead.
 //!
 //! The handshake, as Linux netback does it (`xen_shim::netif::backend_step`
 //! decides from the frontend's state and ours): write the features we
@@ -31,7 +40,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::net::IpAddr;
-use core::sync::atomic::{AtomicU64, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use drivers::netback::{BackIo, Direction, GrantCopy, Netback, RINGS_BYTES};
 use drivers::{DmaRegion, Nic, NicStats, Packet, PacketPool};
@@ -41,17 +50,31 @@ use xen_shim::netif::{backend_step, BackendStep, XenbusState};
 use crate::xenstore::SharedStore;
 use crate::{clock, idle, phys, xen};
 
-/// Client vifs served at most (dataplane ports 1..=CLIENT_VIFS).
-pub const CLIENT_VIFS: usize = 8;
 /// Our side's MAC on every client vif, as a Qubes net VM's vifs have.
 pub const CLIENT_SIDE_MAC: [u8; 6] = [0xfe, 0xff, 0xff, 0xff, 0xff, 0xff];
-/// How often a free slot looks for new devices (one slot at a time), and
-/// how often a claimed one reads its states.
-const SCAN_MS: u64 = 300;
-const CHECK_MS: u64 = 200;
+/// The token of the netback's XenStore watches.
+const WATCH_TOKEN: &str = "netback";
+/// How often the watch events are collected.
+const PUMP_MS: u64 = 10;
+/// A scan for new devices, and each claimed slot's reading of its states,
+/// at least this often even without events.
+const FALLBACK_MS: u64 = 5_000;
+/// How often a claimed slot whose frontend is not watched reads its
+/// states.
+const UNWATCHED_MS: u64 = 200;
 
-/// When the next scan for new devices is due (shared by the free slots).
+/// Watch events seen so far (any of the netback's watches).
+static CHANGES: AtomicU64 = AtomicU64::new(0);
+/// `CHANGES` when the last scan for new devices began; `u64::MAX` when
+/// the last scan claimed a device (there may be more: the next free slot
+/// scans again).
+static SCANNED: AtomicU64 = AtomicU64::new(u64::MAX);
+/// When the next fallback scan is due.
 static NEXT_SCAN_MS: AtomicU64 = AtomicU64::new(0);
+/// When the watch events are next collected.
+static NEXT_PUMP_MS: AtomicU64 = AtomicU64::new(0);
+/// Whether the backend area is watched.
+static AREA_WATCHED: AtomicBool = AtomicBool::new(false);
 /// Backend directories a slot serves.
 static CLAIMED: spin::Mutex<Vec<String>> = spin::Mutex::new(Vec::new());
 
@@ -69,6 +92,41 @@ fn scan_error(path: &str, e: xen_shim::xenstore::XsError) {
         println!("netback: looking for client vifs: {text}");
         *last = Some(text);
     }
+}
+
+/// Collects the netback's watch events (every `PUMP_MS`), watching the
+/// backend area first if it is not yet: each event counts in `CHANGES`.
+/// (XenStore fires a new watch once at once: the first scan.)
+fn pump(store: &mut SharedStore, now: u64) {
+    if NEXT_PUMP_MS.load(Ordering::Relaxed) > now {
+        return;
+    }
+    NEXT_PUMP_MS.store(now + PUMP_MS, Ordering::Relaxed);
+    if !AREA_WATCHED.load(Ordering::Relaxed) {
+        match store.watch("backend/vif", WATCH_TOKEN) {
+            Ok(()) => AREA_WATCHED.store(true, Ordering::Relaxed),
+            Err(e) => scan_error("watching backend/vif", e),
+        }
+    }
+    match store.poll_events_for(&[WATCH_TOKEN]) {
+        Ok(events) if !events.is_empty() => {
+            CHANGES.fetch_add(events.len() as u64, Ordering::Relaxed);
+        }
+        Ok(_) => {}
+        Err(e) => scan_error("watch events", e),
+    }
+}
+
+/// Whether a free slot should scan now: something changed since the last
+/// scan, or the fallback is due. The caller scans.
+fn scan_due(now: u64) -> bool {
+    let changes = CHANGES.load(Ordering::Relaxed);
+    if SCANNED.load(Ordering::Relaxed) == changes && NEXT_SCAN_MS.load(Ordering::Relaxed) > now {
+        return false;
+    }
+    SCANNED.store(changes, Ordering::Relaxed);
+    NEXT_SCAN_MS.store(now + FALLBACK_MS, Ordering::Relaxed);
+    true
 }
 
 /// Grant copies with one client domain, and the event channel to it.
@@ -143,7 +201,12 @@ pub struct ClientVif {
     generation: u64,
     /// Counters of earlier clients, and frames dropped with no client.
     past: NicStats,
+    /// `CHANGES` when the slot last read its states, and when it must
+    /// read them again without an event.
+    seen: u64,
     next_check_ms: u64,
+    /// The frontend `state` path watched for the claimed device.
+    watching: Option<String>,
 }
 
 fn state(store: &mut SharedStore, path: &str) -> Option<XenbusState> {
@@ -168,7 +231,9 @@ impl ClientVif {
             addrs: Vec::new(),
             generation: 0,
             past: NicStats::default(),
+            seen: 0,
             next_check_ms: 0,
+            watching: None,
         }
     }
 
@@ -253,6 +318,19 @@ impl ClientVif {
             return;
         }
         CLAIMED.lock().push(path);
+        // Another scan, by the next free slot: more devices may wait.
+        SCANNED.store(u64::MAX, Ordering::Relaxed);
+        let theirs = format!("{}/state", d.frontend);
+        self.watching = match self.store.watch(&theirs, WATCH_TOKEN) {
+            Ok(()) => Some(theirs),
+            Err(e) => {
+                println!(
+                    "netback: vif{}: watching {theirs}: {e:?}; reading it every {UNWATCHED_MS} ms",
+                    self.port_name()
+                );
+                None
+            }
+        };
         println!(
             "netback: vif{}: domain {} ({}) found; waiting for its frontend",
             self.port_name(),
@@ -339,6 +417,9 @@ impl ClientVif {
                 .write(&format!("{}/state", d.path), XenbusState::Closed.value());
         }
         CLAIMED.lock().retain(|p| *p != d.path);
+        if let Some(theirs) = self.watching.take() {
+            let _ = self.store.unwatch(&theirs, WATCH_TOKEN);
+        }
         idle::set_client_port(self.slot, 0);
         self.set_addrs(Vec::new());
         self.vif = Vif::Free;
@@ -390,13 +471,12 @@ impl ClientVif {
         addrs
     }
 
-    /// Moves the slot on (every `CHECK_MS`).
-    fn check(&mut self) {
+    /// Moves the slot on: a free slot scans when one is due, a claimed
+    /// one reads its states.
+    fn check(&mut self, now: u64) {
         match core::mem::replace(&mut self.vif, Vif::Free) {
             Vif::Free => {
-                let now = clock::recent_ms();
-                if NEXT_SCAN_MS.load(Ordering::Relaxed) <= now {
-                    NEXT_SCAN_MS.store(now + SCAN_MS, Ordering::Relaxed);
+                if scan_due(now) {
                     self.scan();
                 }
             }
@@ -484,10 +564,22 @@ impl Nic for ClientVif {
 
     fn maintain(&mut self, _pool: &mut PacketPool) {
         let now = clock::recent_ms();
+        pump(&mut self.store, now);
+        if matches!(self.vif, Vif::Free) {
+            self.check(now);
+            return;
+        }
+        let changes = CHANGES.load(Ordering::Relaxed);
         let dead = matches!(&self.vif, Vif::Up(_, nb, _) if nb.is_dead());
-        if now >= self.next_check_ms || dead {
-            self.next_check_ms = now + CHECK_MS;
-            self.check();
+        if changes != self.seen || now >= self.next_check_ms || dead {
+            self.seen = changes;
+            let every = if self.watching.is_some() {
+                FALLBACK_MS
+            } else {
+                UNWATCHED_MS
+            };
+            self.next_check_ms = now + every;
+            self.check(now);
         }
     }
 

@@ -31,11 +31,13 @@ impl Port {
 
     /// Packet buffers the port may hold at once: a full receive ring and
     /// transmit ring per queue pair; a client vif holds buffers only for
-    /// a batch of copies (its frames wait in the client's pages).
+    /// a batch of copies, and its frames wait in the client's pages while
+    /// buffers are short (`drivers::netback`), so a share of a batch each
+    /// and the common spares are enough.
     pub fn buffers(&self) -> usize {
         let ring = usize::from(drivers::virtio_net::QUEUE_SIZE);
         match self {
-            Port::Client(_) => 64,
+            Port::Client(_) => 16,
             _ => self.queue_pairs() * 2 * ring,
         }
     }

@@ -214,6 +214,27 @@ i=0
 until grep -q "qubesdb: reloaded" $log 2>/dev/null || [ $i -ge 300 ]; do sleep 0.1; i=$((i + 1)); done
 sleep 2
 sed 's/^/test: qdb2: /' /tmp/qdb2.log
+# dom0 plays the toolstack and a client's frontend for a vif in our
+# backend area (as libxl writes it for `backend=portcullis`): a free slot
+# must claim it (InitWait, the features), and let it go (Closed) when the
+# frontend closes; the area and the frontend's state are watched.
+pc=$(xl domid portcullis)
+be=/local/domain/$pc/backend/vif/0/7
+fe=/local/domain/0/device/vif/7
+xenstore-write $fe/state 1
+xenstore-chmod -r $fe n0 r$pc
+xenstore-write $be/frontend $fe $be/frontend-id 0 $be/ip 10.137.0.77 $be/mac 00:16:3e:00:00:77 $be/state 1 $be/online 1
+xenstore-chmod -r /local/domain/$pc/backend n$pc r0
+wait_state() {
+    t=$(ms); i=0
+    until [ "$(xenstore-read $be/state 2>/dev/null)" = "$1" ] || [ $i -ge 150 ]; do sleep 0.1; i=$((i + 1)); done
+    echo "test: fake vif: $2: state $(xenstore-read $be/state 2>&1) after $(( $(ms) - t )) ms"
+}
+wait_state 2 offered
+xenstore-read $be/feature-rx-copy | sed 's/^/test: fake vif: feature-rx-copy /'
+xenstore-write $fe/state 6
+wait_state 6 released
+xenstore-rm $be; xenstore-rm $fe
 still_running "the detach"
 # The backend goes away and comes back: traffic must resume without a
 # reboot.
@@ -600,7 +621,29 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "{connected:?}"
     );
     assert!(
-        has("netback: serving up to 8 client vifs (ports 1-8; our XenStore area backend/vif)"),
+        has("netback: serving up to 32 client vifs (ports 1-32; our XenStore area backend/vif)"),
+        "{guest:#?}"
+    );
+    // A vif appearing in our backend area is claimed by a free slot and
+    // offered our features; its frontend closing lets it go.
+    let fake = test("test: fake vif: ");
+    assert!(
+        fake.iter()
+            .any(|l| l.starts_with("offered: state 2 after ")),
+        "{fake:?}\n{guest:#?}"
+    );
+    assert!(fake.contains(&"feature-rx-copy 1"), "{fake:?}");
+    assert!(
+        fake.iter()
+            .any(|l| l.starts_with("released: state 6 after ")),
+        "{fake:?}\n{guest:#?}"
+    );
+    assert!(
+        has("netback: vif1: domain 0 (backend/vif/0/7) found; waiting for its frontend"),
+        "{guest:#?}"
+    );
+    assert!(
+        has("netback: vif1: domain 0: its frontend closed; disconnected"),
         "{guest:#?}"
     );
     // Idle, the loop blocks in Xen on the netfront's event channel.

@@ -232,6 +232,41 @@ fn receives_what_the_client_sends_by_copy_and_answers_each_request() {
     assert_eq!(r.tx_responses().len(), 3);
 }
 
+/// With the buffers short (other ports hold them), frames wait in the
+/// client's ring, unanswered, and arrive once buffers are back: none is
+/// refused for want of a buffer.
+#[test]
+fn frames_wait_in_the_ring_while_buffers_are_short() {
+    let mut r = rig();
+    let mut held = Vec::new();
+    while r.pool.available() > 2 {
+        held.push(r.pool.alloc().unwrap());
+    }
+    for gref in 1..=5 {
+        r.client_sends(gref, 0, &frame(gref as u8, 60), |_| {});
+    }
+    r.publish_tx();
+    let mut got = Vec::new();
+    r.nb.rx_batch(&mut r.pool, &mut got, 64);
+    assert_eq!(got.len(), 2, "as many frames as free buffers");
+    assert_eq!(r.tx_responses().len(), 2, "the others are not answered yet");
+    let mut none = Vec::new();
+    r.nb.rx_batch(&mut r.pool, &mut none, 64);
+    assert!(none.is_empty(), "no buffer, nothing taken");
+    for b in held.drain(..) {
+        r.pool.free(b);
+    }
+    r.nb.rx_batch(&mut r.pool, &mut got, 64);
+    assert_eq!(got.len(), 5);
+    for (p, tag) in got.iter_mut().zip(1u8..) {
+        assert_eq!(r.pool.frame(p), &frame(tag, 60)[..]);
+    }
+    let rsp = r.tx_responses();
+    assert_eq!(rsp.len(), 5);
+    assert!(rsp.iter().all(|x| x.status == NETIF_RSP_OKAY));
+    assert_eq!(r.nb.stats().rx_errors, 0);
+}
+
 /// Requests a backend without scatter-gather or GSO must refuse, and a
 /// grant the hypervisor will not copy: each answered with an error and
 /// counted, no buffer kept; the good request among them still arrives.
