@@ -46,6 +46,7 @@ use drivers::netback::{BackIo, Direction, GrantCopy, Netback, RINGS_BYTES};
 use drivers::{DmaRegion, Nic, NicStats, Packet, PacketPool};
 use xen_shim::grant::{GnttabCopy, GNTST_OKAY};
 use xen_shim::netif::{backend_step, BackendStep, XenbusState};
+use xen_shim::xenstore::{self, WatchLog};
 
 use crate::xenstore::SharedStore;
 use crate::{clock, idle, phys, xen};
@@ -63,12 +64,14 @@ const FALLBACK_MS: u64 = 5_000;
 /// states.
 const UNWATCHED_MS: u64 = 200;
 
-/// Watch events seen so far (any of the netback's watches).
-static CHANGES: AtomicU64 = AtomicU64::new(0);
-/// `CHANGES` when the last scan for new devices began; `u64::MAX` when
-/// the last scan claimed a device (there may be more: the next free slot
-/// scans again).
-static SCANNED: AtomicU64 = AtomicU64::new(u64::MAX);
+/// The netback's recent watch events, for each slot to find those about
+/// its device.
+static EVENTS: spin::Mutex<WatchLog> = spin::Mutex::new(WatchLog::new());
+/// `EVENTS.next()` when the last scan for new devices began.
+static SCANNED: AtomicU64 = AtomicU64::new(0);
+/// The last scan claimed a device: there may be more, the next free slot
+/// scans again (also set for the first scan).
+static RESCAN: AtomicBool = AtomicBool::new(true);
 /// When the next fallback scan is due.
 static NEXT_SCAN_MS: AtomicU64 = AtomicU64::new(0);
 /// When the watch events are next collected.
@@ -94,9 +97,8 @@ fn scan_error(path: &str, e: xen_shim::xenstore::XsError) {
     }
 }
 
-/// Collects the netback's watch events (every `PUMP_MS`), watching the
-/// backend area first if it is not yet: each event counts in `CHANGES`.
-/// (XenStore fires a new watch once at once: the first scan.)
+/// Collects the netback's watch events (every `PUMP_MS`) into `EVENTS`,
+/// watching the backend area first if it is not yet.
 fn pump(store: &mut SharedStore, now: u64) {
     if NEXT_PUMP_MS.load(Ordering::Relaxed) > now {
         return;
@@ -109,24 +111,32 @@ fn pump(store: &mut SharedStore, now: u64) {
         }
     }
     match store.poll_events_for(&[WATCH_TOKEN]) {
-        Ok(events) if !events.is_empty() => {
-            CHANGES.fetch_add(events.len() as u64, Ordering::Relaxed);
+        Ok(events) => {
+            let mut log = EVENTS.lock();
+            for (path, _) in events {
+                log.push(path);
+            }
         }
-        Ok(_) => {}
         Err(e) => scan_error("watch events", e),
     }
 }
 
-/// Whether a free slot should scan now: something changed since the last
-/// scan, or the fallback is due. The caller scans.
+/// Whether a free slot should scan now: something changed in the area
+/// that is not a claimed device's own business, the last scan claimed a
+/// device, or the fallback is due. The caller scans.
 fn scan_due(now: u64) -> bool {
-    let changes = CHANGES.load(Ordering::Relaxed);
-    if SCANNED.load(Ordering::Relaxed) == changes && NEXT_SCAN_MS.load(Ordering::Relaxed) > now {
-        return false;
+    let log = EVENTS.lock();
+    let due = RESCAN.swap(false, Ordering::Relaxed)
+        || NEXT_SCAN_MS.load(Ordering::Relaxed) <= now
+        || log.since(SCANNED.load(Ordering::Relaxed), |p| {
+            xenstore::within(p, "backend/vif")
+                && !CLAIMED.lock().iter().any(|c| xenstore::within(p, c))
+        });
+    if due {
+        SCANNED.store(log.next(), Ordering::Relaxed);
+        NEXT_SCAN_MS.store(now + FALLBACK_MS, Ordering::Relaxed);
     }
-    SCANNED.store(changes, Ordering::Relaxed);
-    NEXT_SCAN_MS.store(now + FALLBACK_MS, Ordering::Relaxed);
-    true
+    due
 }
 
 /// Grant copies with one client domain, and the event channel to it.
@@ -201,8 +211,8 @@ pub struct ClientVif {
     generation: u64,
     /// Counters of earlier clients, and frames dropped with no client.
     past: NicStats,
-    /// `CHANGES` when the slot last read its states, and when it must
-    /// read them again without an event.
+    /// `EVENTS.next()` when the slot last read its states, and when it
+    /// must read them again without an event.
     seen: u64,
     next_check_ms: u64,
     /// The frontend `state` path watched for the claimed device.
@@ -319,7 +329,7 @@ impl ClientVif {
         }
         CLAIMED.lock().push(path);
         // Another scan, by the next free slot: more devices may wait.
-        SCANNED.store(u64::MAX, Ordering::Relaxed);
+        RESCAN.store(true, Ordering::Relaxed);
         let theirs = format!("{}/state", d.frontend);
         self.watching = match self.store.watch(&theirs, WATCH_TOKEN) {
             Ok(()) => Some(theirs),
@@ -569,10 +579,19 @@ impl Nic for ClientVif {
             self.check(now);
             return;
         }
-        let changes = CHANGES.load(Ordering::Relaxed);
+        let (changed, next) = {
+            let log = EVENTS.lock();
+            let changed = match &self.vif {
+                Vif::Offered(d) | Vif::Up(d, ..) => {
+                    log.any_since(self.seen, &[&d.path, &d.frontend])
+                }
+                Vif::Free => false,
+            };
+            (changed, log.next())
+        };
         let dead = matches!(&self.vif, Vif::Up(_, nb, _) if nb.is_dead());
-        if changes != self.seen || now >= self.next_check_ms || dead {
-            self.seen = changes;
+        if changed || now >= self.next_check_ms || dead {
+            self.seen = next;
             let every = if self.watching.is_some() {
                 FALLBACK_MS
             } else {

@@ -214,27 +214,37 @@ i=0
 until grep -q "qubesdb: reloaded" $log 2>/dev/null || [ $i -ge 300 ]; do sleep 0.1; i=$((i + 1)); done
 sleep 2
 sed 's/^/test: qdb2: /' /tmp/qdb2.log
-# dom0 plays the toolstack and a client's frontend for a vif in our
-# backend area (as libxl writes it for `backend=portcullis`): a free slot
-# must claim it (InitWait, the features), and let it go (Closed) when the
-# frontend closes; the area and the frontend's state are watched.
+# dom0 plays the toolstack and ten clients' frontends for vifs in our
+# backend area (as libxl writes them for `backend=portcullis`), all at
+# once: each must be claimed by a slot of its own (InitWait, the
+# features), and let go (Closed) when its frontend closes; the area and
+# each frontend's state are watched.
 pc=$(xl domid portcullis)
-be=/local/domain/$pc/backend/vif/0/7
-fe=/local/domain/0/device/vif/7
-xenstore-write $fe/state 1
-xenstore-chmod -r $fe n0 r$pc
-xenstore-write $be/frontend $fe $be/frontend-id 0 $be/ip 10.137.0.77 $be/mac 00:16:3e:00:00:77 $be/state 1 $be/online 1
+fakes="7 8 9 10 11 12 13 14 15 16"
+t=$(ms)
+for n in $fakes; do
+    be=/local/domain/$pc/backend/vif/0/$n
+    fe=/local/domain/0/device/vif/$n
+    xenstore-write $fe/state 1
+    xenstore-chmod -r $fe n0 r$pc
+    xenstore-write $be/frontend $fe $be/frontend-id 0 $be/ip 10.137.0.$((70 + n)) $be/mac 00:16:3e:00:01:$n $be/state 1 $be/online 1
+done
 xenstore-chmod -r /local/domain/$pc/backend n$pc r0
-wait_state() {
-    t=$(ms); i=0
-    until [ "$(xenstore-read $be/state 2>/dev/null)" = "$1" ] || [ $i -ge 150 ]; do sleep 0.1; i=$((i + 1)); done
-    echo "test: fake vif: $2: state $(xenstore-read $be/state 2>&1) after $(( $(ms) - t )) ms"
+# Until every fake vif's backend state is $1 (15 s at most).
+wait_states() {
+    while :; do
+        n=$(xenstore-ls -f /local/domain/$pc/backend/vif/0 2>/dev/null | grep -c "^/local/domain/$pc/backend/vif/0/[0-9]*/state = \"$1\"")
+        [ "$n" -ge 10 ] || [ $(( $(ms) - t )) -ge 15000 ] && break
+        sleep 0.1
+    done
+    echo "test: fake vifs: $2: $((10 - n)) of 10 not in state $1 after $(( $(ms) - t )) ms"
 }
-wait_state 2 offered
-xenstore-read $be/feature-rx-copy | sed 's/^/test: fake vif: feature-rx-copy /'
-xenstore-write $fe/state 6
-wait_state 6 released
-xenstore-rm $be; xenstore-rm $fe
+wait_states 2 offered
+for n in $fakes; do xenstore-read /local/domain/$pc/backend/vif/0/$n/feature-rx-copy; done | sort | uniq -c | sed 's/^ */test: fake vifs: feature-rx-copy /'
+t=$(ms)
+for n in $fakes; do xenstore-write /local/domain/0/device/vif/$n/state 6; done
+wait_states 6 released
+for n in $fakes; do xenstore-rm /local/domain/$pc/backend/vif/0/$n; xenstore-rm /local/domain/0/device/vif/$n; done
 still_running "the detach"
 # The backend goes away and comes back: traffic must resume without a
 # reboot.
@@ -624,28 +634,26 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         has("netback: serving up to 32 client vifs (ports 1-32; our XenStore area backend/vif)"),
         "{guest:#?}"
     );
-    // A vif appearing in our backend area is claimed by a free slot and
-    // offered our features; its frontend closing lets it go.
-    let fake = test("test: fake vif: ");
+    // Ten vifs appearing in our backend area at once are claimed by ten
+    // slots and offered our features; their frontends closing lets them
+    // go.
+    let fake = test("test: fake vifs: ");
     assert!(
         fake.iter()
-            .any(|l| l.starts_with("offered: state 2 after ")),
+            .any(|l| l.starts_with("offered: 0 of 10 not in state 2 after ")),
         "{fake:?}\n{guest:#?}"
     );
-    assert!(fake.contains(&"feature-rx-copy 1"), "{fake:?}");
+    assert!(fake.contains(&"feature-rx-copy 10 1"), "{fake:?}");
     assert!(
         fake.iter()
-            .any(|l| l.starts_with("released: state 6 after ")),
+            .any(|l| l.starts_with("released: 0 of 10 not in state 6 after ")),
         "{fake:?}\n{guest:#?}"
     );
-    assert!(
-        has("netback: vif1: domain 0 (backend/vif/0/7) found; waiting for its frontend"),
-        "{guest:#?}"
-    );
-    assert!(
-        has("netback: vif1: domain 0: its frontend closed; disconnected"),
-        "{guest:#?}"
-    );
+    for slot in 1..=10 {
+        let found = format!("netback: vif{slot}: domain 0 (backend/vif/0/");
+        let gone = format!("netback: vif{slot}: domain 0: its frontend closed; disconnected");
+        assert!(has(&found) && has(&gone), "slot {slot}: {guest:#?}");
+    }
     // Idle, the loop blocks in Xen on the netfront's event channel.
     assert!(
         has("idle: block in Xen (SCHEDOP_poll on event channel "),

@@ -219,6 +219,101 @@ pub fn used(prod: u32, cons: u32) -> Result<u32, XsError> {
     crate::ring_distance(prod, cons, RING_SIZE).ok_or(XsError::BadIndices)
 }
 
+/// Recent watch events, numbered, for several parties that each ask what
+/// happened since they last looked (the netback's slots: each reads its
+/// device's states only when an event is about it). Bounded: the oldest
+/// are dropped, and a party that missed some is told so (it must then
+/// look whatever the events were).
+#[derive(Debug, Default)]
+pub struct WatchLog {
+    next: u64,
+    recent: alloc::collections::VecDeque<(u64, String)>,
+}
+
+/// Events a `WatchLog` keeps.
+pub const WATCH_LOG_LEN: usize = 256;
+
+impl WatchLog {
+    pub const fn new() -> Self {
+        Self {
+            next: 0,
+            recent: alloc::collections::VecDeque::new(),
+        }
+    }
+
+    /// Records one event's path.
+    pub fn push(&mut self, path: String) {
+        if self.recent.len() == WATCH_LOG_LEN {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((self.next, path));
+        self.next += 1;
+    }
+
+    /// The number the next event will get: what a party remembers as
+    /// "seen up to here".
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Whether an event since `seen` (a past `next()`) is about one of
+    /// `nodes` (`concerns`), or some were dropped before the party saw
+    /// them.
+    pub fn any_since(&self, seen: u64, nodes: &[&str]) -> bool {
+        self.since(seen, |p| nodes.iter().any(|n| concerns(p, n)))
+    }
+
+    /// Whether an event since `seen` satisfies `is`, or some were dropped
+    /// before the party saw them.
+    pub fn since(&self, seen: u64, is: impl Fn(&str) -> bool) -> bool {
+        if seen >= self.next {
+            return false;
+        }
+        match self.recent.front() {
+            Some((first, _)) if *first > seen => true,
+            None => true,
+            Some(_) => self
+                .recent
+                .iter()
+                .filter(|(n, _)| *n >= seen)
+                .any(|(_, p)| is(p)),
+        }
+    }
+}
+
+/// Whether a watch event for `event` may have changed `node`: the node
+/// itself, something below it, or an ancestor (removing a directory
+/// fires the watches below it with their own paths, but a watch on the
+/// directory itself reports the directory).
+pub fn concerns(event: &str, node: &str) -> bool {
+    within(event, node) || within(node, event)
+}
+
+/// Whether `path` is `node` or below it. A path relative to our home
+/// (`backend/...`) and its absolute form (`/local/domain/<n>/backend/...`)
+/// are the same node; two absolute paths are compared as given (a
+/// frontend in another domain is not ours however its tail reads).
+pub fn within(path: &str, node: &str) -> bool {
+    fn relative(p: &str) -> &str {
+        let Some(rest) = p.strip_prefix("/local/domain/") else {
+            return p;
+        };
+        match rest.split_once('/') {
+            Some((id, tail)) if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) => tail,
+            _ => p,
+        }
+    }
+    let below = |a: &str, b: &str| {
+        a.strip_prefix(b)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    };
+    if path.starts_with('/') && node.starts_with('/') {
+        below(path, node)
+    } else {
+        below(relative(path), relative(node))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -358,5 +453,61 @@ mod tests {
         assert_eq!(used(3, u32::MAX - 2), Ok(6), "wraps");
         assert_eq!(used(2000, 0), Err(XsError::BadIndices));
         assert_eq!(used(0, 1), Err(XsError::BadIndices), "consumer ahead");
+    }
+
+    #[test]
+    fn which_events_concern_which_nodes() {
+        let dev = "backend/vif/12/0";
+        for e in [
+            "backend/vif/12/0",
+            "backend/vif/12/0/state",
+            "backend/vif/12",
+            "backend/vif",
+            "/local/domain/7/backend/vif/12/0/online",
+        ] {
+            assert!(concerns(e, dev), "{e}");
+        }
+        for e in [
+            "backend/vif/12/00",
+            "backend/vif/120/0/state",
+            "backend/vif/1",
+            "device/vif/0/state",
+            "/local/domain/12/device/vif/0/state",
+        ] {
+            assert!(!concerns(e, dev), "{e}");
+        }
+        let fe = "/local/domain/12/device/vif/0";
+        assert!(concerns("/local/domain/12/device/vif/0/state", fe));
+        assert!(concerns("/local/domain/12", fe), "the domain went");
+        assert!(!concerns("/local/domain/13/device/vif/0/state", fe));
+        assert!(!concerns("/local/domain/1/device/vif/0/state", fe));
+        assert!(!concerns("backend/vif/12/0/state", fe));
+        assert!(within("backend/vif/12/0/state", "backend/vif"));
+        assert!(!within("backend/vif", "backend/vif/12/0"));
+        assert!(!within("backend/vifs/1", "backend/vif"));
+    }
+
+    #[test]
+    fn a_watch_log_tells_each_party_what_is_new() {
+        let mut log = WatchLog::default();
+        let start = log.next();
+        assert!(!log.any_since(start, &["backend/vif/1/0"]), "nothing yet");
+        log.push("backend/vif/1/0/state".into());
+        log.push("/local/domain/2/device/vif/0/state".into());
+        assert!(log.any_since(start, &["backend/vif/1/0"]));
+        assert!(log.any_since(start, &["/local/domain/2/device/vif/0"]));
+        assert!(!log.any_since(start, &["backend/vif/3/0"]));
+        let seen = log.next();
+        assert!(!log.any_since(seen, &["backend/vif/1/0"]), "already seen");
+        log.push("backend/vif/3/0/online".into());
+        assert!(log.any_since(seen, &["backend/vif/3/0"]));
+        assert!(!log.any_since(seen, &["backend/vif/1/0"]));
+        // A party that fell behind the kept events must look anyway.
+        for _ in 0..WATCH_LOG_LEN {
+            log.push("elsewhere".into());
+        }
+        assert!(log.any_since(seen, &["backend/vif/1/0"]));
+        assert!(!log.any_since(log.next(), &["backend/vif/1/0"]));
+        assert!(log.since(log.next() - 1, |p| p == "elsewhere"));
     }
 }
