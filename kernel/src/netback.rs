@@ -114,8 +114,9 @@ fn pump(store: &mut SharedStore, now: u64) {
         Ok(events) => {
             let mut log = EVENTS.lock();
             for (path, _) in events {
-                log.push(path);
+                log.push(path, now);
             }
+            log.prune(now);
         }
         Err(e) => scan_error("watch events", e),
     }

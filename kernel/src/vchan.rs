@@ -607,6 +607,18 @@ impl QubesDbLink {
                 .collect();
             println!("qubesdb: upstream DNS now {}", dns.join(" "));
         }
+        if change.ip6 {
+            match cfg.ip6 {
+                Some(v6) => println!(
+                    "qubesdb: IPv6 now {} gateway {} client-gateway {} ({} flows ended)",
+                    v6.uplink_ip, v6.gateway, v6.client_gateway, change.flows_ended6
+                ),
+                None => println!(
+                    "qubesdb: IPv6 now off ({} flows ended)",
+                    change.flows_ended6
+                ),
+            }
+        }
     }
 
     /// After a reconnection: the connected clients and every client's
@@ -738,6 +750,9 @@ fn is_uplink_key(path: &str) -> bool {
             | "/qubes-gateway"
             | "/qubes-primary-dns"
             | "/qubes-secondary-dns"
+            | "/qubes-ip6"
+            | "/qubes-gateway6"
+            | "/qubes-netvm-gateway6"
     )
 }
 

@@ -27,7 +27,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use hashbrown::HashMap;
 
-use crate::config::{ClientConfig, NetConfig};
+use crate::config::{ClientConfig, Ipv6Config, NetConfig};
 use crate::conntrack::{Addr, Conntrack, CreateError, Flow, Outbound, Tuple};
 use crate::dns::{Resolved, Resolver, DNS_PORT, RESOLVER_PORT};
 use crate::ipv6::{is_ipv6_multicast_mac, PROTO_ICMPV6};
@@ -216,8 +216,14 @@ pub struct UplinkChange {
     pub gateway: bool,
     /// The upstream DNS servers.
     pub dns: bool,
-    /// Flows ended by a new address.
+    /// The IPv6 configuration (`/qubes-ip6`, `/qubes-gateway6`,
+    /// `/qubes-netvm-gateway6`): IPv6 turned on or off, or one of its
+    /// addresses.
+    pub ip6: bool,
+    /// IPv4 flows ended by a new address.
     pub flows_ended: usize,
+    /// IPv6 flows ended by a new IPv6 address or IPv6 turned off.
+    pub flows_ended6: usize,
 }
 
 /// A copy of what a firewall reports (`stats`), taken on its own core and
@@ -689,7 +695,9 @@ impl Firewall {
                 || new.uplink_prefix != self.cfg.uplink_prefix,
             gateway: new.gateway != self.cfg.gateway,
             dns: new.upstream_dns != self.cfg.upstream_dns,
+            ip6: new.ip6 != self.cfg.ip6,
             flows_ended: 0,
+            flows_ended6: 0,
         };
         if change.address {
             change.flows_ended = self.ct.len();
@@ -710,7 +718,48 @@ impl Firewall {
             let settled = self.resolver.set_servers(servers);
             self.apply_resolved(settled);
         }
+        if change.ip6 {
+            change.flows_ended6 = self.set_ip6(new.ip6);
+        }
         change
+    }
+
+    /// IPv6 turned on or off, or given new addresses: a new uplink
+    /// address ends the IPv6 flows (their NAT used the old one), a new
+    /// gateway is solicited anew, and the clients' IPv6 addresses are
+    /// indexed only while IPv6 is on (off, their frames are dropped as at
+    /// creation). Returns the flows ended.
+    fn set_ip6(&mut self, new: Option<Ipv6Config>) -> usize {
+        let old = self.cfg.ip6;
+        let mut ended = 0;
+        if old.map(|o| o.uplink_ip) != new.map(|n| n.uplink_ip) {
+            ended = self.ct6.len();
+            self.ct6 = match new {
+                Some(v6) => {
+                    Conntrack::new(v6.uplink_ip, self.ct.capacity().min(CONNTRACK_CAPACITY6))
+                }
+                None => Conntrack::new(Ipv6Addr::UNSPECIFIED, 0),
+            };
+            self.frags6 = FragmentTable::default();
+        }
+        if old.map(|o| o.gateway) != new.map(|n| n.gateway) {
+            self.gateway6 = None;
+            self.gateway6_asked = None;
+        }
+        self.cfg.ip6 = new;
+        self.client_index6 = match new {
+            Some(_) => self
+                .clients
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| match c.ip {
+                    IpAddr::V6(a) if c.connected => Some((a, i)),
+                    _ => None,
+                })
+                .collect(),
+            None => Default::default(),
+        };
+        ended
     }
 
     /// Follows dom0's list of connected clients (`/connected-ips`,

@@ -221,17 +221,23 @@ pub fn used(prod: u32, cons: u32) -> Result<u32, XsError> {
 
 /// Recent watch events, numbered, for several parties that each ask what
 /// happened since they last looked (the netback's slots: each reads its
-/// device's states only when an event is about it). Bounded: the oldest
-/// are dropped, and a party that missed some is told so (it must then
-/// look whatever the events were).
+/// device's states only when an event is about it). Bounded in number
+/// and in age: the oldest are dropped, and a party that missed some is
+/// told so (it must then look whatever the events were). Parties look
+/// every loop round, so events are kept only `WATCH_LOG_MS`: once things
+/// are quiet the log is empty again, and the memory it holds is what it
+/// was (its room is reserved once, for `WATCH_LOG_LEN`).
 #[derive(Debug, Default)]
 pub struct WatchLog {
     next: u64,
-    recent: alloc::collections::VecDeque<(u64, String)>,
+    /// (number, when it arrived in ms, path).
+    recent: alloc::collections::VecDeque<(u64, u64, String)>,
 }
 
-/// Events a `WatchLog` keeps.
+/// Events a `WatchLog` keeps at most.
 pub const WATCH_LOG_LEN: usize = 256;
+/// How long a `WatchLog` keeps an event, in ms.
+pub const WATCH_LOG_MS: u64 = 1000;
 
 impl WatchLog {
     pub const fn new() -> Self {
@@ -241,13 +247,38 @@ impl WatchLog {
         }
     }
 
-    /// Records one event's path.
-    pub fn push(&mut self, path: String) {
+    /// Records one event's path, arrived at `now_ms`; forgets events
+    /// older than `WATCH_LOG_MS`.
+    pub fn push(&mut self, path: String, now_ms: u64) {
+        if self.recent.capacity() < WATCH_LOG_LEN {
+            self.recent.reserve_exact(WATCH_LOG_LEN - self.recent.len());
+        }
+        self.prune(now_ms);
         if self.recent.len() == WATCH_LOG_LEN {
             self.recent.pop_front();
         }
-        self.recent.push_back((self.next, path));
+        self.recent.push_back((self.next, now_ms, path));
         self.next += 1;
+    }
+
+    /// Forgets the events older than `WATCH_LOG_MS` at `now_ms`.
+    pub fn prune(&mut self, now_ms: u64) {
+        while self
+            .recent
+            .front()
+            .is_some_and(|(_, at, _)| now_ms.saturating_sub(*at) > WATCH_LOG_MS)
+        {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Events kept now.
+    pub fn len(&self) -> usize {
+        self.recent.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.recent.is_empty()
     }
 
     /// The number the next event will get: what a party remembers as
@@ -270,13 +301,13 @@ impl WatchLog {
             return false;
         }
         match self.recent.front() {
-            Some((first, _)) if *first > seen => true,
+            Some((first, ..)) if *first > seen => true,
             None => true,
             Some(_) => self
                 .recent
                 .iter()
-                .filter(|(n, _)| *n >= seen)
-                .any(|(_, p)| is(p)),
+                .filter(|(n, ..)| *n >= seen)
+                .any(|(_, _, p)| is(p)),
         }
     }
 }
@@ -492,22 +523,32 @@ mod tests {
         let mut log = WatchLog::default();
         let start = log.next();
         assert!(!log.any_since(start, &["backend/vif/1/0"]), "nothing yet");
-        log.push("backend/vif/1/0/state".into());
-        log.push("/local/domain/2/device/vif/0/state".into());
+        log.push("backend/vif/1/0/state".into(), 0);
+        log.push("/local/domain/2/device/vif/0/state".into(), 0);
         assert!(log.any_since(start, &["backend/vif/1/0"]));
         assert!(log.any_since(start, &["/local/domain/2/device/vif/0"]));
         assert!(!log.any_since(start, &["backend/vif/3/0"]));
         let seen = log.next();
         assert!(!log.any_since(seen, &["backend/vif/1/0"]), "already seen");
-        log.push("backend/vif/3/0/online".into());
+        log.push("backend/vif/3/0/online".into(), 1);
         assert!(log.any_since(seen, &["backend/vif/3/0"]));
         assert!(!log.any_since(seen, &["backend/vif/1/0"]));
         // A party that fell behind the kept events must look anyway.
         for _ in 0..WATCH_LOG_LEN {
-            log.push("elsewhere".into());
+            log.push("elsewhere".into(), 2);
         }
+        assert_eq!(log.len(), WATCH_LOG_LEN);
         assert!(log.any_since(seen, &["backend/vif/1/0"]));
         assert!(!log.any_since(log.next(), &["backend/vif/1/0"]));
         assert!(log.since(log.next() - 1, |p| p == "elsewhere"));
+        // Old events go: quiet, the log is empty again, and whoever had
+        // not looked since them is told to look once.
+        let last = log.next();
+        log.prune(2 + WATCH_LOG_MS);
+        assert_eq!(log.len(), WATCH_LOG_LEN, "not older than the limit yet");
+        log.prune(3 + WATCH_LOG_MS);
+        assert!(log.is_empty());
+        assert!(log.any_since(last - 1, &["backend/vif/1/0"]));
+        assert!(!log.any_since(last, &["backend/vif/1/0"]));
     }
 }

@@ -1256,7 +1256,9 @@ fn follows_a_new_uplink_address_gateway_and_dns() {
             address: false,
             gateway: false,
             dns: false,
-            flows_ended: 0
+            ip6: false,
+            flows_ended: 0,
+            flows_ended6: 0
         }
     );
     assert_eq!(fw.flows(), 1);
@@ -1280,7 +1282,9 @@ fn follows_a_new_uplink_address_gateway_and_dns() {
             address: true,
             gateway: true,
             dns: true,
-            flows_ended: 1
+            ip6: false,
+            flows_ended: 1,
+            flows_ended6: 0
         }
     );
     assert_eq!(fw.flows(), 0);

@@ -24,6 +24,7 @@
 use alloc::vec::Vec;
 
 use super::{Matcher, ANY_PROTO, TCP_OR_UDP};
+use crate::ipv6::PROTO_ICMPV6;
 use crate::wire::{PROTO_TCP, PROTO_UDP};
 
 /// Longest rule set classified (longer ones are scanned): 8 words a set,
@@ -75,6 +76,14 @@ impl<T: Ord + Copy> Partition<T> {
     }
 }
 
+/// The destination dimension, in the family's own width: an IPv4 rule
+/// set's bounds are 32-bit, and a search over them compares one word.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Destinations {
+    V4(Partition<u32>),
+    V6(Partition<u128>),
+}
+
 /// Protocol classes.
 const TCP: usize = 0;
 const UDP: usize = 1;
@@ -85,7 +94,7 @@ const OTHER: usize = 3;
 pub(super) struct Classifier {
     words: usize,
     proto: [Vec<u64>; 4],
-    dst: Partition<u128>,
+    dst: Destinations,
     port: Partition<u16>,
     icmp_type: Partition<u8>,
     /// Rules that match only traffic to the DNS addresses.
@@ -133,6 +142,24 @@ impl Classifier {
             .iter()
             .map(|m| (m.mask != 0 && m.host.is_none()).then_some((m.net, m.net | !m.mask)))
             .collect();
+        // An IPv4 rule's prefix has every bit above the low 32 set in its
+        // mask (`Matcher::compile`), so its bounds fit 32 bits.
+        let v4: Option<Vec<Option<(u32, u32)>>> = (icmp != PROTO_ICMPV6)
+            .then(|| {
+                dst.iter()
+                    .map(|r| match *r {
+                        None => Some(None),
+                        Some((lo, hi)) => {
+                            Some(Some((u32::try_from(lo).ok()?, u32::try_from(hi).ok()?)))
+                        }
+                    })
+                    .collect()
+            })
+            .flatten();
+        let dst = match v4 {
+            Some(v4) => Destinations::V4(Partition::build(&v4, 0, |x| x.checked_add(1), words)),
+            None => Destinations::V6(Partition::build(&dst, 0, |x| x.checked_add(1), words)),
+        };
         let ports: Vec<_> = matchers.iter().map(|m| m.ports).collect();
         let types: Vec<_> = matchers
             .iter()
@@ -141,7 +168,7 @@ impl Classifier {
         Some(Self {
             words,
             proto,
-            dst: Partition::build(&dst, 0, |x| x.checked_add(1), words),
+            dst,
             port: Partition::build(&ports, 0, |x| x.checked_add(1), words),
             icmp_type: Partition::build(&types, 0, |x| x.checked_add(1), words),
             dns,
@@ -169,7 +196,11 @@ impl Classifier {
         };
         let w = self.words;
         let by_proto = self.proto.get(class)?;
-        let by_dst = self.dst.lookup(dst, w);
+        let by_dst = match &self.dst {
+            // (An IPv4 packet's address is the low 32 bits.)
+            Destinations::V4(p) => p.lookup(dst as u32, w),
+            Destinations::V6(p) => p.lookup(dst, w),
+        };
         let by_port = (class == TCP || class == UDP).then(|| self.port.lookup(dport, w));
         let by_type = (class == ICMP).then(|| self.icmp_type.lookup(icmp_type, w));
         for i in 0..w {

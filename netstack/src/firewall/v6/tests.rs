@@ -710,3 +710,128 @@ fn fragments_follow_their_first_fragment_both_ways() {
         "the client's own port"
     );
 }
+
+/// dom0 turns IPv6 on, moves the uplink's IPv6 address and gateway, and
+/// turns it off again (`/qubes-ip6`, `/qubes-gateway6` change when the
+/// qube's netvm changes): each is followed without a restart, by traffic.
+#[test]
+fn follows_ipv6_turned_on_moved_and_off() {
+    let without_gw6 = |db: &str| -> String {
+        db.lines()
+            .filter(|l| !l.starts_with("/qubes-gateway6"))
+            .map(|l| alloc::format!("{l}\n"))
+            .collect()
+    };
+    let cfg = |db: &str| NetConfig::from_db(&QubesDb::parse_snapshot(db).unwrap()).unwrap();
+    let mut fw = firewall(&without_gw6(DB));
+    let mut buf = [0u8; 128];
+    fw.poll_emit(0, &mut buf).unwrap(); // ARP for the IPv4 gateway
+    let ping = |id| {
+        ipv6(
+            (DOWN_MAC, CLIENT_MAC),
+            CLIENT6,
+            SERVER6,
+            64,
+            PROTO_ICMPV6,
+            &echo6(ICMPV6_ECHO_REQUEST, id),
+        )
+    };
+    assert_eq!(
+        run(&mut fw, 0, 1, &ping(1)).0,
+        Verdict::Drop(DropReason::Ipv6Off)
+    );
+
+    // On: the gateway is solicited from our address, then pings leave.
+    let change = fw.set_uplink(&cfg(DB));
+    assert!(change.ip6 && !change.address && !change.gateway && !change.dns);
+    let solicit = |fw: &mut Firewall, now| {
+        let mut buf = [0u8; 128];
+        let (port, len) = fw.poll_emit(now, &mut buf).expect("a solicitation");
+        let info = parsed(&buf[..len]);
+        let ns = Neighbor::parse(&buf, &info).unwrap();
+        (port, ns.kind, ns.target, info.src)
+    };
+    assert_eq!(
+        solicit(&mut fw, 10),
+        (UPLINK, ND_NEIGHBOR_SOLICIT, GATEWAY6, UPLINK6)
+    );
+    let na = |gw| nd_frame(ND_NEIGHBOR_ADVERT, (UP_MAC, GW_MAC), gw, UPLINK6, gw);
+    assert_eq!(run(&mut fw, 20, UPLINK, &na(GATEWAY6)).0, Verdict::Consumed);
+    let (v, out) = run(&mut fw, 30, 1, &ping(2));
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }), "{v:?}");
+    assert_eq!(parsed(&out).src, UPLINK6);
+    let reply_to = |dst, id| {
+        ipv6(
+            (UP_MAC, GW_MAC),
+            SERVER6,
+            dst,
+            50,
+            PROTO_ICMPV6,
+            &echo6(ICMPV6_ECHO_REPLY, id),
+        )
+    };
+    let id = get_u16(&out, parsed(&out).l4 + 4).unwrap();
+    assert!(matches!(
+        run(&mut fw, 31, UPLINK, &reply_to(UPLINK6, id)).0,
+        Verdict::Forward { port: 1, .. }
+    ));
+
+    // A new uplink address: the flow ends, new ones leave from it.
+    let moved: Ipv6Addr = "2001:db8:1::16".parse().unwrap();
+    let change = fw.set_uplink(&cfg(
+        &DB.replace("/qubes-ip6 2001:db8:1::15", "/qubes-ip6 2001:db8:1::16")
+    ));
+    assert!(change.ip6);
+    assert_eq!(change.flows_ended6, 1);
+    assert!(
+        !matches!(
+            run(&mut fw, 40, UPLINK, &reply_to(UPLINK6, id)).0,
+            Verdict::Forward { .. }
+        ),
+        "the old address's flow is gone"
+    );
+    let (v, out) = run(&mut fw, 41, 1, &ping(3));
+    assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }), "{v:?}");
+    assert_eq!(parsed(&out).src, moved, "the gateway stays known");
+
+    // A new gateway is solicited; traffic waits for it.
+    let gw2: Ipv6Addr = "2001:db8:1::2".parse().unwrap();
+    let db2 = DB
+        .replace("/qubes-ip6 2001:db8:1::15", "/qubes-ip6 2001:db8:1::16")
+        .replace(
+            "/qubes-gateway6 2001:db8:1::1",
+            "/qubes-gateway6 2001:db8:1::2",
+        );
+    let change = fw.set_uplink(&cfg(&db2));
+    assert!(change.ip6 && change.flows_ended6 == 0);
+    assert_eq!(
+        solicit(&mut fw, 50),
+        (UPLINK, ND_NEIGHBOR_SOLICIT, gw2, moved)
+    );
+    assert!(!matches!(
+        run(&mut fw, 51, 1, &ping(4)).0,
+        Verdict::Forward { .. }
+    ));
+    let na2 = nd_frame(ND_NEIGHBOR_ADVERT, (UP_MAC, GW_MAC), gw2, moved, gw2);
+    assert_eq!(run(&mut fw, 52, UPLINK, &na2).0, Verdict::Consumed);
+    assert!(matches!(
+        run(&mut fw, 53, 1, &ping(5)).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+
+    // Off: the flows end, client frames are dropped again, no more
+    // solicitations.
+    let change = fw.set_uplink(&cfg(&without_gw6(&db2)));
+    assert!(change.ip6);
+    assert_eq!(
+        change.flows_ended6, 3,
+        "pings 3, 4 (tracked, then held for the gateway) and 5"
+    );
+    assert_eq!(
+        run(&mut fw, 60, 1, &ping(6)).0,
+        Verdict::Drop(DropReason::Ipv6Off)
+    );
+    while let Some((_, len)) = fw.poll_emit(5000, &mut buf) {
+        assert_eq!(get_u16(&buf[..len], 12), Some(ETHERTYPE_ARP), "no NS");
+    }
+}
