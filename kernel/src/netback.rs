@@ -11,9 +11,11 @@
 //!
 //! Watches, not polling: the area is watched (`backend/vif`: devices
 //! appearing and going, the toolstack's `online` and `state`), and so is
-//! each claimed device's frontend `state`. Any such event makes the
-//! claimed slots read their states and a free slot scan; without events
-//! nothing is read, however many slots there are. A slow fallback
+//! each claimed device's frontend `state` (`EVENTS`, a `WatchLog`). An
+//! event about a claimed device (its directory, its frontend's state)
+//! makes that slot read its states; one elsewhere in the area makes a
+//! free slot scan; without events nothing is read, however many slots
+//! there are. A slow fallback
 //! (`FALLBACK_MS`) covers an event that never comes; a slot whose
 //! frontend could not be watched (XenStore's quota of watches) reads its
 //! states every `UNWATCHED_MS` instead.
