@@ -79,7 +79,17 @@ pub struct BootConfig {
     /// `clients=N`: client vifs served under Xen (Qubes's firewall VM
     /// role), 1-`MAX_CLIENTS`: each is a dataplane port.
     pub clients: usize,
+    /// `xen-wake-us=N`: under Xen, the longest an idle loop blocks in Xen
+    /// (`SCHEDOP_poll`) before it looks around anyway. Frames wake it
+    /// through their event channels at once; the timeout is for the rest
+    /// (XenStore, QubesDB, qrexec, the console, the housekeeping timers).
+    pub xen_wake_us: u32,
 }
+
+/// `xen-wake-us` when not given: the housekeeping period
+/// (`dataplane::HOUSEKEEPING_MS`), so an idle firewall VM wakes a hundred
+/// times a second, not ten thousand.
+pub const DEFAULT_XEN_WAKE_US: u32 = 10_000;
 
 /// Client vifs served when `clients=` is not given.
 pub const DEFAULT_CLIENTS: usize = 32;
@@ -107,6 +117,7 @@ impl Default for BootConfig {
             generate: None,
             queues: 1,
             clients: DEFAULT_CLIENTS,
+            xen_wake_us: DEFAULT_XEN_WAKE_US,
         }
     }
 }
@@ -273,6 +284,15 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
                 // Implies `idle=halt`.
                 config.idle = Idle::Halt { wake_us };
             }
+            "xen-wake-us" => {
+                config.xen_wake_us = value
+                    .parse()
+                    .ok()
+                    .filter(|us| (10..=1_000_000).contains(us))
+                    .ok_or(err(CmdlineErrorKind::BadValue {
+                        expected: "microseconds, 10-1000000",
+                    }))?
+            }
             "test-fault" => {
                 config.test_fault = Some(match value {
                     "page-fault" => TestFault::PageFault,
@@ -316,7 +336,20 @@ mod tests {
         for line in ["idle=halt idle-wake-us=250", "idle-wake-us=250 idle=halt"] {
             assert_eq!(parse(line).unwrap().idle, Idle::Halt { wake_us: 250 });
         }
-        for bad in ["idle=mwait", "idle-wake-us=5", "idle-wake-us=x"] {
+        assert_eq!(parse("").unwrap().xen_wake_us, DEFAULT_XEN_WAKE_US);
+        assert_eq!(parse("xen-wake-us=100").unwrap().xen_wake_us, 100);
+        assert_eq!(
+            parse("idle-wake-us=250").unwrap().xen_wake_us,
+            DEFAULT_XEN_WAKE_US,
+            "the APIC timer's period is not Xen's"
+        );
+        for bad in [
+            "idle=mwait",
+            "idle-wake-us=5",
+            "idle-wake-us=x",
+            "xen-wake-us=9",
+            "xen-wake-us=1000001",
+        ] {
             assert!(matches!(
                 parse(bad),
                 Err(CmdlineError {

@@ -445,11 +445,12 @@ fn start_dataplane(
     let layout = config.layout.unwrap_or(Layout::Single);
     let (idle, ticks) = idle::start(config.idle);
     let idle = match (config.idle, netfront_port) {
-        (cmdline::Idle::Halt { wake_us }, Some(port))
-            if xen::present() && idle::start_xen(port, wake_us) =>
+        (cmdline::Idle::Halt { .. }, Some(port))
+            if xen::present() && idle::start_xen(port, config.xen_wake_us) =>
         {
             println!(
-                "idle: block in Xen (SCHEDOP_poll on event channel {port}, at most {wake_us} us)"
+                "idle: block in Xen (SCHEDOP_poll on event channel {port}, at most {} us)",
+                config.xen_wake_us
             );
             config.idle
         }

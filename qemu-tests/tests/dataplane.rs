@@ -354,11 +354,16 @@ fn redirects_dns_both_ways() {
         UPLINK_IP,
         UPLINK_MAC,
     ));
-    lab.downlink
-        .send(&client_udp(VIRTUAL_DNS, 33333, 53, b"query"));
-    let q = lab
-        .uplink
-        .recv_matching(WAIT, |f| f.ipv4.is_some())
+    // The ARP reply and the query travel on different sockets: the query
+    // may be read first and dropped again while the address is unknown,
+    // so it is sent again until it comes out (the same flow each time).
+    let q = (0..10)
+        .find_map(|_| {
+            lab.downlink
+                .send(&client_udp(VIRTUAL_DNS, 33333, 53, b"query"));
+            lab.uplink
+                .recv_matching(Duration::from_secs(1), |f| f.ipv4.is_some())
+        })
         .expect("redirected query");
     let ip = q.ip();
     assert_eq!(

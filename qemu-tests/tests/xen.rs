@@ -186,6 +186,11 @@ xl pause portcullis
 python3 /corecheck.py $(xl domid portcullis) /portcullis 2>&1 | sed 's/^/test: running: /'
 xl unpause portcullis
 xl list portcullis | sed 's/^/test: xl list: /'
+# What the idle domain costs: its CPU time over 10 s without traffic
+# (`xl list`'s Time(s), to 0.1 s).
+cpu() { xl list portcullis | awk '$1 == "portcullis" { print $6 }'; }
+c0=$(cpu); sleep 10; c1=$(cpu)
+echo "test: idle cpu: $c0 s then $c1 s, 10 s apart"
 # Wait for a statistics line printed after the pings (one a second).
 stats_after() {
     n=$(grep -c "^stats: firewall" $log)
