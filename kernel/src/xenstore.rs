@@ -27,6 +27,12 @@ pub struct XenStore {
     events: VecDeque<(String, String)>,
 }
 
+/// Room for queued watch events, reserved once: a burst (a client's
+/// device directory removed fires an event per node) fits without the
+/// queue growing, so the heap after a client's restart is what it was
+/// after the previous one.
+const EVENT_ROOM: usize = 64;
+
 /// Requests inside a transaction (`XenStore::transaction`).
 pub struct Transaction<'a> {
     store: &'a mut XenStore,
@@ -66,7 +72,7 @@ impl XenStore {
             page,
             port,
             next_id: 1,
-            events: VecDeque::new(),
+            events: VecDeque::with_capacity(EVENT_ROOM),
         })
     }
 
