@@ -41,9 +41,20 @@ const DB: &str = "\
 /qubes-firewall/fd09:24ef:4179::a89:b/policy accept
 ";
 
+fn config(db: &str) -> NetConfig {
+    NetConfig::from_db(&QubesDb::parse_snapshot(db).unwrap()).unwrap()
+}
+
 fn firewall(db: &str) -> Firewall {
-    let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(db).unwrap()).unwrap();
-    Firewall::new(cfg, alloc::vec![UP_MAC, DOWN_MAC])
+    Firewall::new(config(db), alloc::vec![UP_MAC, DOWN_MAC])
+}
+
+/// `db` without its `/qubes-gateway6` line: IPv6 off.
+fn without_gateway6(db: &str) -> String {
+    db.lines()
+        .filter(|l| !l.starts_with("/qubes-gateway6"))
+        .map(|l| alloc::format!("{l}\n"))
+        .collect()
 }
 
 /// Ethernet + IPv6 + `l4`, with the upper-layer checksum filled in.
@@ -154,12 +165,7 @@ fn ready() -> Firewall {
 
 #[test]
 fn off_unless_configured() {
-    let db: String = DB
-        .lines()
-        .filter(|l| !l.starts_with("/qubes-gateway6"))
-        .map(|l| alloc::format!("{l}\n"))
-        .collect();
-    let mut fw = firewall(&db);
+    let mut fw = firewall(&without_gateway6(DB));
     let f = ipv6(
         (DOWN_MAC, CLIENT_MAC),
         CLIENT6,
@@ -716,14 +722,7 @@ fn fragments_follow_their_first_fragment_both_ways() {
 /// qube's netvm changes): each is followed without a restart, by traffic.
 #[test]
 fn follows_ipv6_turned_on_moved_and_off() {
-    let without_gw6 = |db: &str| -> String {
-        db.lines()
-            .filter(|l| !l.starts_with("/qubes-gateway6"))
-            .map(|l| alloc::format!("{l}\n"))
-            .collect()
-    };
-    let cfg = |db: &str| NetConfig::from_db(&QubesDb::parse_snapshot(db).unwrap()).unwrap();
-    let mut fw = firewall(&without_gw6(DB));
+    let mut fw = firewall(&without_gateway6(DB));
     let mut buf = [0u8; 128];
     fw.poll_emit(0, &mut buf).unwrap(); // ARP for the IPv4 gateway
     let ping = |id| {
@@ -742,7 +741,7 @@ fn follows_ipv6_turned_on_moved_and_off() {
     );
 
     // On: the gateway is solicited from our address, then pings leave.
-    let change = fw.set_uplink(&cfg(DB));
+    let change = fw.set_uplink(&config(DB));
     assert!(change.ip6 && !change.address && !change.gateway && !change.dns);
     let solicit = |fw: &mut Firewall, now| {
         let mut buf = [0u8; 128];
@@ -778,8 +777,8 @@ fn follows_ipv6_turned_on_moved_and_off() {
 
     // A new uplink address: the flow ends, new ones leave from it.
     let moved: Ipv6Addr = "2001:db8:1::16".parse().unwrap();
-    let change = fw.set_uplink(&cfg(
-        &DB.replace("/qubes-ip6 2001:db8:1::15", "/qubes-ip6 2001:db8:1::16")
+    let change = fw.set_uplink(&config(
+        &DB.replace("/qubes-ip6 2001:db8:1::15", "/qubes-ip6 2001:db8:1::16"),
     ));
     assert!(change.ip6);
     assert_eq!(change.flows_ended6, 1);
@@ -802,7 +801,7 @@ fn follows_ipv6_turned_on_moved_and_off() {
             "/qubes-gateway6 2001:db8:1::1",
             "/qubes-gateway6 2001:db8:1::2",
         );
-    let change = fw.set_uplink(&cfg(&db2));
+    let change = fw.set_uplink(&config(&db2));
     assert!(change.ip6 && change.flows_ended6 == 0);
     assert_eq!(
         solicit(&mut fw, 50),
@@ -821,7 +820,7 @@ fn follows_ipv6_turned_on_moved_and_off() {
 
     // Off: the flows end, client frames are dropped again, no more
     // solicitations.
-    let change = fw.set_uplink(&cfg(&without_gw6(&db2)));
+    let change = fw.set_uplink(&config(&without_gateway6(&db2)));
     assert!(change.ip6);
     assert_eq!(
         change.flows_ended6, 3,
