@@ -254,8 +254,8 @@ fn field(line: &str, key: &str) -> Option<u64> {
 /// and tables were found as built (the one stop checked). Run it with
 /// `cargo test -p qemu-tests --test qubes -- --ignored --nocapture`
 /// (about 7 minutes); see the Xen issue's notes. On 2026-11-28, with
-/// the loop blocking in Xen up to 10 ms when idle, the last of five runs
-/// passed whole (README, the nested machine's defect).
+/// the loop blocking in Xen up to 10 ms when idle, the last two of six
+/// runs passed whole (README, the nested machine's defect).
 #[test]
 #[ignore = "nested Xen corrupts memory at domain creation too often for CI (see the doc comment)"]
 fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
