@@ -178,6 +178,19 @@ pub fn parse_bytes(raw: &[u8]) -> Result<BootConfig, CmdlineError<'_>> {
     }
 }
 
+/// A number within `range`, or the error naming what was `expected`.
+fn number<T: core::str::FromStr + PartialOrd>(
+    value: &str,
+    range: core::ops::RangeInclusive<T>,
+    expected: &'static str,
+) -> Result<T, CmdlineErrorKind> {
+    value
+        .parse()
+        .ok()
+        .filter(|n| range.contains(n))
+        .ok_or(CmdlineErrorKind::BadValue { expected })
+}
+
 /// Parses the command line; the first bad token is returned as the error.
 pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
     let mut config = BootConfig::default();
@@ -205,11 +218,8 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
             }
             _ if key.starts_with('/') => {}
             "stats-interval" => {
-                config.stats_interval_s = value.parse().ok().filter(|s| *s <= 86_400).ok_or(
-                    err(CmdlineErrorKind::BadValue {
-                        expected: "seconds, 0-86400",
-                    }),
-                )?;
+                config.stats_interval_s =
+                    number(value, 0..=86_400, "seconds, 0-86400").map_err(err)?;
             }
             "layout" => {
                 config.layout = Some(match value {
@@ -245,53 +255,23 @@ pub fn parse(cmdline: &str) -> Result<BootConfig, CmdlineError<'_>> {
                 }
             }
             "generate" => {
-                config.generate = Some(
-                    value
-                        .parse()
-                        .ok()
-                        .filter(|n| (60..=1514).contains(n))
-                        .ok_or(err(CmdlineErrorKind::BadValue {
-                            expected: "a frame length, 60-1514",
-                        }))?,
-                )
+                config.generate =
+                    Some(number(value, 60..=1514, "a frame length, 60-1514").map_err(err)?)
             }
-            "queues" => {
-                config.queues = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=16).contains(n))
-                    .ok_or(err(CmdlineErrorKind::BadValue {
-                        expected: "queue pairs, 1-16",
-                    }))?
-            }
+            "queues" => config.queues = number(value, 1..=16, "queue pairs, 1-16").map_err(err)?,
             "clients" => {
-                config.clients = value
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=MAX_CLIENTS).contains(n))
-                    .ok_or(err(CmdlineErrorKind::BadValue {
-                        expected: "client vifs, 1-100",
-                    }))?
+                config.clients =
+                    number(value, 1..=MAX_CLIENTS, "client vifs, 1-100").map_err(err)?
             }
             "idle-wake-us" => {
-                let wake_us = value
-                    .parse()
-                    .ok()
-                    .filter(|us| (10..=100_000).contains(us))
-                    .ok_or(err(CmdlineErrorKind::BadValue {
-                        expected: "microseconds, 10-100000",
-                    }))?;
+                let wake_us =
+                    number(value, 10..=100_000, "microseconds, 10-100000").map_err(err)?;
                 // Implies `idle=halt`.
                 config.idle = Idle::Halt { wake_us };
             }
             "xen-wake-us" => {
-                config.xen_wake_us = value
-                    .parse()
-                    .ok()
-                    .filter(|us| (10..=1_000_000).contains(us))
-                    .ok_or(err(CmdlineErrorKind::BadValue {
-                        expected: "microseconds, 10-1000000",
-                    }))?
+                config.xen_wake_us =
+                    number(value, 10..=1_000_000, "microseconds, 10-1000000").map_err(err)?
             }
             "test-fault" => {
                 config.test_fault = Some(match value {

@@ -69,6 +69,9 @@ const UNWATCHED_MS: u64 = 200;
 /// The netback's recent watch events, for each slot to find those about
 /// its device.
 static EVENTS: spin::Mutex<WatchLog> = spin::Mutex::new(WatchLog::new());
+/// `EVENTS.next()` as of the last collection: a slot that has seen up to
+/// here skips the lock (each slot looks every loop round).
+static EVENTS_NEXT: AtomicU64 = AtomicU64::new(0);
 /// `EVENTS.next()` when the last scan for new devices began.
 static SCANNED: AtomicU64 = AtomicU64::new(0);
 /// The last scan claimed a device: there may be more, the next free slot
@@ -119,6 +122,7 @@ fn pump(store: &mut SharedStore, now: u64) {
                 log.push(path, now);
             }
             log.prune(now);
+            EVENTS_NEXT.store(log.next(), Ordering::Relaxed);
         }
         Err(e) => scan_error("watch events", e),
     }
@@ -128,6 +132,14 @@ fn pump(store: &mut SharedStore, now: u64) {
 /// that is not a claimed device's own business, the last scan claimed a
 /// device, or the fallback is due. The caller scans.
 fn scan_due(now: u64) -> bool {
+    // Every free slot asks every round: nothing new is answered without
+    // the lock.
+    if !RESCAN.load(Ordering::Relaxed)
+        && NEXT_SCAN_MS.load(Ordering::Relaxed) > now
+        && SCANNED.load(Ordering::Relaxed) == EVENTS_NEXT.load(Ordering::Relaxed)
+    {
+        return false;
+    }
     let log = EVENTS.lock();
     let due = RESCAN.swap(false, Ordering::Relaxed)
         || NEXT_SCAN_MS.load(Ordering::Relaxed) <= now
@@ -135,8 +147,9 @@ fn scan_due(now: u64) -> bool {
             xenstore::within(p, "backend/vif")
                 && !CLAIMED.lock().iter().any(|c| xenstore::within(p, c))
         });
+    // The events up to here are looked at, due or not.
+    SCANNED.store(log.next(), Ordering::Relaxed);
     if due {
-        SCANNED.store(log.next(), Ordering::Relaxed);
         NEXT_SCAN_MS.store(now + FALLBACK_MS, Ordering::Relaxed);
     }
     due
@@ -214,8 +227,8 @@ pub struct ClientVif {
     generation: u64,
     /// Counters of earlier clients, and frames dropped with no client.
     past: NicStats,
-    /// `EVENTS.next()` when the slot last read its states, and when it
-    /// must read them again without an event.
+    /// `EVENTS.next()` when the slot last looked at the events, and when
+    /// it must read its states again without an event.
     seen: u64,
     next_check_ms: u64,
     /// The frontend `state` path watched for the claimed device.
@@ -578,23 +591,24 @@ impl Nic for ClientVif {
     fn maintain(&mut self, _pool: &mut PacketPool) {
         let now = clock::recent_ms();
         pump(&mut self.store, now);
-        if matches!(self.vif, Vif::Free) {
+        let (Vif::Offered(d) | Vif::Up(d, ..)) = &self.vif else {
             self.check(now);
             return;
-        }
-        let (changed, next) = {
-            let log = EVENTS.lock();
-            let changed = match &self.vif {
-                Vif::Offered(d) | Vif::Up(d, ..) => {
-                    log.any_since(self.seen, &[&d.path, &d.frontend])
-                }
-                Vif::Free => false,
-            };
-            (changed, log.next())
         };
+        // Each claimed slot looks every round: without news, no lock.
+        let (changed, next) = if self.seen == EVENTS_NEXT.load(Ordering::Relaxed) {
+            (false, self.seen)
+        } else {
+            let log = EVENTS.lock();
+            (
+                log.any_since(self.seen, &[&d.path, &d.frontend]),
+                log.next(),
+            )
+        };
+        // Looked at, whether about this slot or not.
+        self.seen = next;
         let dead = matches!(&self.vif, Vif::Up(_, nb, _) if nb.is_dead());
         if changed || now >= self.next_check_ms || dead {
-            self.seen = next;
             let every = if self.watching.is_some() {
                 FALLBACK_MS
             } else {

@@ -421,6 +421,7 @@ impl<A: Addr> Conntrack<A> {
         }
         let idx = *self.free.last().ok_or(CreateError::TableFull)?;
         let (nat_port, hr) = self.allocate_port(client, remote, remote_port, now)?;
+        let hc = self.hash(&client);
         self.free.pop();
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -440,11 +441,9 @@ impl<A: Addr> Conntrack<A> {
             state: FlowState::New,
             expires: 0,
             seq,
-            hashes: (0, hr),
+            hashes: (hc, hr),
         };
         flow.touch(now, true, 0);
-        let hc = self.hash(&client);
-        flow.hashes.0 = hc;
         self.by_client.insert(hc, idx);
         self.by_reply.insert(hr, idx);
         self.slots[idx as usize] = Some(flow);

@@ -65,6 +65,28 @@ struct Entry {
     expires: u64,
 }
 
+impl Entry {
+    /// What the rules using this name are told: its addresses now.
+    fn report(&self) -> Resolved {
+        Resolved {
+            name: self.name.clone(),
+            v6: self.v6,
+            addrs: self.addrs.clone(),
+        }
+    }
+
+    /// Settles a name that was never resolved as resolving to nothing,
+    /// once: the report for the rules waiting on it, `None` if they had
+    /// one already (whatever addresses are known stay).
+    fn settle_unresolved(&mut self) -> Option<Resolved> {
+        if self.resolved {
+            return None;
+        }
+        self.resolved = true;
+        Some(self.report())
+    }
+}
+
 /// A query to send: to `servers[server]`, `len` bytes written into the
 /// caller's buffer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,14 +182,7 @@ impl Resolver {
             }
             e.state = State::Done;
             e.expires = u64::MAX;
-            if !e.resolved {
-                e.resolved = true;
-                settled.push(Resolved {
-                    name: e.name.clone(),
-                    v6: e.v6,
-                    addrs: Vec::new(),
-                });
-            }
+            settled.extend(e.settle_unresolved());
         }
         settled
     }
@@ -229,14 +244,7 @@ impl Resolver {
                         // Answered before: the addresses stay (dropping them
                         // would lift a `drop` rule on the name whenever the
                         // servers are unreachable); asked again later.
-                        if !e.resolved {
-                            e.resolved = true;
-                            gave_up.push(Resolved {
-                                name: e.name.clone(),
-                                v6: e.v6,
-                                addrs: Vec::new(),
-                            });
-                        }
+                        gave_up.extend(e.settle_unresolved());
                         continue;
                     }
                     if pick.is_none() {
@@ -294,11 +302,7 @@ impl Resolver {
         });
         e.resolved = true;
         e.addrs = addrs;
-        Some(Resolved {
-            name: e.name.clone(),
-            v6: e.v6,
-            addrs: e.addrs.clone(),
-        })
+        Some(e.report())
     }
 }
 
