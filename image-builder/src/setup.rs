@@ -27,6 +27,8 @@ const TOOLS: &[(&str, &str)] = &[
     ("cpio", "cpio"),
     // The rtc burst test's senders and receiver in the namespaces.
     ("python3", "python3-minimal"),
+    // The nested-Xen images' root file system (`qemu_tests::xen`).
+    ("debootstrap", "debootstrap"),
 ];
 
 /// Runs every check and installs what is missing.

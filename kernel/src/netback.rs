@@ -34,9 +34,13 @@
 //! Teardown, when the frontend closes or disappears, the toolstack sets
 //! our state to Closing or `online` to 0 (`xl network-detach`, the client
 //! destroyed), or the client breaks the ring protocol: unmap the rings,
-//! close the channel, switch to Closed (if the directory is still there),
-//! and free the slot. The same two frames serve the slot's next client, so
-//! hundreds of restarts take no memory.
+//! close the channel, switch to Closed, and wait (`Vif::Closing`): once
+//! the toolstack sets `online` to 0 the slot removes the device's
+//! directory, as `xl devd` does in a Linux driver domain (libxl waits for
+//! that, up to 10 s, before `xl destroy` or `xl network-detach` returns),
+//! and is free; a frontend that starts again is offered the device again;
+//! a directory already gone frees the slot at once. The same two frames
+//! serve the slot's next client, so hundreds of restarts take no memory.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -65,6 +69,11 @@ const FALLBACK_MS: u64 = 5_000;
 /// How often a claimed slot whose frontend is not watched reads its
 /// states.
 const UNWATCHED_MS: u64 = 200;
+/// How long a device the toolstack removes stays Closed before its
+/// directory goes: the toolstack must read Closed first (it waits for that
+/// state, and a directory gone before it looked reads to it as an error).
+/// `xl devd` in a Linux driver domain runs the hotplug script in between.
+const REMOVE_AFTER_MS: u64 = 500;
 
 /// The netback's recent watch events, for each slot to find those about
 /// its device.
@@ -212,6 +221,10 @@ enum Vif {
     /// We are in InitWait; the frontend has not published its rings.
     Offered(Device),
     Up(Device, Netback<ClientIo>, Vec<u32>),
+    /// Closed, and waiting for the toolstack to take the device away
+    /// (`online` 0: the directory goes at the time given, ms, set when
+    /// that is first seen) or for the frontend to start again.
+    Closing(Device, Option<u64>),
 }
 
 /// One client vif: a dataplane port that serves whichever client VM it
@@ -429,25 +442,74 @@ impl ClientVif {
         }
     }
 
-    /// Lets the device go: switch to Closed if its directory is still
-    /// there, free the slot.
+    /// Lets the device go: switch to Closed and wait for the toolstack
+    /// (`Vif::Closing`), or, when its directory is gone, free the slot.
     fn release(&mut self, d: Device, why: &str) {
         println!(
             "netback: vif{}: domain {}: {why}; disconnected",
             self.port_name(),
             d.fe_id
         );
+        idle::set_client_port(self.slot, 0);
+        self.set_addrs(Vec::new());
         if state(&mut self.store, &format!("{}/state", d.path)).is_some() {
             let _ = self
                 .store
                 .write(&format!("{}/state", d.path), XenbusState::Closed.value());
+            // Looked at again next round: the toolstack may be waiting.
+            self.next_check_ms = 0;
+            self.vif = Vif::Closing(d, None);
+        } else {
+            self.forget(d);
         }
+    }
+
+    /// A closed device's next step: removed once the toolstack set
+    /// `online` to 0 and `REMOVE_AFTER_MS` passed, forgotten when its
+    /// directory is gone, offered again when its frontend starts again.
+    fn closing(&mut self, d: Device, due: Option<u64>, now: u64) {
+        let online = self.store.read(&format!("{}/online", d.path)).ok();
+        match (online.as_deref().map(str::trim), due) {
+            (None, _) => self.forget(d),
+            (Some("0"), Some(at)) if now >= at => self.remove(d),
+            (Some("0"), _) => {
+                let at = due.unwrap_or(now + REMOVE_AFTER_MS);
+                self.vif = Vif::Closing(d, Some(at));
+            }
+            (Some(_), _) => match self.consider(d.path.clone()) {
+                Some(again) => {
+                    self.forget(d);
+                    self.offer(again);
+                }
+                None => self.vif = Vif::Closing(d, None),
+            },
+        }
+    }
+
+    /// Removes a closed device's directory, as `xl devd` does in a Linux
+    /// driver domain once the toolstack set `online` to 0: libxl waits
+    /// for that (up to 10 s, then removes it itself and reports an error)
+    /// before it finishes `xl destroy` or `xl network-detach`. (The
+    /// frontend domain's directory above it is dom0's, made with our
+    /// domain node's permissions: dom0 removes it.) Then frees the slot.
+    fn remove(&mut self, d: Device) {
+        match self.store.remove(&d.path) {
+            Ok(()) => println!("netback: vif{}: removed {}", self.port_name(), d.path),
+            Err(e) => println!(
+                "netback: vif{}: cannot remove {}: {e:?}",
+                self.port_name(),
+                d.path
+            ),
+        }
+        self.forget(d);
+    }
+
+    /// Frees the slot of `d`.
+    fn forget(&mut self, d: Device) {
         CLAIMED.lock().retain(|p| *p != d.path);
         if let Some(theirs) = self.watching.take() {
             let _ = self.store.unwatch(&theirs, WATCH_TOKEN);
         }
-        idle::set_client_port(self.slot, 0);
-        self.set_addrs(Vec::new());
         self.vif = Vif::Free;
     }
 
@@ -540,6 +602,7 @@ impl ClientVif {
                     Err(e) => self.release(d, &e),
                 }
             }
+            Vif::Closing(d, due) => self.closing(d, due, now),
             Vif::Up(d, nb, handles) => {
                 let why = if nb.is_dead() {
                     "it broke the ring protocol"
@@ -591,7 +654,7 @@ impl Nic for ClientVif {
     fn maintain(&mut self, _pool: &mut PacketPool) {
         let now = clock::recent_ms();
         pump(&mut self.store, now);
-        let (Vif::Offered(d) | Vif::Up(d, ..)) = &self.vif else {
+        let (Vif::Offered(d) | Vif::Up(d, ..) | Vif::Closing(d, _)) = &self.vif else {
             self.check(now);
             return;
         };
@@ -608,7 +671,8 @@ impl Nic for ClientVif {
         // Looked at, whether about this slot or not.
         self.seen = next;
         let dead = matches!(&self.vif, Vif::Up(_, nb, _) if nb.is_dead());
-        if changed || now >= self.next_check_ms || dead {
+        let due = matches!(&self.vif, Vif::Closing(_, Some(at)) if now >= *at);
+        if changed || now >= self.next_check_ms || dead || due {
             let every = if self.watching.is_some() {
                 FALLBACK_MS
             } else {

@@ -244,6 +244,13 @@ impl XenStore {
         self.write_in(path, value, 0)
     }
 
+    /// Removes `path` and everything under it.
+    pub fn remove(&mut self, path: &str) -> Result<(), XsError> {
+        let id = self.id();
+        self.transact(xs::XS_RM, id, &xs::remove(id, path)?)
+            .map(|_| ())
+    }
+
     fn read_in(&mut self, path: &str, tx: u32) -> Result<String, XsError> {
         let id = self.id();
         let msg = xs::in_transaction(xs::read(id, path)?, tx);
@@ -335,6 +342,10 @@ impl SharedStore {
 
     pub fn unwatch(&mut self, path: &str, token: &str) -> Result<(), XsError> {
         self.0.lock().unwatch(path, token)
+    }
+
+    pub fn remove(&mut self, path: &str) -> Result<(), XsError> {
+        self.0.lock().remove(path)
     }
 
     pub fn transaction<T>(

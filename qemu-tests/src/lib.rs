@@ -75,6 +75,15 @@ pub fn kernel() -> &'static Path {
     })
 }
 
+/// What `RunningMachine::drain_until_exit_with` does next.
+pub enum Watch {
+    Go,
+    /// Types these keys on the console.
+    Type(&'static [u8]),
+    /// Stops the machine now.
+    Stop,
+}
+
 /// CPU emulation: TCG (software, works everywhere) or KVM on real hosts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Accel {
@@ -398,15 +407,33 @@ impl RunningMachine {
 
     /// Collects console lines until QEMU exits or `deadline` passes.
     pub fn drain_until_exit(&mut self, deadline: Instant) -> (Option<ExitStatus>, String) {
+        self.drain_until_exit_with(deadline, |_| Watch::Go)
+    }
+
+    /// `drain_until_exit`, calling `watch` with each console line as it
+    /// comes (progress of a long run) and with `None` whenever 20 ms pass
+    /// without one; it may type keys on the console or stop the machine.
+    pub fn drain_until_exit_with(
+        &mut self,
+        mut deadline: Instant,
+        mut watch: impl FnMut(Option<&str>) -> Watch,
+    ) -> (Option<ExitStatus>, String) {
         let mut console = String::new();
         loop {
-            match self.lines.recv_timeout(Duration::from_millis(20)) {
+            let next = match self.lines.recv_timeout(Duration::from_millis(20)) {
                 Ok(l) => {
+                    let next = watch(Some(&l));
                     console.push_str(&l);
                     console.push('\n');
+                    next
                 }
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Timeout) => watch(None),
+            };
+            match next {
+                Watch::Go => {}
+                Watch::Type(keys) => self.send_keys(keys),
+                Watch::Stop => deadline = Instant::now(),
             }
             if Instant::now() >= deadline {
                 break;

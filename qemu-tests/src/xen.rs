@@ -17,7 +17,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use crate::debian::{self, cpio, run};
-use crate::RunningMachine;
+use crate::{RunningMachine, Watch};
 
 /// Bumped when the recipe changes, so old caches are rebuilt.
 const RECIPE: &str = "portcullis-xen-v3";
@@ -235,6 +235,8 @@ pub struct XenRun {
     /// lines.
     pub console: String,
     pub elapsed: Duration,
+    /// The script printed nothing for `STALL` and the run was ended.
+    pub stalled: bool,
 }
 
 impl XenRun {
@@ -321,9 +323,43 @@ impl XenImages {
         ];
         let start = Instant::now();
         let mut vm = RunningMachine::spawn(&m)?;
-        let (status, console) = vm.drain_until_exit(start + timeout);
+        // The script's lines as they come (shown with `--nocapture`, and
+        // in a failed test's output): where a long run is. When the
+        // script has printed nothing for `STALL` (dom0 stuck: seen in the
+        // Qubes-topology test: dom0's vCPU running at 100 % and nothing
+        // else), Xen is asked for its run queues, each physical CPU's
+        // registers and call trace (in a hypercall or in the guest), and
+        // dom0's registers (debug keys `r`, `d` and `0` after the three
+        // Ctrl-A that give Xen the serial input), every line is shown from
+        // then on, and the run ends `STALL_DUMP` later.
+        let mut last = Instant::now();
+        let mut asked: Option<Instant> = None;
+        let (status, console) = vm.drain_until_exit_with(start + timeout, |line| {
+            let at = start.elapsed().as_secs();
+            match (line, asked) {
+                (Some(l), None) => {
+                    if let Some(t) = l.find("test: ").map(|i| &l[i..]) {
+                        println!("[{at:>4} s] {t}");
+                        last = Instant::now();
+                    }
+                }
+                (Some(l), Some(_)) => println!("[{at:>4} s] {l}"),
+                (None, None) if last.elapsed() > STALL => {
+                    asked = Some(Instant::now());
+                    println!(
+                        "[{at:>4} s] xen: nothing from the script for {} s: Xen's state follows",
+                        STALL.as_secs()
+                    );
+                    return Watch::Type(b"\x01\x01\x01rd0");
+                }
+                (None, Some(when)) if when.elapsed() > STALL_DUMP => return Watch::Stop,
+                (None, _) => {}
+            }
+            Watch::Go
+        });
+        let stalled = asked.is_some();
         let _ = std::fs::remove_dir_all(&work);
-        if status.is_none() {
+        if status.is_none() && !stalled {
             return Err(format!(
                 "nested Xen did not power off within {timeout:?}:\n{console}"
             ));
@@ -331,9 +367,15 @@ impl XenImages {
         Ok(XenRun {
             console,
             elapsed: start.elapsed(),
+            stalled,
         })
     }
 }
+
+/// How long a script may print nothing before Xen is asked for its state,
+/// and how long the run goes on after that.
+const STALL: Duration = Duration::from_secs(180);
+const STALL_DUMP: Duration = Duration::from_secs(30);
 
 /// The ELF kernel inside a bzImage compressed with XZ (Debian's), so that
 /// dom0's domain builder need not decompress it for every client VM

@@ -25,12 +25,39 @@ on_reboot = "preserve"
 on_crash = "preserve"
 "#;
 
-/// Restarts of a client in the loop.
-const RESTARTS: usize = 8;
+/// Restarts of a client in the loop (the issue's fifty), unless
+/// `PORTCULLIS_RESTARTS` says otherwise.
+const RESTARTS: usize = 50;
+
+fn restarts() -> usize {
+    std::env::var("PORTCULLIS_RESTARTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&n| n >= 2)
+        .unwrap_or(RESTARTS)
+}
 
 const SCRIPT: &str = r#"#!/bin/sh
 log=/var/log/xen/console/guest-portcullis.log
 for m in xen-gntalloc xen-gntdev xen-evtchn; do modprobe $m 2>/dev/null; done
+# A watchdog for the nested machine's defect (dom0's processes crash now
+# and then): dom0's XenStore and console daemons gone, and the kernel's
+# reports of crashed processes, as `test: watchdog: ` lines (once each).
+(
+    seen=0
+    gone=""
+    while sleep 20; do
+        for d in xenstored xenconsoled; do
+            case " $gone " in *" $d "*) continue ;; esac
+            pgrep -x $d > /dev/null || { echo "test: watchdog: $d is gone"; gone="$gone $d"; }
+        done
+        n=$(dmesg | grep -cE "segfault|general protection|traps:|invalid opcode")
+        if [ "$n" -gt "$seen" ]; then
+            dmesg | grep -E "segfault|general protection|traps:|invalid opcode" | tail -n $((n - seen)) | sed 's/^/test: watchdog: dom0: /'
+            seen=$n
+        fi
+    done
+) &
 @QDB@
 @CORE@
 @CLIENT@
@@ -41,6 +68,21 @@ for m in xen-gntalloc xen-gntdev xen-evtchn; do modprobe $m 2>/dev/null; done
 python3 /names.py 10.0.2.2 > /tmp/dns.log 2>&1 &
 busybox nc -ll -p 5001 -e /bin/cat > /dev/null 2>&1 &
 busybox nc -ll -p 5002 -e /bin/cat > /dev/null 2>&1 &
+# And UDP: a TFTP server that answers every read request with one short
+# block naming the file, from port 69 itself (so that the answer is the
+# reply of the client's flow; a server's new port would be a new flow,
+# which no firewall without a TFTP helper lets in).
+cat > /tftp.py <<'PY'
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("10.0.2.2", 69))
+while True:
+    d, peer = s.recvfrom(1500)
+    if d[:2] == b"\x00\x01":
+        name = d[2:].split(b"\x00")[0]
+        s.sendto(b"\x00\x03\x00\x01hello over udp " + name + b"\n", peer)
+PY
+python3 /tftp.py > /tmp/tftp.log 2>&1 &
 # The firewall's QubesDB: three clients; 10.137.0.10 may ping, ask DNS
 # and reach TCP port 5001 only; the others anything. Later (when the test
 # touches /tmp/qdb-push) 10.137.0.10 loses port 5001.
@@ -92,11 +134,16 @@ tcp() {
     r=$(echo "hello $1" | nc -w 5 10.0.2.2 $1 2>&1)
     [ "$r" = "hello $1" ]
 }
+udp() {
+    rm -f /tmp/udp
+    timeout 10 tftp -g -r "$ip-$round" -l /tmp/udp 10.0.2.2 && grep -q "hello over udp $ip-$round" /tmp/udp
+}
 probe() {
     what="ping upstream"; check ping -c 2 -W 5 10.0.2.2
     what="dns"; check sh -c 'nslookup upstream.test 10.139.1.1 | grep -q "10\.0\.2\.2"'
     what="tcp 5001"; check tcp 5001
     what="tcp 5002"; check tcp 5002
+    what="udp"; check udp
 }
 round=first
 # The first ping may wait for the firewall's ARP for dom0.
@@ -191,6 +238,7 @@ grep "^stats: drops" $log | tail -n 1 | sed 's/^/test: firewall: /'
 # A client destroyed and created again, each time with working network
 # (its gateway answered its ARP through our netback: a frame received);
 # the firewall's memory after each restart.
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
 r=1
 while [ $r -le @RESTARTS@ ]; do
     case "$(xl list | awk '$1 == "portcullis" { print $5 }')" in
@@ -198,27 +246,43 @@ while [ $r -le @RESTARTS@ ]; do
     esac
     rlog=/var/log/xen/console/guest-restart.log
     rm -f $rlog
+    # The firewall's removals of a client's vif so far: one more is this
+    # client's.
+    n=$(grep -c "netback: vif[0-9]*: removed " $log)
+    t0=$(ms)
     create /etc/xen/restart.cfg
+    t1=$(ms)
     i=0
-    until grep -qE "^stats: nic0 uplink rx_packets=[1-9]" $rlog 2>/dev/null || [ $i -ge 60 ]; do sleep 0.5; i=$((i + 1)); done
+    until grep -qE "^stats: nic0 uplink rx_packets=[1-9]" $rlog 2>/dev/null || [ $i -ge 300 ]; do sleep 0.1; i=$((i + 1)); done
+    t2=$(ms)
     if grep -qE "^stats: nic0 uplink rx_packets=[1-9]" $rlog; then echo "test: restart $r: network works"; else echo "test: restart $r: no network"; fi
     xl destroy restart
     i=0
-    while xl list restart >/dev/null 2>&1 && [ $i -lt 20 ]; do sleep 0.5; i=$((i + 1)); done
+    while xl list restart >/dev/null 2>&1 && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
     if xl list restart >/dev/null 2>&1; then
         echo "test: restart $r: the domain is still there after its destruction"
         xl list | sed 's/^/test: xl list: /'
     fi
-    n=$(grep -c "serves nobody" $log)
+    t3=$(ms)
     i=0
-    until [ "$(grep -c 'serves nobody' $log)" -ge $((n + 1)) ] || [ $i -ge 30 ]; do sleep 0.5; i=$((i + 1)); done
+    until [ "$(grep -c 'netback: vif[0-9]*: removed ' $log)" -gt $n ] || [ $i -ge 150 ]; do sleep 0.1; i=$((i + 1)); done
+    [ "$(grep -c 'netback: vif[0-9]*: removed ' $log)" -gt $n ] || echo "test: restart $r: the firewall did not release the client's vif"
+    t4=$(ms)
+    # The firewall's memory once it has counted after the release.
     m=$(grep -c "^stats: pool" $log)
     i=0
-    until [ "$(grep -c '^stats: pool' $log)" -ge $((m + 2)) ] || [ $i -ge 30 ]; do sleep 0.5; i=$((i + 1)); done
+    until [ "$(grep -c '^stats: pool' $log)" -ge $((m + 2)) ] || [ $i -ge 50 ]; do sleep 0.1; i=$((i + 1)); done
     grep "^stats: pool" $log | tail -n 1 | sed "s/^/test: memory after restart $r: /"
+    echo "test: restart $r: ms: create $((t1 - t0)) network $((t2 - t1)) destroy $((t3 - t2)) release $((t4 - t3)) memory $(( $(ms) - t4 ))"
     r=$((r + 1))
 done
 xl list | sed 's/^/test: xl list at the end: /'
+# The firewall removed each client's vif directory once the toolstack
+# closed it (libxl waits for that, and nobody else removes it; the client
+# domains' directories above them are dom0's).
+area=/local/domain/$(xl domid portcullis)/backend/vif
+left=$(for d in $(xenstore-list $area 2>/dev/null); do xenstore-list $area/$d; done | wc -l)
+echo "test: client vifs left in the firewall's backend area: $left"
 # Xen's report of a domain that stopped (a triple fault), if any.
 xl dmesg | grep -A 22 "Triple fault" | head -n 50 | sed 's/^/test: xen: /'
 # And whether its memory was overwritten (`CORE_CHECK`).
@@ -231,34 +295,69 @@ xl destroy portcullis
 grep -v "^stats: \(nic\|core\|dns\|rules\|firewall\|drops\)" $log | sed 's/^/test: log: /'
 "#;
 
+/// The script's own lines (`test: ...`, found anywhere in a console
+/// line, which Xen's output may share), without the prefix.
+fn script_lines(console: &str) -> impl Iterator<Item = &str> {
+    console
+        .lines()
+        .filter_map(|l| l.find("test: ").map(|at| &l[at + 6..]))
+}
+
+/// Whether the nested machine, not what it ran, stopped the firewall
+/// domain: it stopped (the script then checks its memory, `CORE_CHECK`)
+/// and every check found its code, page tables, IDT, GDT and TSS as built
+/// — with those sound, an exception of its own reaches the kernel's
+/// reporter instead of resetting the domain.
+fn stopped_by_the_machine(console: &str) -> bool {
+    let verdicts: Vec<&str> = script_lines(console)
+        .filter_map(|l| l.strip_prefix("core: verdict: "))
+        .collect();
+    !verdicts.is_empty() && verdicts.iter().all(|v| v.starts_with("sound"))
+}
+
+/// Whether the script's watchdog saw dom0's XenStore or console daemon
+/// gone, or dom0's kernel report a crashed process.
+fn dom0_crashed(console: &str) -> bool {
+    script_lines(console).any(|l| l.starts_with("watchdog: "))
+}
+
 fn field(line: &str, key: &str) -> Option<u64> {
     line.split_whitespace()
         .find_map(|w| w.strip_prefix(key))
         .and_then(|v| v.parse().ok())
 }
 
-/// Not in `cargo xtask test` (CI): nested, building a domain corrupts
-/// memory now and then — dom0's own shell read `til` for `until` and
-/// segfaulted, dom0's domain builder found the client kernel "invalid",
-/// and the firewall domain triple-faulted, each right at an `xl create`
-/// — so a test that creates ten domains fails most runs for reasons
-/// outside Portcullis. With Xen's `pcid=0 invpcid=0` (the nested
-/// machine's default now) dom0 stayed sound and every client check
-/// passed in two runs, but the firewall domain still stopped after three
-/// or four client restarts (the script prints Xen's triple-fault report,
-/// `test: xen: `, and `CORE_CHECK`'s view of the stopped domain). In two
-/// later runs (one with `PORTCULLIS_XEN_CPU=max,-xsave`) it stopped at
-/// a client's creation, right after an emulated `rdtsc` followed by a
-/// register-only instruction that cannot fault, or with Xen's own RIP, CR3
-/// and stack in its state — while dom0's `xl` segfaulted — and its code
-/// and tables were found as built (the one stop checked). Run it with
-/// `cargo test -p qemu-tests --test qubes -- --ignored --nocapture`
-/// (about 7 minutes); see the Xen issue's notes. On 2026-11-28, with
-/// the loop blocking in Xen up to 10 ms when idle, the last two of six
-/// runs passed whole (README, the nested machine's defect).
+/// Run by hand, about 12 minutes with fifty restarts
+/// (`cargo test -p qemu-tests --test qubes -- --ignored --nocapture`;
+/// `PORTCULLIS_RESTARTS=N` for fewer). Not yet in `cargo xtask test`
+/// (CI): the nested machine still stalls dom0 in about one run in three.
+///
+/// The nested machine (QEMU's TCG running Xen) now and then stops a domain
+/// while dom0 builds one — the firewall domain triple-faulted right after
+/// an emulated `rdtsc` followed by a register-only instruction that cannot
+/// fault, or with Xen's own RIP, CR3 and stack in its state, while dom0's
+/// `xl` segfaulted — and each time the stopped domain's code and tables
+/// were found as built (`CORE_CHECK`, which the script runs on a stopped
+/// firewall). So, as in the uplink test (`tests/xen.rs`), a run in which
+/// the firewall stopped with its memory sound gets one more run. It also
+/// stops dom0 itself: twice on 2026-11-28 everything in dom0 (even the
+/// script's `sleep` loop) stopped right after a client restart's
+/// `xl create`, and once more after dom0's `xl` had segfaulted in libc;
+/// Xen's dump then showed dom0's one vCPU running at 100 % and the other
+/// domains idle. The harness asks Xen for its state after three silent
+/// minutes and ends the run (`XenImages::run`), and the script's watchdog
+/// reports dom0's daemons gone and crashed processes; a stalled run with
+/// such a report gets one more run too. A second stop, or one with the
+/// firewall's memory changed, fails.
+///
+/// Each client restart used to take 12 s because the firewall left the
+/// vif's directory for libxl to remove after its 10 s wait; it now removes
+/// it as a Linux driver domain's `xl devd` does, and a restart takes about
+/// 10 s.
 #[test]
-#[ignore = "nested Xen corrupts memory at domain creation too often for CI (see the doc comment)"]
+#[ignore = "the nested machine stalls dom0 in about one run in three (see the doc comment)"]
 fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
+    let restarts = restarts();
     let images =
         XenImages::ensure().unwrap_or_else(|e| panic!("cannot build the nested-Xen images: {e}"));
     let script = SCRIPT
@@ -266,26 +365,43 @@ fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
         .replace("@CORE@", CORE_CHECK)
         .replace("@NAMES@", NAME_SERVER)
         .replace("@CLIENT@", CLIENT_IMAGE)
-        .replace("@RESTARTS@", &RESTARTS.to_string());
+        .replace("@RESTARTS@", &restarts.to_string());
     // PORTCULLIS_XL_EXTRA: lines added to every Portcullis domain's `xl`
     // config (experiments on the nested machine, e.g. `hap = 0`).
     let extra = std::env::var("PORTCULLIS_XL_EXTRA").unwrap_or_default();
     let script = script.replace("@XL_EXTRA@", &extra);
     let firewall_cfg = format!("{FIREWALL_CFG}{extra}\n");
-    let run = images
-        .run(kernel(), &firewall_cfg, &script, Duration::from_secs(900))
-        .unwrap_or_else(|e| panic!("{e}"));
-    let test: Vec<&str> = run
-        .console
-        .lines()
-        .filter_map(|l| l.find("test: ").map(|at| &l[at + 6..]))
-        .collect();
-    for l in &test {
-        println!("{l}");
+    let nested = || {
+        images
+            .run(
+                kernel(),
+                &firewall_cfg,
+                &script,
+                Duration::from_secs(600 + 30 * restarts as u64),
+            )
+            .unwrap_or_else(|e| panic!("{e}"))
+    };
+    let mut run = nested();
+    // One more run when the nested machine stopped the firewall domain
+    // with its memory as built, or stopped dom0 after crashing one of its
+    // processes (see the doc comment); a second such stop fails below
+    // like any other.
+    if stopped_by_the_machine(&run.console) || (run.stalled && dom0_crashed(&run.console)) {
+        println!("the nested machine stopped a domain (its report above); a second run:");
+        run = nested();
     }
+    assert!(!run.stalled, "the script stalled (Xen's state above)");
+    // (Its lines were shown as they came: `XenImages::run`.)
+    let test: Vec<&str> = script_lines(&run.console).collect();
     let all = test.join("\n");
     let says = |line: &str| test.iter().any(|l| l.ends_with(line));
     assert!(!all.contains("timed out waiting"), "{all}");
+    // The firewall domain ran to the end (the script checks the memory of
+    // a stopped one: `core: ` lines).
+    assert!(
+        !test.iter().any(|l| l.starts_with("core: verdict: ")),
+        "the firewall domain stopped:\n{all}"
+    );
     // client-a: upstream by ping (NAT), DNS through the virtual server
     // 10.139.1.1 (redirected to dom0's), TCP to the one allowed port; the
     // other port refused by its rules.
@@ -303,6 +419,7 @@ fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
             "client: 10.137.0.10 first tcp 5002 failed",
             "a port its rules drop",
         ),
+        ("client: 10.137.0.10 first udp failed", "UDP its rules drop"),
         // After the live update: port 5001 is gone, the rest still works.
         (
             "client: 10.137.0.10 second ping upstream ok",
@@ -327,6 +444,7 @@ fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
             "client: 10.137.0.11 first tcp 5002 ok",
             "client-b's other port",
         ),
+        ("client: 10.137.0.11 first udp ok", "client-b's UDP (TFTP)"),
         // Isolation and anti-spoofing.
         (
             "client: 10.137.0.11 first ping other client failed",
@@ -354,14 +472,20 @@ fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
         field(drops, "client-to-client=").unwrap_or(0) >= 2,
         "{drops}"
     );
-    // Each restart found working network, and the firewall's memory after
-    // the last equals that after the first.
-    for r in 1..=RESTARTS {
+    // Each restart found working network, the firewall released each
+    // client's vif once the client was gone, and its memory after the last
+    // restart equals that after the first.
+    for r in 1..=restarts {
         assert!(
             says(&format!("restart {r}: network works")),
             "restart {r}:\n{all}"
         );
     }
+    assert!(!all.contains("did not release"), "{all}");
+    assert!(
+        says("client vifs left in the firewall's backend area: 0"),
+        "{all}"
+    );
     let memory = |r: usize| -> (u64, u64) {
         let prefix = format!("memory after restart {r}: ");
         let line = test
@@ -373,5 +497,5 @@ fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
             field(line, "dma_free=").expect("dma_free"),
         )
     };
-    assert_eq!(memory(1), memory(RESTARTS), "memory after the restarts");
+    assert_eq!(memory(1), memory(restarts), "memory after the restarts");
 }

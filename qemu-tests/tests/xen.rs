@@ -324,6 +324,11 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         }
         run = nested();
     }
+    assert!(
+        !run.stalled,
+        "the script stalled (Xen's state above):\n{}",
+        run.console
+    );
     // The domains' ids: the first, the forwarding one's attempts, the one
     // with a bad command line.
     let ids: Vec<u32> = run
@@ -332,15 +337,7 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         .filter_map(|l| l.strip_prefix("test: created "))
         .filter_map(|id| id.trim().parse().ok())
         .collect();
-    // The script's own lines first (attempts, pings, Xen's view of a
-    // domain that stopped), so that a failure below comes with them.
-    for l in run
-        .console
-        .lines()
-        .filter(|l| l.starts_with("test: ") && !l.starts_with("test: log "))
-    {
-        println!("{l}");
-    }
+    // (The script's own lines were shown as they came: `XenImages::run`.)
     assert!((3..=4).contains(&ids.len()), "{}", run.console);
     // The domain kept running through the pings and the QubesDB update (a
     // reset mid-run is reported by the script with Xen's log and the
@@ -603,15 +600,8 @@ fn boots_as_a_pvh_domu_under_real_xen_and_shuts_itself_down() {
         "{}",
         run.console
     );
-    // What the script saw, and the guest's last counters: shown first when
-    // an assertion below fails.
-    for l in run
-        .console
-        .lines()
-        .filter(|l| l.starts_with("test: ") && !l.starts_with("test: log "))
-    {
-        println!("{l}");
-    }
+    // The guest's last counters, shown when an assertion below fails
+    // (the script's lines were shown as they came: `XenImages::run`).
     for l in guest.iter().filter(|l| {
         l.starts_with("netfront: ")
             || l.starts_with("qubesdb: ")

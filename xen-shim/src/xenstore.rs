@@ -27,6 +27,7 @@ pub const XS_UNWATCH: u32 = 5;
 pub const XS_TRANSACTION_START: u32 = 6;
 pub const XS_TRANSACTION_END: u32 = 7;
 pub const XS_WRITE: u32 = 11;
+pub const XS_RM: u32 = 13;
 pub const XS_WATCH_EVENT: u32 = 15;
 pub const XS_ERROR: u32 = 16;
 
@@ -111,6 +112,12 @@ pub fn write(req_id: u32, path: &str, value: &str) -> Result<Vec<u8>, XsError> {
         req_id,
         &[path.as_bytes(), b"\0", value.as_bytes()],
     )
+}
+
+/// An `RM` of `path` and everything under it (xenstored answers `OK`
+/// when it is already gone too).
+pub fn remove(req_id: u32, path: &str) -> Result<Vec<u8>, XsError> {
+    request(XS_RM, req_id, &[path.as_bytes(), b"\0"])
 }
 
 /// A `DIRECTORY` of `path`: the names of its children.
@@ -366,6 +373,9 @@ mod tests {
         assert_eq!(&m[..4], &XS_WRITE.to_le_bytes());
         assert_eq!(&m[12..16], &10u32.to_le_bytes());
         assert_eq!(&m[16..], b"data/x\0v 1");
+        let m = remove(5, "backend/vif/7/0").unwrap();
+        assert_eq!(&m[..8], &[13, 0, 0, 0, 5, 0, 0, 0]);
+        assert_eq!(&m[16..], b"backend/vif/7/0\0");
         let m = directory(4, "device").unwrap();
         assert_eq!(
             (&m[..4], &m[16..]),
