@@ -374,7 +374,7 @@ impl XenImages {
 
 /// How long a script may print nothing before Xen is asked for its state,
 /// and how long the run goes on after that.
-const STALL: Duration = Duration::from_secs(240);
+const STALL: Duration = Duration::from_secs(300);
 const STALL_DUMP: Duration = Duration::from_secs(30);
 
 /// The ELF kernel inside a bzImage compressed with XZ (Debian's), so that

@@ -354,7 +354,7 @@ fn field(line: &str, key: &str) -> Option<u64> {
 /// running a user process (in a shared library) at 100 %, or dom0 and a
 /// client both idle in their kernels, the Portcullis domains idle: dom0
 /// stops being woken or preempted. The harness asks Xen for its state
-/// after four silent minutes and ends the run (`XenImages::run`), and
+/// after five silent minutes and ends the run (`XenImages::run`), and
 /// the script's watchdog reports dom0's daemons gone, crashed processes
 /// and libc changed in dom0's memory; a stalled run with such a report
 /// gets one more run too. A second stop, or one with the firewall's
