@@ -240,6 +240,12 @@ pub struct XenRun {
 }
 
 impl XenRun {
+    /// The script's own lines (`test: ...`, found anywhere in a console
+    /// line, which Xen's output may share), without the prefix.
+    pub fn script_lines(&self) -> impl Iterator<Item = &str> {
+        script_lines(&self.console)
+    }
+
     /// The lines domain `domid` printed on its PV console (its xenconsoled
     /// log, which the script shows as `test: log <domid>: ` lines; found
     /// anywhere in a line, which Xen's own output may share).
@@ -338,8 +344,8 @@ impl XenImages {
             let at = start.elapsed().as_secs();
             match (line, asked) {
                 (Some(l), None) => {
-                    if let Some(t) = l.find("test: ").map(|i| &l[i..]) {
-                        println!("[{at:>4} s] {t}");
+                    if let Some(t) = script_lines(l).next() {
+                        println!("[{at:>4} s] test: {t}");
                         last = Instant::now();
                     }
                 }
@@ -370,6 +376,13 @@ impl XenImages {
             stalled,
         })
     }
+}
+
+/// `XenRun::script_lines` of a console.
+pub fn script_lines(console: &str) -> impl Iterator<Item = &str> {
+    console
+        .lines()
+        .filter_map(|l| l.find("test: ").map(|at| &l[at + 6..]))
 }
 
 /// How long a script may print nothing before Xen is asked for its state,

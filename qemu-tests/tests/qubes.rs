@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use qemu_tests::kernel;
-use qemu_tests::xen::{XenImages, CLIENT_IMAGE, CORE_CHECK, NAME_SERVER, QUBESDB_SERVER};
+use qemu_tests::xen::{
+    script_lines, XenImages, CLIENT_IMAGE, CORE_CHECK, NAME_SERVER, QUBESDB_SERVER,
+};
 
 const FIREWALL_CFG: &str = r#"name = "portcullis"
 type = "pvh"
@@ -57,9 +59,10 @@ for m in xen-gntalloc xen-gntdev xen-evtchn; do modprobe $m 2>/dev/null; done
             case " $gone " in *" $d "*) continue ;; esac
             pgrep -x $d > /dev/null || { echo "test: watchdog: $d is gone"; gone="$gone $d"; }
         done
-        n=$(dmesg | grep -cE "segfault|general protection|traps:|invalid opcode")
+        crashes=$(dmesg | grep -E "segfault|general protection|traps:|invalid opcode")
+        n=$(printf '%s' "$crashes" | grep -c .)
         if [ "$n" -gt "$seen" ]; then
-            dmesg | grep -E "segfault|general protection|traps:|invalid opcode" | tail -n $((n - seen)) | sed 's/^/test: watchdog: dom0: /'
+            printf '%s\n' "$crashes" | tail -n $((n - seen)) | sed 's/^/test: watchdog: dom0: /'
             seen=$n
         fi
     done
@@ -301,14 +304,6 @@ xl destroy portcullis
 grep -v "^stats: \(nic\|core\|dns\|rules\|firewall\|drops\)" $log | sed 's/^/test: log: /'
 "#;
 
-/// The script's own lines (`test: ...`, found anywhere in a console
-/// line, which Xen's output may share), without the prefix.
-fn script_lines(console: &str) -> impl Iterator<Item = &str> {
-    console
-        .lines()
-        .filter_map(|l| l.find("test: ").map(|at| &l[at + 6..]))
-}
-
 /// Whether the nested machine, not what it ran, stopped the firewall
 /// domain: it stopped (the script then checks its memory, `CORE_CHECK`)
 /// and every check found its code, page tables, IDT, GDT and TSS as built
@@ -402,7 +397,7 @@ fn serves_linux_client_vms_as_a_qubes_firewall_vm() {
     }
     assert!(!run.stalled, "the script stalled (Xen's state above)");
     // (Its lines were shown as they came: `XenImages::run`.)
-    let test: Vec<&str> = script_lines(&run.console).collect();
+    let test: Vec<&str> = run.script_lines().collect();
     let all = test.join("\n");
     let says = |line: &str| test.iter().any(|l| l.ends_with(line));
     assert!(!all.contains("timed out waiting"), "{all}");
