@@ -9,8 +9,9 @@
 //! Bounds and expiry: the table holds at most `capacity` flows, in memory
 //! allocated at creation. Flows expire by protocol and state (TCP handshake
 //! 60 s, established 2 h, closing 10 s; UDP 30 s, 180 s once answered; ICMP
-//! echo 30 s). Expired flows are reclaimed lazily when met and by `expire`,
-//! which the owner calls with a budget. A new flow that finds the table
+//! echo 30 s). Expired flows are reclaimed lazily when met, by `expire`,
+//! which the owner calls with a budget, and, for flows never answered, in
+//! creation order as new flows are created (`reclaim_oldest`). A new flow that finds the table
 //! full takes the slot of an expired flow, else of the oldest flow never
 //! answered (`make_room`); when every flow has been answered and none has
 //! expired, the new flow is refused (counted by the caller). So a flood of
@@ -416,6 +417,7 @@ impl<A: Addr> Conntrack<A> {
         now: u64,
         owner: u32,
     ) -> Result<Flow<A>, CreateError> {
+        self.reclaim_oldest(now);
         if self.free.is_empty() {
             self.make_room(now);
         }
@@ -454,6 +456,34 @@ impl<A: Addr> Conntrack<A> {
         }
         self.unreplied.push_back((idx, seq));
         Ok(flow)
+    }
+
+    /// Removes the oldest flow never answered if it has expired, after
+    /// dropping queue entries of flows answered or gone since (a few per
+    /// call). Unanswered flows of one protocol expire in creation order, so
+    /// under a flood of new flows each new one frees the one that timed out
+    /// before it, while that flow's index buckets are still in the caches:
+    /// the table holds the flows that are live instead of filling with
+    /// expired ones until a sweep finds them, cold.
+    #[inline]
+    fn reclaim_oldest(&mut self, now: u64) {
+        for _ in 0..4 {
+            let Some(&(idx, seq)) = self.unreplied.front() else {
+                return;
+            };
+            match self.slots.get(idx as usize) {
+                Some(Some(f)) if f.seq == seq && f.state == FlowState::New => {
+                    if f.expires <= now {
+                        self.unreplied.pop_front();
+                        self.remove(idx);
+                    }
+                    return;
+                }
+                _ => {
+                    self.unreplied.pop_front();
+                }
+            }
+        }
     }
 
     /// Frees a slot in a full table: expired flows first (a bounded look),
@@ -792,6 +822,28 @@ mod tests {
             "expired flows make room"
         );
         assert_eq!(ct.len(), 1);
+        assert_eq!(ct.evictions(), 0);
+    }
+
+    /// New flows that time out unanswered, one a second: each new flow
+    /// frees the one that expired before it, so the table holds the live
+    /// flows (a minute's worth), not every flow since the last sweep; an
+    /// answered flow among them stays, and nothing counts as evicted.
+    #[test]
+    fn expired_unanswered_flows_are_reclaimed_in_creation_order() {
+        let mut ct = Conntrack::new(UP, 1024);
+        let answered = t(PROTO_TCP, [10, 137, 0, 10], 999, [1, 1, 1, 1], 443);
+        ct.create(answered, answered.dst, 443, 0).unwrap();
+        ct.by_client(&answered, 0).unwrap().touch(0, false, TCP_ACK);
+        for n in 1..=600u16 {
+            let c = t(PROTO_TCP, [10, 137, 0, 10], 1000 + n, [1, 1, 1, 1], 80);
+            ct.create(c, c.dst, 80, u64::from(n) * SECOND).unwrap();
+        }
+        let live = (TCP_HANDSHAKE / SECOND) as usize;
+        assert!(ct.len() <= live + 2, "{} flows held, {live} live", ct.len());
+        assert!(ct.by_client(&answered, 600 * SECOND).is_some());
+        let last = t(PROTO_TCP, [10, 137, 0, 10], 1600, [1, 1, 1, 1], 80);
+        assert!(ct.by_client(&last, 600 * SECOND).is_some());
         assert_eq!(ct.evictions(), 0);
     }
 

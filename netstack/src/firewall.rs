@@ -266,8 +266,6 @@ impl Stats {
     }
 }
 
-/// Binds client `ci` to the first port it is seen on and learns its MAC;
-/// false when it comes from another port (or does not exist).
 /// Binds client `ci` to `port` (its first) and learns its MAC; false if it
 /// is bound to another port, or is unbound and `port` serves only the
 /// clients assigned to it (`pinned`, see `Firewall::assign_port`).

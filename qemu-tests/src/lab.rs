@@ -245,7 +245,33 @@ impl Lab {
             UPLINK_IP,
             UPLINK_MAC,
         ));
+        // A test's first frame usually comes from a client, on the other
+        // NIC, and nothing orders it after the reply above: under load it
+        // could reach the firewall first and be dropped for want of the
+        // gateway's MAC. So the gateway asks for the firewall's address
+        // too, on the same wire: once the answer is back, the reply before
+        // it has been handled.
+        lab.gateway_asks_for_uplink()
+            .expect("the firewall's ARP reply to the gateway");
         lab
+    }
+
+    /// The gateway asks, by ARP, for the firewall's uplink address: the
+    /// firewall's ARP reply, if it comes in time.
+    pub fn gateway_asks_for_uplink(&self) -> Option<Frame> {
+        self.uplink.send(&arp(
+            1,
+            GATEWAY_MAC,
+            GATEWAY_IP,
+            [0; 6],
+            UPLINK_IP,
+            [0xff; 6],
+        ));
+        self.uplink.recv_matching(Duration::from_secs(10), |f| {
+            f.arp
+                .as_ref()
+                .is_some_and(|a| a.op == 2 && a.target_ip == GATEWAY_IP)
+        })
     }
 
     /// Asks the kernel to print its counters and stop; checks it exits

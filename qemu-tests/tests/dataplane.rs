@@ -83,18 +83,7 @@ fn answers_arp_and_ping_on_both_sides() {
     );
     assert!(ip.checksums_ok);
 
-    lab.uplink.send(&arp(
-        1,
-        GATEWAY_MAC,
-        GATEWAY_IP,
-        [0; 6],
-        UPLINK_IP,
-        [0xff; 6],
-    ));
-    let r = lab
-        .uplink
-        .recv_matching(WAIT, |f| f.arp.as_ref().is_some_and(|a| a.op == 2))
-        .expect("ARP reply upstream");
+    let r = lab.gateway_asks_for_uplink().expect("ARP reply upstream");
     assert_eq!(r.arp.unwrap().sender_mac, UPLINK_MAC);
     lab.uplink
         .send(&ping(GATEWAY_MAC, UPLINK_MAC, GATEWAY_IP, UPLINK_IP, 5, 9));

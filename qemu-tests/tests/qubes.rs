@@ -219,7 +219,14 @@ waitfor() {
     until grep -q "$2" "$1" 2>/dev/null || [ $i -ge $3 ]; do sleep 1; i=$((i + 1)); done
     grep -q "$2" "$1" 2>/dev/null || echo "test: timed out waiting for '$2' in $1"
 }
-xl create -p /etc/xen/portcullis.cfg && echo "test: created firewall"
+# What Xen chose for the nested CPU (its vendor and mitigations): the
+# stall findings depend on it.
+xl dmesg | grep -iE "vendor|xpti|pv-l1tf|speculative mitigation|support for (hvm|pv)|hap|pcid|xsave" | head -n 20 | sed 's/^/test: xen boot: /'
+if out=$(xl create -p /etc/xen/portcullis.cfg 2>&1); then
+    echo "test: created firewall"
+else
+    echo "test: xl create of the firewall failed: $(echo $out | tail -c 800)"
+fi
 python3 /qdb.py $(xl domid portcullis) /qdb-script > /tmp/qdb.log 2>&1 &
 waitfor /tmp/qdb.log ready 10
 xl unpause portcullis
