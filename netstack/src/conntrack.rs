@@ -11,12 +11,12 @@
 //! 60 s, established 2 h, closing 10 s; UDP 30 s, 180 s once answered; ICMP
 //! echo 30 s). Expired flows are reclaimed lazily when met, by `expire`,
 //! which the owner calls with a budget, and, for flows never answered, in
-//! creation order as new flows are created (`reclaim_oldest`). A new flow that finds the table
-//! full takes the slot of an expired flow, else of the oldest flow never
-//! answered (`make_room`); when every flow has been answered and none has
-//! expired, the new flow is refused (counted by the caller). So a flood of
-//! new flows only ever displaces other unanswered flows, never an
-//! established one.
+//! creation order as new flows are created (`reclaim_oldest`). A new flow
+//! that finds the table full takes the slot of an expired flow, else of
+//! the oldest flow never answered (`make_room`); when every flow has been
+//! answered and none has expired, the new flow is refused (counted by the
+//! caller). So a flood of new flows only ever displaces other unanswered
+//! flows, never an established one.
 //!
 //! The table is generic over the address family: the firewall keeps one
 //! for IPv4 and one for IPv6 (`Conntrack<Ipv6Addr>`), with the same rules.

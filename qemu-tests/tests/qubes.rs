@@ -219,8 +219,8 @@ waitfor() {
     until grep -q "$2" "$1" 2>/dev/null || [ $i -ge $3 ]; do sleep 1; i=$((i + 1)); done
     grep -q "$2" "$1" 2>/dev/null || echo "test: timed out waiting for '$2' in $1"
 }
-# What Xen chose for the nested CPU (its vendor and mitigations): the
-# stall findings depend on it.
+# What Xen chose for the nested CPU (vendor, mitigations, HAP), for the
+# record of the nested machine's defect (docs/nested-machine.md).
 xl dmesg | grep -iE "vendor|xpti|pv-l1tf|speculative mitigation|support for (hvm|pv)|hap|pcid|xsave" | head -n 20 | sed 's/^/test: xen boot: /'
 if out=$(xl create -p /etc/xen/portcullis.cfg 2>&1); then
     echo "test: created firewall"
