@@ -735,11 +735,15 @@ mod tests {
                         rnd(4),
                         [32, 48, 126, 128][rnd(4) as usize]
                     )),
+                    // (First octets on both sides of 10, and prefixes
+                    // shorter than 8: ranges that span top bytes, for
+                    // the IPv4 destinations' first level.)
                     0 | 1 => w.push(format!(
-                        "dst4=10.{}.0.{}/{}",
+                        "dst4={}.{}.0.{}/{}",
+                        [9, 10, 10, 11, 255][rnd(5) as usize],
                         rnd(4),
                         rnd(4),
-                        [0, 8, 16, 30, 32][rnd(5) as usize]
+                        [0, 4, 7, 8, 16, 30, 32][rnd(7) as usize]
                     )),
                     2 => w.push(format!("dsthost=h{}.example", rnd(3))),
                     _ => {}
@@ -777,7 +781,8 @@ mod tests {
                         .parse()
                         .unwrap()
                 } else {
-                    format!("10.{}.0.{}", rnd(5), rnd(5)).parse().unwrap()
+                    let first = [0, 9, 10, 10, 11, 12, 255][rnd(7) as usize];
+                    format!("{first}.{}.0.{}", rnd(5), rnd(5)).parse().unwrap()
                 };
                 let icmp = if v6 { PROTO_ICMPV6 } else { PROTO_ICMP };
                 let p = Probe {

@@ -94,11 +94,18 @@ pub fn sum16(data: &[u8], initial: u32) -> u32 {
         let w = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
         sum += (w & 0xffff_ffff) + (w >> 32);
     }
-    let mut pairs = chunks.remainder().chunks_exact(2);
-    for p in &mut pairs {
-        sum += u64::from(u16::from_ne_bytes([p[0], p[1]]));
+    // The last 0-7 bytes: a word of four, one of two, and an odd byte
+    // padded with a zero, without a loop.
+    let mut rest = chunks.remainder();
+    if let Some((w, r)) = rest.split_first_chunk::<4>() {
+        sum += u64::from(u32::from_ne_bytes(*w));
+        rest = r;
     }
-    if let [last] = pairs.remainder() {
+    if let Some((w, r)) = rest.split_first_chunk::<2>() {
+        sum += u64::from(u16::from_ne_bytes(*w));
+        rest = r;
+    }
+    if let [last] = rest {
         sum += u64::from(u16::from_ne_bytes([*last, 0]));
     }
     let mut total = u64::from(native_to_be_sum(sum)) + u64::from(initial);
