@@ -336,36 +336,18 @@ fn field(line: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Run by hand, about 12 minutes with fifty restarts
+/// Run by hand, about ten minutes with fifty restarts
 /// (`cargo test -p qemu-tests --test qubes -- --ignored --nocapture`;
-/// `PORTCULLIS_RESTARTS=N` for fewer). Not yet in `cargo xtask test`
-/// (CI): the nested machine stops dom0 or a domain in most fifty-restart runs.
+/// `PORTCULLIS_RESTARTS=N` for fewer). Not in `cargo xtask test` (CI): the
+/// nested machine (QEMU's TCG running Xen) crashes dom0's processes or
+/// stops a domain in most runs — its symptoms, runs and the options tried
+/// are in `docs/nested-machine.md`.
 ///
-/// The nested machine (QEMU's TCG running Xen) now and then stops a domain
-/// while dom0 builds one — the firewall domain triple-faulted right after
-/// an emulated `rdtsc` followed by a register-only instruction that cannot
-/// fault, or with Xen's own RIP, CR3 and stack in its state, while dom0's
-/// `xl` segfaulted — and each time the stopped domain's code and tables
-/// were found as built (`CORE_CHECK`, which the script runs on a stopped
-/// firewall). So, as in the uplink test (`tests/xen.rs`), a run in which
-/// the firewall stopped with its memory sound gets one more run. It also
-/// stops dom0 itself: on 2026-11-28 everything in dom0 (even the
-/// script's `sleep` loop) stopped, mostly right after a client restart's
-/// `xl create` and often after dom0's `xl` had segfaulted in libc (at
-/// the same offset each time). Xen's dumps then showed dom0's one vCPU
-/// running a user process (in a shared library) at 100 %, or dom0 and a
-/// client both idle in their kernels, the Portcullis domains idle: dom0
-/// stops being woken or preempted. The harness asks Xen for its state
-/// after five silent minutes and ends the run (`XenImages::run`), and
-/// the script's watchdog reports dom0's daemons gone, crashed processes
-/// and libc changed in dom0's memory; a stalled run with such a report
-/// gets one more run too. A second stop, or one with the firewall's
-/// memory changed, fails.
-///
-/// Each client restart used to take 12 s because the firewall left the
-/// vif's directory for libxl to remove after its 10 s wait; it now removes
-/// it as a Linux driver domain's `xl devd` does, and a restart takes about
-/// 10 s.
+/// As in the uplink test (`tests/xen.rs`), a run in which the firewall
+/// domain stopped with its memory as built (`CORE_CHECK`, run by the
+/// script on a stopped firewall) gets one more run, and so does a run
+/// that stalled after the script's watchdog reported a dom0 crash. A
+/// second stop, or one with the firewall's memory changed, fails.
 #[test]
 #[ignore = "the nested machine stops dom0 or a domain in most runs (see the doc comment)"]
 fn serves_linux_client_vms_as_a_qubes_firewall_vm() {

@@ -24,6 +24,7 @@
 //! so do sets of at most `MIN_RULES`, which the scan (about 2 ns a rule)
 //! gets through faster than the classifier's fixed cost (about 25 ns).
 
+use alloc::boxed::Box;
 use alloc::vec::Vec;
 
 use super::{Matcher, ANY_PROTO, TCP_OR_UDP};
@@ -91,28 +92,22 @@ impl<T: Ord + Copy> Partition<T> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct V4Destinations {
     part: Partition<u32>,
-    top: Vec<u32>,
+    /// Indexed by a top byte and the one after it: always in bounds.
+    top: Box<[u32; 257]>,
 }
 
 impl V4Destinations {
     fn new(part: Partition<u32>) -> Self {
-        let top = (0..=256u32)
-            .map(|b| {
-                let below = part
-                    .starts
-                    .partition_point(|s| u64::from(*s) < u64::from(b) << 24);
-                below as u32
-            })
-            .collect();
+        let top = Box::new(core::array::from_fn(|b| {
+            part.starts
+                .partition_point(|s| u64::from(*s) < (b as u64) << 24) as u32
+        }));
         Self { part, top }
     }
 
     fn lookup(&self, x: u32, words: usize) -> &[u64] {
         let b = (x >> 24) as usize;
-        let (lo, hi) = match (self.top.get(b), self.top.get(b + 1)) {
-            (Some(&lo), Some(&hi)) => (lo as usize, hi as usize),
-            _ => return &[],
-        };
+        let (lo, hi) = (self.top[b] as usize, self.top[b + 1] as usize);
         // Every start below `lo` is at most `x`, every one from `hi` on
         // above it: the count of starts at most `x` is `lo` plus those in
         // between.
