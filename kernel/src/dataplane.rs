@@ -179,9 +179,10 @@ fn print_firewall_stats(fw: &Firewall) {
 pub(crate) fn print_summary(sum: &Summary) {
     let f = &sum.stats;
     println!(
-        "stats: firewall to_upstream={} to_clients={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={} nd_solicits_sent={} nd_adverts={} dns_queries_sent={} dns_answers={}",
+        "stats: firewall to_upstream={} to_clients={} fast_path={} flows={} flows_created={} flows_evicted={} dns_redirected={} arp_replies={} echo_replies={} icmp_errors_sent={} icmp_errors_suppressed={} arp_requests_sent={} nd_solicits_sent={} nd_adverts={} dns_queries_sent={} dns_answers={}",
         f.to_upstream,
         f.to_clients,
+        f.fast_path,
         sum.flows,
         f.flows_created,
         sum.evictions,
@@ -461,9 +462,10 @@ pub fn run_single<N: Nic>(
             nics.nics[i].rx_batch(&mut nics.pool, &mut rx, RX_BATCH);
             busy |= !rx.is_empty();
             counters.batch(rx.len());
+            let mut batch = firewall.batch(now, i);
             for mut p in rx.drain(..) {
                 let room = nics.pool.frame_room(&mut p.buf);
-                match firewall.handle(now, i, room, p.len) {
+                match batch.handle(room, p.len) {
                     Verdict::Forward { port, len } => nics.queue(port, Packet { buf: p.buf, len }),
                     _ => nics.pool.free(p.buf),
                 }
@@ -542,13 +544,18 @@ impl FirewallCore {
             self.from_nics.pop_batch(&mut batch, RX_BATCH);
             let busy = !batch.is_empty();
             counters.batch(batch.len());
-            for (port, mut p) in batch.drain(..) {
-                let room = self.memory.frame_room(&mut p.buf);
-                match self.firewall.handle(now, port, room, p.len) {
-                    Verdict::Forward { port, len } => {
-                        out.push((Some(port), Packet { buf: p.buf, len }))
+            // Runs of frames from one port go through one firewall batch.
+            let mut frames = batch.drain(..).peekable();
+            while let Some(&(port, _)) = frames.peek() {
+                let mut run = self.firewall.batch(now, port);
+                while let Some((_, mut p)) = frames.next_if(|(q, _)| *q == port) {
+                    let room = self.memory.frame_room(&mut p.buf);
+                    match run.handle(room, p.len) {
+                        Verdict::Forward { port, len } => {
+                            out.push((Some(port), Packet { buf: p.buf, len }))
+                        }
+                        _ => out.push((None, p)),
                     }
-                    _ => out.push((None, p)),
                 }
             }
             if now.wrapping_sub(last_housekeeping) >= HOUSEKEEPING_MS {

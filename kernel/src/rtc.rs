@@ -102,17 +102,21 @@ struct RtcCore {
 }
 
 impl RtcCore {
-    /// The firewall on one frame of this core's own.
-    fn process(&mut self, now: u64, port: usize, mut p: Packet) {
-        let room = self.nics.pool.frame_room(&mut p.buf);
-        match self.firewall.handle(now, port, room, p.len) {
-            Verdict::Forward { port, len } => {
-                self.verdicts[0] += 1;
-                self.nics.queue(port, Packet { buf: p.buf, len })
-            }
-            v => {
-                self.verdicts[if matches!(v, Verdict::Drop(_)) { 1 } else { 2 }] += 1;
-                self.nics.pool.free(p.buf)
+    /// The firewall on frames this core owns, received on `port`: one
+    /// `Firewall::batch` for them all.
+    fn process(&mut self, now: u64, port: usize, frames: impl Iterator<Item = Packet>) {
+        let mut batch = self.firewall.batch(now, port);
+        for mut p in frames {
+            let room = self.nics.pool.frame_room(&mut p.buf);
+            match batch.handle(room, p.len) {
+                Verdict::Forward { port, len } => {
+                    self.verdicts[0] += 1;
+                    self.nics.queue(port, Packet { buf: p.buf, len })
+                }
+                v => {
+                    self.verdicts[if matches!(v, Verdict::Drop(_)) { 1 } else { 2 }] += 1;
+                    self.nics.pool.free(p.buf)
+                }
             }
         }
     }
@@ -127,8 +131,11 @@ impl RtcCore {
             }
             busy |= !handed.is_empty();
             self.taken_over += handed.len() as u64;
-            for (port, p) in handed.drain(..) {
-                self.process(now, port, p);
+            // Runs of frames from one port go through one batch.
+            let mut frames = handed.drain(..).peekable();
+            while let Some(&(port, _)) = frames.peek() {
+                let run = core::iter::from_fn(|| frames.next_if(|(q, _)| *q == port));
+                self.process(now, port, run.map(|(_, p)| p));
             }
         }
         busy
@@ -216,6 +223,8 @@ impl RtcCore {
         let total = self.nics.pool.capacity();
         let mut rx: Vec<Packet> = Vec::with_capacity(RX_BATCH);
         let mut handed: Vec<(usize, Packet)> = Vec::with_capacity(RX_BATCH);
+        // This core's own frames of a receive batch, after steering.
+        let mut mine: Vec<Packet> = Vec::with_capacity(RX_BATCH);
         // Room for everything one round can receive: no allocation later.
         let per_round = self.nics.nics.len() * RX_BATCH;
         let mut outgoing: Vec<Vec<(usize, Packet)>> =
@@ -270,11 +279,12 @@ impl RtcCore {
                                     None => self.nics.ring_full_drops += 1,
                                 }
                             }
-                            self.process(now, i, p);
+                            mine.push(p);
                         }
-                        _ => self.process(now, i, p),
+                        _ => mine.push(p),
                     }
                 }
+                self.process(now, i, mine.drain(..));
             }
             for (j, out) in outgoing.iter_mut().enumerate() {
                 if out.is_empty() {

@@ -92,62 +92,133 @@ fn run(fw: &mut Firewall, now: u64, port: usize, f: &[u8], buf: &mut [u8; 2048])
     fw.handle(now, port, buf, f.len())
 }
 
+/// A UDP flow's frame each way, from client port `sport`, `payload` bytes
+/// of data, the flow set up: (from the client, the reply from the server,
+/// the frame size with FCS).
+fn flow_frames(fw: &mut Firewall, sport: u16, payload: usize) -> (Vec<u8>, Vec<u8>, usize) {
+    let out = frame(
+        PROTO_UDP,
+        CLIENT,
+        sport,
+        SERVER,
+        5201,
+        (CLIENT_MAC, DOWN_MAC),
+        payload,
+    );
+    let mut buf = [0u8; 2048];
+    assert!(matches!(
+        run(fw, 1, 1, &out, &mut buf),
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    let nat_port = get_u16(&buf, 34).unwrap();
+    let back = frame(
+        PROTO_UDP,
+        SERVER,
+        5201,
+        UPLINK_IP,
+        nat_port,
+        (GW_MAC, UP_MAC),
+        payload,
+    );
+    let size = out.len() + 4; // with FCS: a 64-byte frame for the small case
+    (out, back, size)
+}
+
+/// Frames received from the NIC per batch in the batch benchmarks (the
+/// kernel's `RX_BATCH`).
+const BATCH: usize = 32;
+
+/// An established flow's packets, both ways, small and full-size:
+/// - `established_flow`: one frame per `Firewall::handle` call;
+/// - `established_flow_general`: the same with the fast path off
+///   (`Firewall::set_fast_path`), for what the fast path saves;
+/// - `established_batch`: 32 frames per `Firewall::batch`, as the kernel
+///   hands over a NIC's receive batch (time per frame).
+///
+/// Each frame gets back the 64 header bytes the firewall rewrites before it
+/// goes through again (a NIC would bring a fresh frame); the payload is
+/// never read on this path, so copying it would measure memcpy, not the
+/// firewall.
 fn established(c: &mut Criterion) {
-    let mut g = c.benchmark_group("established_flow");
+    for (group, fast) in [
+        ("established_flow", true),
+        ("established_flow_general", false),
+    ] {
+        let mut g = c.benchmark_group(group);
+        g.throughput(Throughput::Elements(1));
+        for payload in [18usize, 1472] {
+            let mut fw = firewall(100);
+            fw.set_fast_path(fast);
+            let (out, back, size) = flow_frames(&mut fw, 40000, payload);
+            let restore = |fw: &mut Firewall, port: usize, f: &[u8], buf: &mut [u8; 2048]| {
+                let n = f.len().min(64);
+                buf[..n].copy_from_slice(&f[..n]);
+                fw.handle(2, port, buf, f.len())
+            };
+            for (name, port, f) in [
+                ("client_to_upstream", 1, &out),
+                ("upstream_to_client", UPLINK, &back),
+            ] {
+                let mut buf = [0u8; 2048];
+                buf[..f.len()].copy_from_slice(f);
+                g.bench_function(BenchmarkId::new(name, size), |b| {
+                    b.iter(|| black_box(restore(&mut fw, port, black_box(f), &mut buf)))
+                });
+                assert!(matches!(
+                    restore(&mut fw, port, f, &mut buf),
+                    Verdict::Forward { .. }
+                ));
+                assert_eq!(buf[..f.len()].get(64..), f.get(64..), "payload untouched");
+            }
+            assert_eq!(fw.stats().fast_path > 0, fast);
+        }
+        g.finish();
+    }
+    // Time and throughput per frame: each measured iteration is a whole
+    // batch, its time divided by the batch's frames.
+    let mut g = c.benchmark_group("established_batch");
     g.throughput(Throughput::Elements(1));
     for payload in [18usize, 1472] {
         let mut fw = firewall(100);
-        let out = frame(
-            PROTO_UDP,
-            CLIENT,
-            40000,
-            SERVER,
-            5201,
-            (CLIENT_MAC, DOWN_MAC),
-            payload,
-        );
-        let mut buf = [0u8; 2048];
-        assert!(matches!(
-            run(&mut fw, 1, 1, &out, &mut buf),
-            Verdict::Forward { port: UPLINK, .. }
-        ));
-        let nat_port = get_u16(&buf, 34).unwrap();
-        let back = frame(
-            PROTO_UDP,
-            SERVER,
-            5201,
-            UPLINK_IP,
-            nat_port,
-            (GW_MAC, UP_MAC),
-            payload,
-        );
-        let size = out.len() + 4; // with FCS: a 64-byte frame for the small case
-                                  // Each iteration restores the 64 header bytes the firewall rewrites
-                                  // (a NIC would bring a fresh frame); the payload is never read on
-                                  // this path, so copying it would measure memcpy, not the firewall.
-        let restore = |fw: &mut Firewall, port: usize, f: &[u8], buf: &mut [u8; 2048]| {
+        let (out, back, size) = flow_frames(&mut fw, 40000, payload);
+        for (name, port, f) in [
+            ("client_to_upstream", 1, &out),
+            ("upstream_to_client", UPLINK, &back),
+        ] {
+            let mut bufs = vec![[0u8; 2048]; BATCH];
+            for b in bufs.iter_mut() {
+                b[..f.len()].copy_from_slice(f);
+            }
             let n = f.len().min(64);
-            buf[..n].copy_from_slice(&f[..n]);
-            fw.handle(2, port, buf, f.len())
-        };
-        buf[..out.len()].copy_from_slice(&out);
-        g.bench_function(BenchmarkId::new("client_to_upstream", size), |b| {
-            b.iter(|| black_box(restore(&mut fw, 1, black_box(&out), &mut buf)))
-        });
-        assert_eq!(
-            buf[..out.len()].get(64..),
-            out.get(64..),
-            "payload untouched"
-        );
-        buf[..back.len()].copy_from_slice(&back);
-        g.bench_function(BenchmarkId::new("upstream_to_client", size), |b| {
-            b.iter(|| black_box(restore(&mut fw, UPLINK, black_box(&back), &mut buf)))
-        });
-        assert_eq!(
-            buf[..back.len()].get(64..),
-            back.get(64..),
-            "payload untouched"
-        );
+            let run_batch = |fw: &mut Firewall, bufs: &mut [[u8; 2048]]| {
+                let mut forwarded = 0;
+                for b in bufs.iter_mut() {
+                    b[..n].copy_from_slice(&black_box(f)[..n]);
+                }
+                let mut batch = fw.batch(2, port);
+                for b in bufs.iter_mut() {
+                    if let Verdict::Forward { .. } = batch.handle(b, f.len()) {
+                        forwarded += 1;
+                    }
+                }
+                forwarded
+            };
+            g.bench_function(BenchmarkId::new(name, size), |b| {
+                b.iter_custom(|frames| {
+                    let batches = frames.div_ceil(BATCH as u64);
+                    let start = std::time::Instant::now();
+                    for _ in 0..batches {
+                        black_box(run_batch(&mut fw, &mut bufs));
+                    }
+                    // The time of `frames` frames, of the batches' frames.
+                    start
+                        .elapsed()
+                        .mul_f64(frames as f64 / (batches * BATCH as u64) as f64)
+                })
+            });
+            assert_eq!(run_batch(&mut fw, &mut bufs), BATCH);
+            assert_eq!(bufs[0].get(64..f.len()), f.get(64..), "payload untouched");
+        }
     }
     g.finish();
 }
@@ -329,26 +400,7 @@ fn flood(c: &mut Criterion) {
     let mut buf = [0u8; 2048];
     let before = fw.conntrack_memory();
     // One answered flow before the flood.
-    let out = frame(
-        PROTO_UDP,
-        CLIENT,
-        999,
-        SERVER,
-        5201,
-        (CLIENT_MAC, DOWN_MAC),
-        18,
-    );
-    run(&mut fw, 1, 1, &out, &mut buf);
-    let nat_port = get_u16(&buf, 34).unwrap();
-    let back = frame(
-        PROTO_UDP,
-        SERVER,
-        5201,
-        UPLINK_IP,
-        nat_port,
-        (GW_MAC, UP_MAC),
-        18,
-    );
+    let (_, back, _) = flow_frames(&mut fw, 999, 18);
     assert!(matches!(
         run(&mut fw, 2, UPLINK, &back, &mut buf),
         Verdict::Forward { port: 1, .. }

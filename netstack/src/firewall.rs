@@ -163,6 +163,9 @@ pub struct Stats {
     /// The firewall's own DNS lookups for `dsthost` rules, and answers.
     pub dns_queries_sent: u64,
     pub dns_answers: u64,
+    /// Of `to_upstream` and `to_clients`, the packets the fast path
+    /// forwarded (`firewall/fast.rs`).
+    pub fast_path: u64,
 }
 
 impl Default for Stats {
@@ -182,6 +185,7 @@ impl Default for Stats {
             dns_redirected: 0,
             dns_queries_sent: 0,
             dns_answers: 0,
+            fast_path: 0,
         }
     }
 }
@@ -205,6 +209,7 @@ impl core::ops::AddAssign<&Stats> for Stats {
         self.dns_redirected += o.dns_redirected;
         self.dns_queries_sent += o.dns_queries_sent;
         self.dns_answers += o.dns_answers;
+        self.fast_path += o.fast_path;
     }
 }
 
@@ -512,6 +517,8 @@ pub struct Firewall {
     stats: Stats,
     /// The benchmark's limit mode (`set_forward_only`).
     forward_only: bool,
+    /// Whether `handle` tries the fast path first (`set_fast_path`).
+    fast_path: bool,
     /// The port the resolver asks from (`RESOLVER_PORT` unless another
     /// core's firewall uses it: `set_resolver_port`).
     resolver_port: u16,
@@ -521,6 +528,14 @@ pub struct Firewall {
     /// Per port: the addresses assigned to it (`assign_port`), for clients
     /// that connect later (`set_clients`).
     assigned: Vec<Vec<IpAddr>>,
+}
+
+/// The MAC of `ip` in an ARP cache, if known and not expired.
+#[inline]
+fn arp_find(arp: &[ArpEntry], ip: Ipv4Addr, now: u64) -> Option<Mac> {
+    arp.iter()
+        .find(|e| e.ip == ip && e.expires > now)
+        .map(|e| e.mac)
 }
 
 fn swap_macs(buf: &mut [u8], new_src: Mac) {
@@ -607,6 +622,7 @@ impl Firewall {
             },
             stats: Stats::default(),
             forward_only: false,
+            fast_path: true,
             resolver_port: RESOLVER_PORT,
             pinned,
             assigned,
@@ -850,6 +866,15 @@ impl Firewall {
         self.forward_only = on;
     }
 
+    /// Turns the fast path (`firewall/fast.rs`) on (the default) or off.
+    /// Off, every frame takes the general path, with the same verdicts,
+    /// output and counters except `Stats::fast_path`: for measuring what
+    /// the fast path saves (`cargo bench -p netstack`) and for the test
+    /// that compares the two.
+    pub fn set_fast_path(&mut self, on: bool) {
+        self.fast_path = on;
+    }
+
     /// Makes the resolver ask from `port` (below the NAT ports) instead
     /// of `RESOLVER_PORT`: with a firewall per core, each asks from its
     /// own port, so that the answers can be steered to the core that
@@ -939,8 +964,16 @@ impl Firewall {
     }
 
     /// Handles one received frame: `buf` is the whole buffer (its length is
-    /// the room for replies), the frame is its first `len` bytes.
+    /// the room for replies), the frame is its first `len` bytes. For a
+    /// NIC's batch of frames, `batch` does the same with less work per
+    /// frame.
     pub fn handle(&mut self, now: u64, port: usize, buf: &mut [u8], len: usize) -> Verdict {
+        self.batch(now, port).handle(buf, len)
+    }
+
+    /// `handle` without the fast path: every frame.
+    #[inline(never)]
+    fn handle_general(&mut self, now: u64, port: usize, buf: &mut [u8], len: usize) -> Verdict {
         if port >= self.macs.len() {
             return self.drop(DropReason::NotForUs);
         }
@@ -984,10 +1017,7 @@ impl Firewall {
     // ---- ARP -------------------------------------------------------------
 
     fn arp_lookup(&self, ip: Ipv4Addr, now: u64) -> Option<Mac> {
-        self.arp
-            .iter()
-            .find(|e| e.ip == ip && e.expires > now)
-            .map(|e| e.mac)
+        arp_find(&self.arp, ip, now)
     }
 
     fn arp_learn(&mut self, ip: Ipv4Addr, mac: Mac, now: u64) {
@@ -1817,6 +1847,7 @@ fn quoted_reply<A: Addr>(proto: u8, (ours, remote): (A, A), words: [u16; 3]) -> 
 
 /// Rewrites the IPv4 addresses and decrements the TTL, updating the header
 /// checksum incrementally by `addresses`, the change of the addresses.
+#[inline(always)]
 fn rewrite_ip(
     buf: &mut [u8],
     info: &Ipv4Info,
@@ -1903,6 +1934,8 @@ fn rewrite_l4(
     }
 }
 
+mod fast;
+pub use fast::Batch;
 #[cfg(test)]
 mod tests;
 mod v6;

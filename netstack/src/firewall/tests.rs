@@ -1375,3 +1375,179 @@ fn a_dsthost_name_waiting_when_the_dns_servers_go_resolves_to_nothing() {
         [(IpAddr::V4(CLIENT), "www.example.com", &[][..])]
     );
 }
+
+/// The fast path (`fast.rs`) decides exactly as the general path: the
+/// same frames — flows started, answered, closed and expired, with bytes
+/// flipped, TTLs run out, lengths cut, from the wrong port or MAC — go
+/// through a firewall with it and one without, one at a time and in
+/// batches, and every verdict, output byte and counter must agree.
+#[test]
+fn fast_path_agrees_with_the_general_one() {
+    let port2_mac = [0x52, 0x54, 0, 0, 0, 3];
+    // The gateway, the upstream DNS server and another host on the
+    // uplink's subnet.
+    let neighbours = [
+        (GATEWAY, GW_MAC),
+        (Ipv4Addr::new(10, 0, 2, 3), [2, 0, 0, 0, 0, 3]),
+        (Ipv4Addr::new(10, 0, 2, 7), [2, 0, 0, 0, 0, 7]),
+    ];
+    let make = |fast: bool| {
+        let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(DB).unwrap()).unwrap();
+        let mut fw = Firewall::new(cfg, alloc::vec![UP_MAC, DOWN_MAC, port2_mac]);
+        fw.set_fast_path(fast);
+        let mut buf = [0u8; 64];
+        fw.poll_emit(0, &mut buf).unwrap();
+        for (ip, mac) in neighbours {
+            let reply = arp_frame(ARP_REPLY, mac, ip, UPLINK_IP, UP_MAC);
+            assert_eq!(run(&mut fw, 0, UPLINK, &reply).0, Verdict::Consumed);
+        }
+        fw
+    };
+    let (mut fast, mut general) = (make(true), make(false));
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let clients = [CLIENT, OTHER, Ipv4Addr::new(10, 137, 0, 12)];
+    let remotes = [
+        SERVER,
+        Ipv4Addr::new(10, 0, 2, 7),
+        Ipv4Addr::new(10, 139, 1, 1),
+    ];
+    let flags = [
+        TCP_SYN,
+        TCP_ACK,
+        TCP_ACK | 0x08,
+        TCP_SYN | TCP_ACK,
+        TCP_FIN | TCP_ACK,
+        TCP_RST,
+    ];
+    // Replies to what went upstream: (frame, how many times to send it).
+    let mut replies: Vec<Vec<u8>> = Vec::new();
+    let mut now = 3u64;
+    let (mut batches, mut reasons) = (0, alloc::collections::BTreeSet::new());
+    // Time moves in steps of 10 s, so that packets also come exactly at
+    // a flow's expiry.
+    for step in 0..20_000 {
+        now += if rand(8) == 0 { 10_000 } else { 0 };
+        let (port, mut frame) = if rand(40) == 0 {
+            // The neighbours answer ARP now and then (entries live ten
+            // minutes).
+            let (ip, mac) = neighbours[rand(3) as usize];
+            (UPLINK, arp_frame(ARP_REPLY, mac, ip, UPLINK_IP, UP_MAC))
+        } else if rand(2) == 0 && !replies.is_empty() {
+            let r = replies[rand(replies.len() as u64) as usize].clone();
+            (UPLINK, r)
+        } else {
+            let src = clients[rand(3) as usize];
+            let dst = remotes[rand(3) as usize];
+            let (sport, dport) = (40000 + rand(4) as u16, [5201, 53, 80][rand(3) as usize]);
+            let seg = match rand(3) {
+                // (Short ones too: 47 bytes, unpadded.)
+                0 => udp_seg(
+                    sport,
+                    dport,
+                    [&b"payload, 19 bytes."[..], b"short"][rand(2) as usize],
+                ),
+                1 => tcp_seg(sport, dport, flags[rand(flags.len() as u64) as usize]),
+                _ => echo(8, sport),
+            };
+            let proto = [PROTO_UDP, PROTO_TCP, PROTO_ICMP][usize::from(seg.len() == 20)
+                + 2 * usize::from(seg.first() == Some(&8) && seg.len() == 12)];
+            // (From step 100 on: a client is bound to the first port it
+            // is seen on, and after that only spoofs from the other.)
+            let (port, mac) = if step > 100 && rand(20) == 0 {
+                (2, port2_mac)
+            } else {
+                (1, DOWN_MAC)
+            };
+            let src_mac = if rand(20) == 0 { GW_MAC } else { CLIENT_MAC };
+            (port, ipv4(mac, src_mac, src, dst, 64, proto, &seg))
+        };
+        match rand(8) {
+            0 => {
+                let i = rand(frame.len().min(60) as u64) as usize;
+                frame[i] ^= 1 << rand(8);
+            }
+            1 if frame.len() >= 34 => {
+                // TTL 0, 1 or 2, or another source or destination
+                // address, with the header checksum made right.
+                match rand(3) {
+                    0 => frame[22] = rand(3) as u8,
+                    1 => frame[29] ^= 1,
+                    _ => frame[33] ^= 1,
+                }
+                put_u16(&mut frame, 24, 0);
+                let c = checksum(&frame[14..34]);
+                put_u16(&mut frame, 24, c);
+            }
+            2 => frame.truncate(rand(frame.len() as u64) as usize),
+            3 => frame.extend_from_slice(&[0; 6]), // Ethernet padding
+            _ => {}
+        }
+        let len = frame.len();
+        let mut out = [alloc::vec![0u8; BUF], alloc::vec![0u8; BUF]];
+        for o in out.iter_mut() {
+            o[..len].copy_from_slice(&frame);
+        }
+        let verdicts = if step % 3 == 0 {
+            // In a batch of two: this frame and a copy of it.
+            batches += 1;
+            let mut again = out.clone();
+            let mut b = fast.batch(now, port);
+            let v = (b.handle(&mut out[0], len), b.handle(&mut again[0], len));
+            let mut b = general.batch(now, port);
+            let w = (b.handle(&mut out[1], len), b.handle(&mut again[1], len));
+            assert_eq!(v.1, w.1, "step {step}: second of a batch");
+            assert_eq!(again[0], again[1], "step {step}: second of a batch");
+            (v.0, w.0)
+        } else {
+            (
+                fast.handle(now, port, &mut out[0], len),
+                general.handle(now, port, &mut out[1], len),
+            )
+        };
+        assert_eq!(verdicts.0, verdicts.1, "step {step}: verdict");
+        assert_eq!(out[0], out[1], "step {step}: output");
+        let mut counters = fast.stats().clone();
+        counters.fast_path = 0;
+        assert_eq!(&counters, general.stats(), "step {step}: counters");
+        assert_eq!(fast.flows(), general.flows(), "step {step}: flows");
+        match verdicts.0 {
+            Verdict::Forward { port: UPLINK, len } if get_u16(&out[0], 12) == Some(0x0800) => {
+                // (Not `parsed`: a flipped payload byte passes on an
+                // established flow, and its checksum stays wrong.)
+                let o = parse_ipv4(&out[0][..len]).expect("valid IPv4 out");
+                let seg = match o.proto {
+                    PROTO_UDP => udp_seg(o.dport, o.sport, b"an answer, 19 bytes"),
+                    PROTO_TCP => tcp_seg(o.dport, o.sport, flags[rand(6) as usize]),
+                    _ => continue,
+                };
+                let reply = ipv4(UP_MAC, GW_MAC, o.dst, o.src, 64, o.proto, &seg);
+                if replies.len() < 64 {
+                    replies.push(reply);
+                } else {
+                    replies[rand(64) as usize] = reply;
+                }
+            }
+            Verdict::Drop(r) => {
+                reasons.insert(r as usize);
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(general.stats().fast_path, 0);
+    let s = fast.stats();
+    assert!(
+        s.fast_path > 1000 && s.fast_path < s.to_upstream + s.to_clients,
+        "the fast path forwarded {} of {} packets",
+        s.fast_path,
+        s.to_upstream + s.to_clients
+    );
+    assert!(s.to_clients > 1000, "replies forwarded: {}", s.to_clients);
+    assert!(batches > 1000);
+    assert!(reasons.len() >= 10, "drop reasons met: {reasons:?}");
+}
