@@ -1425,12 +1425,13 @@ fn fast_path_agrees_with_the_general_one() {
         TCP_FIN | TCP_ACK,
         TCP_RST,
     ];
-    // Replies to what went upstream: (frame, how many times to send it).
+    // Replies to what went upstream (the last 64 or so), sent again and
+    // again.
     let mut replies: Vec<Vec<u8>> = Vec::new();
     let mut now = 3u64;
     let (mut batches, mut reasons) = (0, alloc::collections::BTreeSet::new());
-    // Time moves in steps of 10 s, so that packets also come exactly at
-    // a flow's expiry.
+    // Time moves now and then, by 10 s, so that packets also come exactly
+    // at a flow's expiry.
     for step in 0..20_000 {
         now += if rand(8) == 0 { 10_000 } else { 0 };
         let (port, mut frame) = if rand(40) == 0 {
@@ -1445,18 +1446,22 @@ fn fast_path_agrees_with_the_general_one() {
             let src = clients[rand(3) as usize];
             let dst = remotes[rand(3) as usize];
             let (sport, dport) = (40000 + rand(4) as u16, [5201, 53, 80][rand(3) as usize]);
-            let seg = match rand(3) {
+            let (proto, seg) = match rand(3) {
                 // (Short ones too: 47 bytes, unpadded.)
-                0 => udp_seg(
-                    sport,
-                    dport,
-                    [&b"payload, 19 bytes."[..], b"short"][rand(2) as usize],
+                0 => (
+                    PROTO_UDP,
+                    udp_seg(
+                        sport,
+                        dport,
+                        [&b"payload, 19 bytes."[..], b"short"][rand(2) as usize],
+                    ),
                 ),
-                1 => tcp_seg(sport, dport, flags[rand(flags.len() as u64) as usize]),
-                _ => echo(8, sport),
+                1 => (
+                    PROTO_TCP,
+                    tcp_seg(sport, dport, flags[rand(flags.len() as u64) as usize]),
+                ),
+                _ => (PROTO_ICMP, echo(8, sport)),
             };
-            let proto = [PROTO_UDP, PROTO_TCP, PROTO_ICMP][usize::from(seg.len() == 20)
-                + 2 * usize::from(seg.first() == Some(&8) && seg.len() == 12)];
             // (From step 100 on: a client is bound to the first port it
             // is seen on, and after that only spoofs from the other.)
             let (port, mac) = if step > 100 && rand(20) == 0 {
