@@ -28,7 +28,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use hashbrown::HashMap;
 
 use crate::config::{ClientConfig, Ipv6Config, NetConfig};
-use crate::conntrack::{Addr, Conntrack, CreateError, Flow, Outbound, Tuple};
+use crate::conntrack::{Addr, Conntrack, CreateError, Outbound, Tuple};
 use crate::dns::{Resolved, Resolver, DNS_PORT, RESOLVER_PORT};
 use crate::ipv6::{is_ipv6_multicast_mac, PROTO_ICMPV6};
 use crate::rules::{Action, Probe, RuleError, Ruleset};
@@ -1452,8 +1452,8 @@ impl Firewall {
         if !l4_checksum_ok(buf, info) {
             return self.drop(DropReason::BadL4Checksum);
         }
-        let flow = match self.new_flow(now, ci, &tuple, info) {
-            Ok(f) => f,
+        let out = match self.new_flow(now, ci, &tuple, info) {
+            Ok(o) => o,
             Err(DropReason::RuleReject) => {
                 let err = IcmpError {
                     icmp_type: 3,
@@ -1465,18 +1465,18 @@ impl Firewall {
             }
             Err(reason) => return self.drop(reason),
         };
-        self.send_upstream(now, buf, info, &flow.outbound())
+        self.send_upstream(now, buf, info, &out)
     }
 
     /// Runs the client's rules on a packet that starts a flow, and creates
-    /// the flow when they accept it.
+    /// the flow when they accept it: its translation on the way out.
     fn new_flow(
         &mut self,
         now: u64,
         ci: usize,
         tuple: &Tuple,
         info: &Ipv4Info,
-    ) -> Result<Flow, DropReason> {
+    ) -> Result<Outbound, DropReason> {
         let to_dns = self.is_dns_address(info.dst);
         let probe = Probe {
             proto: info.proto,
@@ -1514,7 +1514,7 @@ impl Firewall {
             .ct
             .create_owned(*tuple, remote, remote_port, now, ci as u32)?;
         self.stats.flows_created += 1;
-        Ok(flow)
+        Ok(flow.outbound())
     }
 
     /// Runs client `ci`'s rules on the first packet of a flow and counts
