@@ -15,11 +15,11 @@
 use core::net::{IpAddr, Ipv6Addr};
 
 use super::{
-    flow_tuple, quoted_reply, rewrite_l4, swap_macs, DropReason, Firewall, Piece, Verdict,
+    bind, flow_tuple, quoted_reply, rewrite_l4, swap_macs, DropReason, Firewall, Piece, Verdict,
     ARP_LIFETIME_MS, ARP_RETRY_MS, TTL_OWN, UPLINK,
 };
 use crate::config::Ipv6Config;
-use crate::conntrack::Tuple;
+use crate::conntrack::{Outbound, Tuple};
 use crate::ipv6::*;
 use crate::rules::Probe;
 use crate::wire::*;
@@ -288,10 +288,29 @@ impl Firewall {
         info: &Ipv6Info,
         v6: Ipv6Config,
     ) -> Verdict {
+        // A packet of a tracked flow, as for IPv4 (`client_packet`): flows
+        // exist only for a connected client's traffic that passed every
+        // check below, so what is left to check is the client's port and
+        // MAC (anti-spoofing, through the client the flow records) and the
+        // hop limit.
+        let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
+        let ports = (info.sport, info.dport);
+        let protos = (info.proto, PROTO_ICMPV6);
+        let tuple = flow_tuple(buf, protos, (info.src, info.dst), ports, info.l4);
+        if let (0, true, Some(t)) = (info.frag_offset, info.hop_limit > 1, &tuple) {
+            if let Some(f) = self.ct6.by_client(t, now) {
+                let (clients, pinned) = (&mut self.clients, &self.pinned);
+                if !bind(clients, pinned, f.owner as usize, port, src_mac) {
+                    return self.drop(DropReason::Spoofed);
+                }
+                f.touch(now, true, info.tcp_flags);
+                let out = f.outbound();
+                return self.send_upstream6(now, buf, info, v6, &out);
+            }
+        }
         let Some(ci) = self.client_index6.get(&info.src).copied() else {
             return self.drop(DropReason::Spoofed);
         };
-        let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
         if !self.bind_client(ci, port, src_mac) {
             return self.drop(DropReason::Spoofed);
         }
@@ -317,53 +336,58 @@ impl Firewall {
             };
             return self.icmp6_error(now, buf, port, info, err);
         }
-        let ports = (info.sport, info.dport);
-        let protos = (info.proto, PROTO_ICMPV6);
-        let tuple = match flow_tuple(buf, protos, (info.src, info.dst), ports, info.l4) {
+        let tuple = match tuple {
             Some(t) => t,
             None if info.proto == PROTO_ICMPV6 => return self.drop(DropReason::IcmpUnsupported),
             None => return self.drop(DropReason::ProtoUnsupported),
         };
-        let flow = match self.ct6.by_client(&tuple, now) {
-            Some(f) => {
-                f.touch(now, true, info.tcp_flags);
-                *f
-            }
-            None if !l4_checksum_ok6(buf, info) => return self.drop(DropReason::BadL4Checksum),
-            None => {
-                let tcp_udp = matches!(info.proto, PROTO_TCP | PROTO_UDP);
-                let probe = Probe {
-                    proto: info.proto,
-                    dst: IpAddr::V6(info.dst),
-                    dport: if tcp_udp { info.dport } else { 0 },
-                    icmp_type: if tcp_udp { 0 } else { info.sport as u8 },
-                    to_dns: false,
-                };
-                let created = self
-                    .check_rules(ci, &probe, false, info.tcp_flags)
-                    .and_then(|()| {
-                        self.ct6
-                            .create_owned(tuple, info.dst, tuple.dport, now, ci as u32)
-                            .map_err(DropReason::from)
-                    });
-                match created {
-                    Ok(f) => {
-                        self.stats.flows_created += 1;
-                        f
-                    }
-                    Err(DropReason::RuleReject) => {
-                        let err = Icmp6Error {
-                            icmp_type: ICMPV6_DEST_UNREACH,
-                            code: 1, // administratively prohibited
-                            from: v6.client_gateway,
-                            drop: DropReason::RuleReject,
-                        };
-                        return self.icmp6_error(now, buf, port, info, err);
-                    }
-                    Err(reason) => return self.drop(reason),
-                }
-            }
+        // No live flow has this tuple (looked up above): it starts one.
+        if !l4_checksum_ok6(buf, info) {
+            return self.drop(DropReason::BadL4Checksum);
+        }
+        let tcp_udp = matches!(info.proto, PROTO_TCP | PROTO_UDP);
+        let probe = Probe {
+            proto: info.proto,
+            dst: IpAddr::V6(info.dst),
+            dport: if tcp_udp { info.dport } else { 0 },
+            icmp_type: if tcp_udp { 0 } else { info.sport as u8 },
+            to_dns: false,
         };
+        let created = self
+            .check_rules(ci, &probe, false, info.tcp_flags)
+            .and_then(|()| {
+                self.ct6
+                    .create_owned(tuple, info.dst, tuple.dport, now, ci as u32)
+                    .map_err(DropReason::from)
+            });
+        let flow = match created {
+            Ok(f) => {
+                self.stats.flows_created += 1;
+                f.outbound()
+            }
+            Err(DropReason::RuleReject) => {
+                let err = Icmp6Error {
+                    icmp_type: ICMPV6_DEST_UNREACH,
+                    code: 1, // administratively prohibited
+                    from: v6.client_gateway,
+                    drop: DropReason::RuleReject,
+                };
+                return self.icmp6_error(now, buf, port, info, err);
+            }
+            Err(reason) => return self.drop(reason),
+        };
+        self.send_upstream6(now, buf, info, v6, &flow)
+    }
+
+    /// Sends a client's packet of a flow to the IPv6 gateway, translated.
+    fn send_upstream6(
+        &mut self,
+        now: u64,
+        buf: &mut [u8],
+        info: &Ipv6Info,
+        v6: Ipv6Config,
+        flow: &Outbound<Ipv6Addr>,
+    ) -> Verdict {
         let Some(mac) = self.gateway6_mac(now) else {
             return self.drop(DropReason::NeighborUnresolved);
         };
@@ -377,7 +401,7 @@ impl Firewall {
             (v6.uplink_ip, flow.nat_port),
             (flow.remote, flow.remote_port),
         );
-        rewrite6(buf, info, up, remote, flow.out_deltas());
+        rewrite6(buf, info, up, remote, flow.deltas);
         self.send_on_uplink(buf, mac, ETHERTYPE_IPV6, info.end)
     }
 

@@ -523,6 +523,64 @@ fn isolation_anti_spoofing_scope_and_limits() {
     assert!(fw.client_index.contains_key(&Ipv4Addr::new(10, 137, 0, 10)));
 }
 
+/// A tracked flow's packets are checked against the client the flow
+/// records (as for IPv4): the same tuple from another port is spoofed and
+/// leaves the flow as it was.
+#[test]
+fn an_established_ipv6_flow_from_another_port_is_spoofed() {
+    let port2_mac = [0x52, 0x54, 0, 0, 0, 3];
+    let mut fw = Firewall::new(config(DB), alloc::vec![UP_MAC, DOWN_MAC, port2_mac]);
+    let mut buf = [0u8; 128];
+    while fw.poll_emit(0, &mut buf).is_some() {}
+    let na = nd_frame(
+        ND_NEIGHBOR_ADVERT,
+        (UP_MAC, GW_MAC),
+        GATEWAY6,
+        UPLINK6,
+        GATEWAY6,
+    );
+    assert_eq!(run(&mut fw, 1, UPLINK, &na).0, Verdict::Consumed);
+    let pkt = |dst_mac, flags| {
+        ipv6(
+            (dst_mac, CLIENT_MAC),
+            CLIENT6,
+            SERVER6,
+            64,
+            PROTO_TCP,
+            &tcp_seg(40000, 443, flags),
+        )
+    };
+    assert!(matches!(
+        run(&mut fw, 2, 1, &pkt(DOWN_MAC, TCP_SYN)).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    assert_eq!(
+        run(&mut fw, 3, 2, &pkt(port2_mac, TCP_FIN | TCP_ACK)).0,
+        Verdict::Drop(DropReason::Spoofed)
+    );
+    let ack = pkt(DOWN_MAC, TCP_ACK);
+    assert!(matches!(
+        run(&mut fw, 4, 1, &ack).0,
+        Verdict::Forward { port: UPLINK, .. }
+    ));
+    let tuple = Tuple {
+        proto: PROTO_TCP,
+        src: CLIENT6,
+        sport: 40000,
+        dst: SERVER6,
+        dport: 443,
+    };
+    // (The client's ACK made it established; the FIN would have made it
+    // closing.)
+    let state = fw.ct6.by_client(&tuple, 5).map(|f| f.state);
+    assert_eq!(
+        state,
+        Some(crate::conntrack::FlowState::Established),
+        "the spoofed FIN did not close it"
+    );
+    assert_eq!(fw.stats().flows_created, 1);
+}
+
 #[test]
 fn translates_icmpv6_errors_quoting_a_masqueraded_packet() {
     let mut fw = ready();
