@@ -1,7 +1,7 @@
 //! Runs established IPv6 flow packets (UDP, 64 bytes with the FCS, as in
 //! the `established_flow_v6` bench) through the firewall in a loop, for
 //! profilers: `cargo run --release -p netstack --example established6 --
-//! [packets]`.
+//! [packets] [general]`; `general` turns the fast path off.
 
 use std::net::Ipv6Addr;
 
@@ -22,6 +22,7 @@ fn main() {
     let cfg = NetConfig::from_db(&QubesDb::parse_snapshot(db).unwrap()).unwrap();
     let (up, down, gw) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
     let mut fw = Firewall::new(cfg, vec![up, down]);
+    fw.set_fast_path(std::env::args().nth(2).as_deref() != Some("general"));
     let up6: Ipv6Addr = "2001:db8:1::15".parse().unwrap();
     let gw6: Ipv6Addr = "2001:db8:1::1".parse().unwrap();
     let client: Ipv6Addr = "fd09::a".parse().unwrap();

@@ -115,6 +115,12 @@ fn ipv6_crosses_the_firewall_masqueraded_and_blocked_ports_are_rejected() {
     assert!(n("firewall.nd_adverts") >= 1, "{console}");
     assert!(n("firewall.nd_solicits_sent") >= 1, "{console}");
     assert!(n("firewall.to_upstream") > 100, "{console}");
+    // The iperf3 transfers' packets after each flow's first take the fast
+    // path (this test sends only IPv6 through the firewall).
+    assert!(
+        n("firewall.fast_path") > 100,
+        "IPv6 flows took the fast path: {console}"
+    );
     assert!(
         n("rules.fd09:24ef:4179::a89:a.0000") >= 1,
         "the TCP rule counted its flows: {console}"

@@ -1376,6 +1376,69 @@ fn a_dsthost_name_waiting_when_the_dns_servers_go_resolves_to_nothing() {
     );
 }
 
+/// The xorshift generator of the equivalence tests: `rand(n)` is in
+/// `0..n`.
+pub(super) fn rng(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    }
+}
+
+/// The TCP flags the equivalence tests draw from.
+pub(super) const FLAG_MIX: [u8; 6] = [
+    TCP_SYN,
+    TCP_ACK,
+    TCP_ACK | 0x08,
+    TCP_SYN | TCP_ACK,
+    TCP_FIN | TCP_ACK,
+    TCP_RST,
+];
+
+/// One step of an equivalence test: the firewall with the fast path
+/// (`fw.0`) and the one without (`fw.1`) gave the same verdicts
+/// (`verdicts`), wrote the same bytes (`out`) and count the same.
+pub(super) fn assert_agree(
+    step: usize,
+    fw: (&Firewall, &Firewall),
+    verdicts: (Verdict, Verdict),
+    out: &[Vec<u8>; 2],
+) {
+    assert_eq!(verdicts.0, verdicts.1, "step {step}: verdict");
+    assert_eq!(out[0], out[1], "step {step}: output");
+    let mut counters = fw.0.stats().clone();
+    counters.fast_path = 0;
+    assert_eq!(&counters, fw.1.stats(), "step {step}: counters");
+    let flows = |f: &Firewall| (f.flows(), f.ct6.len());
+    assert_eq!(flows(fw.0), flows(fw.1), "step {step}: flows");
+}
+
+/// The end of an equivalence test: the fast path forwarded much of the
+/// traffic both ways, but not all of it.
+pub(super) fn assert_fast_path_used(fast: &Firewall, general: &Firewall) {
+    assert_eq!(general.stats().fast_path, 0);
+    let s = fast.stats();
+    assert!(
+        s.fast_path > 1000 && s.fast_path < s.to_upstream + s.to_clients,
+        "the fast path forwarded {} of {} packets",
+        s.fast_path,
+        s.to_upstream + s.to_clients
+    );
+    assert!(s.to_clients > 1000, "replies forwarded: {}", s.to_clients);
+}
+
+/// Keeps `reply` among the replies an equivalence test sends again and
+/// again: the first 64, then in place of the one at `slot` (below 64).
+pub(super) fn keep_reply(replies: &mut Vec<Vec<u8>>, reply: Vec<u8>, slot: u64) {
+    if replies.len() < 64 {
+        replies.push(reply);
+    } else {
+        replies[slot as usize % 64] = reply;
+    }
+}
+
 /// The fast path (`fast.rs`) decides exactly as the general path: the
 /// same frames — flows started, answered, closed and expired, with bytes
 /// flipped, TTLs run out, lengths cut, from the wrong port or MAC — go
@@ -1404,27 +1467,14 @@ fn fast_path_agrees_with_the_general_one() {
         fw
     };
     let (mut fast, mut general) = (make(true), make(false));
-    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-    let mut rand = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut rand = rng(0x9e37_79b9_7f4a_7c15);
     let clients = [CLIENT, OTHER, Ipv4Addr::new(10, 137, 0, 12)];
     let remotes = [
         SERVER,
         Ipv4Addr::new(10, 0, 2, 7),
         Ipv4Addr::new(10, 139, 1, 1),
     ];
-    let flags = [
-        TCP_SYN,
-        TCP_ACK,
-        TCP_ACK | 0x08,
-        TCP_SYN | TCP_ACK,
-        TCP_FIN | TCP_ACK,
-        TCP_RST,
-    ];
+    let flags = FLAG_MIX;
     // Replies to what went upstream (the last 64 or so), sent again and
     // again.
     let mut replies: Vec<Vec<u8>> = Vec::new();
@@ -1515,12 +1565,7 @@ fn fast_path_agrees_with_the_general_one() {
                 general.handle(now, port, &mut out[1], len),
             )
         };
-        assert_eq!(verdicts.0, verdicts.1, "step {step}: verdict");
-        assert_eq!(out[0], out[1], "step {step}: output");
-        let mut counters = fast.stats().clone();
-        counters.fast_path = 0;
-        assert_eq!(&counters, general.stats(), "step {step}: counters");
-        assert_eq!(fast.flows(), general.flows(), "step {step}: flows");
+        assert_agree(step, (&fast, &general), verdicts, &out);
         match verdicts.0 {
             Verdict::Forward { port: UPLINK, len } if get_u16(&out[0], 12) == Some(0x0800) => {
                 // (Not `parsed`: a flipped payload byte passes on an
@@ -1532,11 +1577,7 @@ fn fast_path_agrees_with_the_general_one() {
                     _ => continue,
                 };
                 let reply = ipv4(UP_MAC, GW_MAC, o.dst, o.src, 64, o.proto, &seg);
-                if replies.len() < 64 {
-                    replies.push(reply);
-                } else {
-                    replies[rand(64) as usize] = reply;
-                }
+                keep_reply(&mut replies, reply, rand(64));
             }
             Verdict::Drop(r) => {
                 reasons.insert(r as usize);
@@ -1544,15 +1585,7 @@ fn fast_path_agrees_with_the_general_one() {
             _ => {}
         }
     }
-    assert_eq!(general.stats().fast_path, 0);
-    let s = fast.stats();
-    assert!(
-        s.fast_path > 1000 && s.fast_path < s.to_upstream + s.to_clients,
-        "the fast path forwarded {} of {} packets",
-        s.fast_path,
-        s.to_upstream + s.to_clients
-    );
-    assert!(s.to_clients > 1000, "replies forwarded: {}", s.to_clients);
+    assert_fast_path_used(&fast, &general);
     assert!(batches > 1000);
     assert!(reasons.len() >= 10, "drop reasons met: {reasons:?}");
 }

@@ -34,7 +34,7 @@ struct Icmp6Error {
 
 /// Unicast addresses that are never forwarded: link-local, loopback,
 /// unspecified (multicast is refused before this).
-fn local_scope(a: Ipv6Addr) -> bool {
+pub(super) fn local_scope(a: Ipv6Addr) -> bool {
     a.is_unspecified() || a.is_loopback() || (a.segments()[0] & 0xffc0) == 0xfe80
 }
 
@@ -64,9 +64,21 @@ impl Firewall {
             Ok(i) => i,
             Err(m) => return self.drop(m.into()),
         };
+        self.ipv6_parsed(now, port, buf, &info, v6)
+    }
+
+    /// `handle_ipv6` after the parse (where the fast path hands over).
+    pub(super) fn ipv6_parsed(
+        &mut self,
+        now: u64,
+        port: usize,
+        buf: &mut [u8],
+        info: &Ipv6Info,
+        v6: Ipv6Config,
+    ) -> Verdict {
         let nd = [ND_NEIGHBOR_SOLICIT, ND_NEIGHBOR_ADVERT].map(u16::from);
         if info.proto == PROTO_ICMPV6 && nd.contains(&info.sport) {
-            return self.handle_nd(now, port, buf, &info, v6);
+            return self.handle_nd(now, port, buf, info, v6);
         }
         if info.dst.is_multicast() || get_u8(buf, 0).is_some_and(|b| b & 1 != 0) {
             return self.drop(DropReason::NotForUs);
@@ -75,9 +87,9 @@ impl Firewall {
             return self.drop(DropReason::Ipv6Scope);
         }
         if port == UPLINK {
-            self.upstream_packet6(now, buf, &info, v6)
+            self.upstream_packet6(now, buf, info, v6)
         } else {
-            self.client_packet6(now, port, buf, &info, v6)
+            self.client_packet6(now, port, buf, info, v6)
         }
     }
 
@@ -197,7 +209,7 @@ impl Firewall {
         (len > 0).then_some((UPLINK, len))
     }
 
-    fn gateway6_mac(&self, now: u64) -> Option<Mac> {
+    pub(super) fn gateway6_mac(&self, now: u64) -> Option<Mac> {
         self.gateway6
             .and_then(|(mac, exp)| (exp > now).then_some(mac))
     }
@@ -588,7 +600,7 @@ impl Firewall {
 /// identifier) of a flow's packet with an incremental checksum update by
 /// the flow's `deltas` (every IPv6 upper-layer checksum covers the
 /// addresses), and decrements the hop limit.
-fn rewrite6(
+pub(super) fn rewrite6(
     buf: &mut [u8],
     info: &Ipv6Info,
     (src, sport): (Ipv6Addr, u16),
