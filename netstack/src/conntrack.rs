@@ -271,6 +271,17 @@ impl<A: Addr> Flow<A> {
     }
 }
 
+/// What `Conntrack::peek_client` found.
+#[derive(Debug)]
+pub enum Peek<'a, A> {
+    /// A live flow.
+    Live(&'a mut Flow<A>),
+    /// A flow that has expired (`by_client` would remove it).
+    Expired,
+    /// No flow at all.
+    Absent,
+}
+
 /// Why a flow could not be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateError {
@@ -385,13 +396,20 @@ impl<A: Addr> Conntrack<A> {
         )
     }
 
-    /// The flow of client tuple `t`, live or expired, changing nothing
-    /// (`by_client` removes an expired one): for the fast path, which must
-    /// leave everything as it was when it declines a packet.
+    /// What client tuple `t` has, changing nothing (`by_client` removes an
+    /// expired flow): for the fast path, which must leave everything as it
+    /// was when it declines a packet, and which starts a flow without a
+    /// second lookup when there is none at all.
     #[inline(always)]
-    pub fn find_client_mut(&mut self, t: &Tuple<A>) -> Option<&mut Flow<A>> {
-        let idx = self.find_client(t)?;
-        self.slots.get_mut(idx as usize)?.as_mut()
+    pub fn peek_client(&mut self, t: &Tuple<A>, now: u64) -> Peek<'_, A> {
+        let Some(idx) = self.find_client(t) else {
+            return Peek::Absent;
+        };
+        match self.slots.get_mut(idx as usize) {
+            Some(Some(f)) if f.expires > now => Peek::Live(f),
+            Some(Some(_)) => Peek::Expired,
+            _ => Peek::Absent,
+        }
     }
 
     /// The live flow of reply tuple `t`, changing nothing (`by_reply`

@@ -289,6 +289,16 @@ fn bind(clients: &mut [Client], pinned: &[bool], ci: usize, port: usize, mac: Ma
     }
 }
 
+/// Whether client `ci` is bound to `port` with MAC `mac` already: `bind`
+/// would accept a frame from them and change nothing (the fast path's
+/// anti-spoofing check, which must change nothing).
+#[inline(always)]
+fn bound(clients: &[Client], ci: usize, port: usize, mac: Mac) -> bool {
+    clients
+        .get(ci)
+        .is_some_and(|c| c.port == Some(port) && c.mac == Some(mac))
+}
+
 /// The connection-tracking tuple of a client's IPv4 packet.
 fn client_tuple(buf: &[u8], info: &Ipv4Info) -> Option<Tuple> {
     let ports = (info.sport, info.dport);

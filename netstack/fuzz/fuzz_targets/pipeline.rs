@@ -124,8 +124,8 @@ fuzz_target!(|data: &[u8]| {
                 "upstream frame to {dst} reached a client port"
             );
         }
-        let mut arp = [0u8; 64];
-        let _ = fw.poll_emit(now, &mut arp);
-        let _ = twin.poll_emit(now, &mut arp);
+        let (mut ask, mut twin_ask) = ([0u8; 128], [0u8; 128]);
+        assert_eq!(fw.poll_emit(now, &mut ask), twin.poll_emit(now, &mut twin_ask));
+        assert!(ask == twin_ask, "the twins asked differently");
     }
 });

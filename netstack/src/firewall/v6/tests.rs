@@ -112,6 +112,31 @@ fn nd_frame(kind: u8, macs: (Mac, Mac), src: Ipv6Addr, dst: Ipv6Addr, target: Ip
     f
 }
 
+/// The IPv6 gateway's neighbour advertisement, to the uplink.
+fn gateway6_advert() -> Vec<u8> {
+    nd_frame(
+        ND_NEIGHBOR_ADVERT,
+        (UP_MAC, GW_MAC),
+        GATEWAY6,
+        UPLINK6,
+        GATEWAY6,
+    )
+}
+
+/// The MAC of a second downlink (port 2).
+const PORT2_MAC: Mac = [0x52, 0x54, 0, 0, 0, 3];
+
+/// A firewall with two downlinks (ports 1 and 2) whose IPv6 gateway is
+/// resolved.
+fn two_downlinks() -> Firewall {
+    let mut fw = Firewall::new(config(DB), alloc::vec![UP_MAC, DOWN_MAC, PORT2_MAC]);
+    let mut buf = [0u8; 128];
+    while fw.poll_emit(0, &mut buf).is_some() {}
+    let (v, _) = run(&mut fw, 0, UPLINK, &gateway6_advert());
+    assert_eq!(v, Verdict::Consumed);
+    fw
+}
+
 /// A firewall whose IPv6 gateway is resolved (the IPv4 one is not needed).
 fn ready() -> Firewall {
     let mut fw = firewall(DB);
@@ -147,14 +172,10 @@ fn ready() -> Firewall {
         fw.poll_emit(500, &mut buf).is_none(),
         "retries wait a second"
     );
-    let na = nd_frame(
-        ND_NEIGHBOR_ADVERT,
-        (UP_MAC, GW_MAC),
-        GATEWAY6,
-        UPLINK6,
-        GATEWAY6,
+    assert_eq!(
+        run(&mut fw, 600, UPLINK, &gateway6_advert()).0,
+        Verdict::Consumed
     );
-    assert_eq!(run(&mut fw, 600, UPLINK, &na).0, Verdict::Consumed);
     while let Some((_, len)) = fw.poll_emit(5000, &mut buf) {
         assert_eq!(
             get_u16(&buf[..len], 12),
@@ -530,18 +551,7 @@ fn isolation_anti_spoofing_scope_and_limits() {
 /// leaves the flow as it was.
 #[test]
 fn an_established_ipv6_flow_from_another_port_is_spoofed() {
-    let port2_mac = [0x52, 0x54, 0, 0, 0, 3];
-    let mut fw = Firewall::new(config(DB), alloc::vec![UP_MAC, DOWN_MAC, port2_mac]);
-    let mut buf = [0u8; 128];
-    while fw.poll_emit(0, &mut buf).is_some() {}
-    let na = nd_frame(
-        ND_NEIGHBOR_ADVERT,
-        (UP_MAC, GW_MAC),
-        GATEWAY6,
-        UPLINK6,
-        GATEWAY6,
-    );
-    assert_eq!(run(&mut fw, 1, UPLINK, &na).0, Verdict::Consumed);
+    let mut fw = two_downlinks();
     let pkt = |dst_mac, flags| {
         ipv6(
             (dst_mac, CLIENT_MAC),
@@ -557,7 +567,7 @@ fn an_established_ipv6_flow_from_another_port_is_spoofed() {
         Verdict::Forward { port: UPLINK, .. }
     ));
     assert_eq!(
-        run(&mut fw, 3, 2, &pkt(port2_mac, TCP_FIN | TCP_ACK)).0,
+        run(&mut fw, 3, 2, &pkt(PORT2_MAC, TCP_FIN | TCP_ACK)).0,
         Verdict::Drop(DropReason::Spoofed)
     );
     let ack = pkt(DOWN_MAC, TCP_ACK);
@@ -901,23 +911,9 @@ fn follows_ipv6_turned_on_moved_and_off() {
 /// output byte and counter compared.
 #[test]
 fn fast_path_agrees_with_the_general_one_for_ipv6() {
-    let port2_mac = [0x52, 0x54, 0, 0, 0, 3];
-    let na = nd_frame(
-        ND_NEIGHBOR_ADVERT,
-        (UP_MAC, GW_MAC),
-        GATEWAY6,
-        UPLINK6,
-        GATEWAY6,
-    );
-    let make = |fast: bool| {
-        let mut fw = Firewall::new(config(DB), alloc::vec![UP_MAC, DOWN_MAC, port2_mac]);
-        fw.set_fast_path(fast);
-        let mut buf = [0u8; 128];
-        while fw.poll_emit(0, &mut buf).is_some() {}
-        assert_eq!(run(&mut fw, 0, UPLINK, &na).0, Verdict::Consumed);
-        fw
-    };
-    let (mut fast, mut general) = (make(true), make(false));
+    let na = gateway6_advert();
+    let (mut fast, mut general) = (two_downlinks(), two_downlinks());
+    general.set_fast_path(false);
     let mut rand = rng(0x2545_f491_4f6c_dd1d);
     let clients = [CLIENT6, OTHER6, SERVER6];
     let remotes = [SERVER6, BLOCKED6, "2001:db8:80::9".parse().unwrap()];
@@ -948,7 +944,7 @@ fn fast_path_agrees_with_the_general_one_for_ipv6() {
                 _ => (PROTO_ICMPV6, echo6(ICMPV6_ECHO_REQUEST, sport)),
             };
             let (port, mac) = if step > 100 && rand(20) == 0 {
-                (2, port2_mac)
+                (2, PORT2_MAC)
             } else {
                 (1, DOWN_MAC)
             };
