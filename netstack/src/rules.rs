@@ -214,7 +214,8 @@ pub struct Ruleset {
     /// The family of the client address the rules are for.
     pub v6: bool,
     matchers: Vec<Matcher>,
-    /// The matchers as bit sets (`classify`), up to `classify::MAX_RULES`.
+    /// The matchers as bit sets (`classify`), up to `classify::MAX_RULES`
+    /// rules and `classify::MAX_BYTES` of sets.
     classifier: Option<Classifier>,
     /// The `dsthost` names and what they resolved to.
     hosts: Vec<Host>,
@@ -714,7 +715,12 @@ mod tests {
         let mut compared = 0;
         for round in 0..400 {
             let v6 = round % 3 == 0;
-            let n = classify::MIN_RULES + 1 + rnd(40) as usize;
+            // Every eighth set long: several words a set, and past 512.
+            let n = if round % 8 == 0 {
+                100 + rnd(1100) as usize
+            } else {
+                classify::MIN_RULES + 1 + rnd(40) as usize
+            };
             let mut entries = vec![(
                 "policy".to_string(),
                 ["drop", "accept"][rnd(2) as usize].to_string(),
@@ -803,6 +809,61 @@ mod tests {
             }
         }
         assert!(compared > 40_000, "{compared}");
+    }
+
+    /// Long rule sets are classified while their sets fit `MAX_BYTES`,
+    /// and scanned beyond it, with the same decisions either way.
+    #[test]
+    fn long_rule_sets_are_classified_within_the_memory_budget() {
+        // `n` rules each to its own /32 (2n + 1 intervals), then one for
+        // TCP port 80 anywhere.
+        let rules = |n: usize| {
+            let mut e: Vec<(String, String)> = (0..n)
+                .map(|i| {
+                    (
+                        format!("{i:04}"),
+                        format!("action=drop proto=tcp dst4=10.{}.{}.1", i / 250, i % 250),
+                    )
+                })
+                .collect();
+            e.push((
+                format!("{n:04}"),
+                "action=accept proto=tcp dstports=80-80".into(),
+            ));
+            e.push(("policy".into(), "drop".into()));
+            Ruleset::from_entries(e.iter().map(|(a, b)| (a.as_str(), b.as_str())), true).unwrap()
+        };
+        let probe = |dst: [u8; 4]| Probe {
+            proto: PROTO_TCP,
+            dst: IpAddr::from(dst),
+            dport: 80,
+            icmp_type: 0,
+            to_dns: false,
+        };
+        // 1,000 rules: 2,001 + 3 + 1 intervals of 16 words (250 KiB).
+        let classified = rules(1000);
+        assert!(classified.classifier.is_some());
+        // 1,100: 2,205 intervals of 18 words (310 KiB), over the budget.
+        let scanned = rules(1100);
+        assert!(scanned.classifier.is_none());
+        for rs in [&classified, &scanned] {
+            assert_eq!(
+                rs.decide(&probe([10, 3, 249, 1]), false),
+                (Action::Drop, Some(999))
+            );
+            assert_eq!(
+                rs.decide(&probe([10, 0, 7, 1]), false),
+                (Action::Drop, Some(7))
+            );
+            let last = rs.rules.len() - 1;
+            assert_eq!(
+                rs.decide(&probe([10, 0, 7, 2]), false),
+                (Action::Accept, Some(last))
+            );
+            let mut udp = probe([10, 0, 7, 1]);
+            udp.proto = PROTO_UDP;
+            assert_eq!(rs.decide(&udp, false), (Action::Drop, None));
+        }
     }
 
     #[test]

@@ -19,10 +19,12 @@
 //! An IPv4 destination search first narrows to the bounds that share the
 //! address's top byte (a 257-entry table, about 1 KiB).
 //!
-//! Memory is about `2 × rules` intervals × `rules / 64` words per
-//! dimension, so rule sets longer than `MAX_RULES` keep the linear scan;
-//! so do sets of at most `MIN_RULES`, which the scan (about 2 ns a rule)
-//! gets through faster than the classifier's fixed cost (about 25 ns).
+//! Memory is the intervals (at most `2 × rules + 1` a dimension) ×
+//! `rules / 64` words: a rule set whose sets would take more than
+//! `MAX_BYTES`, or that is longer than `MAX_RULES`, keeps the linear
+//! scan, and so do sets of at most `MIN_RULES`, which the scan (about
+//! 2 ns a rule) gets through faster than the classifier's fixed cost
+//! (about 25 ns).
 
 use alloc::boxed::Box;
 use alloc::vec::Vec;
@@ -31,9 +33,14 @@ use super::{Matcher, ANY_PROTO, TCP_OR_UDP};
 use crate::ipv6::PROTO_ICMPV6;
 use crate::wire::{PROTO_TCP, PROTO_UDP};
 
-/// Longest rule set classified (longer ones are scanned): 8 words a set,
-/// at most 1025 intervals a dimension, about 65 KiB each.
-pub(super) const MAX_RULES: usize = 512;
+/// Longest rule set classified (longer ones are scanned): 64 words, 512
+/// bytes, a set.
+pub(super) const MAX_RULES: usize = 4096;
+/// Most bytes the interval sets of one rule set may take (all three
+/// dimensions); a rule set whose bounds cut more intervals is scanned.
+/// 512 rules fit however they are written (at most 2,307 intervals of 64
+/// bytes), 1,000 rules when they name at most about 2,000 distinct bounds.
+pub(super) const MAX_BYTES: usize = 256 << 10;
 /// Shortest rule set classified.
 pub(super) const MIN_RULES: usize = 16;
 
@@ -48,14 +55,10 @@ struct Partition<T> {
 }
 
 impl<T: Ord + Copy> Partition<T> {
-    /// `ranges[r]` is rule `r`'s inclusive range, `None` for any value;
-    /// `next` gives the value after one (`None` past the maximum).
-    fn build(
-        ranges: &[Option<(T, T)>],
-        min: T,
-        next: impl Fn(T) -> Option<T>,
-        words: usize,
-    ) -> Self {
+    /// The starts of the elementary intervals that `ranges` cut (rule
+    /// `r`'s inclusive range, `None` for any value), from `min`; `next`
+    /// gives the value after one (`None` past the maximum).
+    fn starts(ranges: &[Option<(T, T)>], min: T, next: impl Fn(T) -> Option<T>) -> Vec<T> {
         let mut starts = alloc::vec![min];
         for (lo, hi) in ranges.iter().flatten() {
             starts.push(*lo);
@@ -63,6 +66,11 @@ impl<T: Ord + Copy> Partition<T> {
         }
         starts.sort_unstable();
         starts.dedup();
+        starts
+    }
+
+    /// The set of rules covering each interval of `starts`.
+    fn build(ranges: &[Option<(T, T)>], starts: Vec<T>, words: usize) -> Self {
         let mut sets = alloc::vec![0u64; starts.len() * words];
         for (i, s) in starts.iter().enumerate() {
             for (r, range) in ranges.iter().enumerate() {
@@ -200,26 +208,45 @@ impl Classifier {
                     .collect()
             })
             .flatten();
-        let dst = match v4 {
-            Some(v4) => Destinations::V4(V4Destinations::new(Partition::build(
-                &v4,
-                0,
-                |x| x.checked_add(1),
-                words,
-            ))),
-            None => Destinations::V6(Partition::build(&dst, 0, |x| x.checked_add(1), words)),
-        };
         let ports: Vec<_> = matchers.iter().map(|m| m.ports).collect();
         let types: Vec<_> = matchers
             .iter()
             .map(|m| m.icmp_type.map(|t| (t, t)))
             .collect();
+        let next16 = |x: u16| x.checked_add(1);
+        let next8 = |x: u8| x.checked_add(1);
+        let (port_starts, type_starts) = (
+            Partition::starts(&ports, 0, next16),
+            Partition::starts(&types, 0, next8),
+        );
+        // The sets' size is known from the interval counts before any is
+        // allocated: over the budget, the rules are scanned instead.
+        let within = |dst_intervals: usize| {
+            let intervals = dst_intervals + port_starts.len() + type_starts.len();
+            intervals.saturating_mul(words * 8) <= MAX_BYTES
+        };
+        let dst = match v4 {
+            Some(v4) => {
+                let starts = Partition::starts(&v4, 0, |x: u32| x.checked_add(1));
+                if !within(starts.len()) {
+                    return None;
+                }
+                Destinations::V4(V4Destinations::new(Partition::build(&v4, starts, words)))
+            }
+            None => {
+                let starts = Partition::starts(&dst, 0, |x: u128| x.checked_add(1));
+                if !within(starts.len()) {
+                    return None;
+                }
+                Destinations::V6(Partition::build(&dst, starts, words))
+            }
+        };
         Some(Self {
             words,
             proto,
             dst,
-            port: Partition::build(&ports, 0, |x| x.checked_add(1), words),
-            icmp_type: Partition::build(&types, 0, |x| x.checked_add(1), words),
+            port: Partition::build(&ports, port_starts, words),
+            icmp_type: Partition::build(&types, type_starts, words),
             dns,
             icmp,
         })
