@@ -278,8 +278,19 @@ pub enum Peek<'a, A> {
     Live(&'a mut Flow<A>),
     /// A flow that has expired (`by_client` would remove it).
     Expired,
-    /// No flow at all.
-    Absent,
+    /// No flow at all: the tuple with the hash the lookup used, for
+    /// `create_owned`.
+    Absent(Key<A>),
+}
+
+/// A client tuple and its index hash, from `Conntrack::key` or
+/// `Conntrack::peek_client`: a flow created for it is filed without
+/// hashing the tuple again. Only the table that made it can: the hash is
+/// of that table's hasher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key<A = Ipv4Addr> {
+    pub tuple: Tuple<A>,
+    hash: u32,
 }
 
 /// Why a flow could not be created.
@@ -351,6 +362,7 @@ impl<A: Addr> Conntrack<A> {
             + self.unreplied.capacity() * core::mem::size_of::<(u32, u64)>()
     }
 
+    #[inline(always)]
     fn remove(&mut self, idx: u32) {
         if let Some(f) = self.slots.get_mut(idx as usize).and_then(Option::take) {
             let (hc, hr) = f.hashes;
@@ -379,10 +391,10 @@ impl<A: Addr> Conntrack<A> {
     }
 
     #[inline]
-    fn find_client(&self, t: &Tuple<A>) -> Option<u32> {
+    fn find_client(&self, t: &Tuple<A>, hash: u32) -> Option<u32> {
         let slots = &self.slots;
         self.by_client.find(
-            self.hash(t),
+            hash,
             |i| matches!(slots.get(i as usize), Some(Some(f)) if f.client == *t),
         )
     }
@@ -402,13 +414,21 @@ impl<A: Addr> Conntrack<A> {
     /// second lookup when there is none at all.
     #[inline(always)]
     pub fn peek_client(&mut self, t: &Tuple<A>, now: u64) -> Peek<'_, A> {
-        let Some(idx) = self.find_client(t) else {
-            return Peek::Absent;
+        let hash = self.hash(t);
+        let Some(idx) = self.find_client(t, hash) else {
+            return Peek::Absent(Key { tuple: *t, hash });
         };
         match self.slots.get_mut(idx as usize) {
             Some(Some(f)) if f.expires > now => Peek::Live(f),
-            Some(Some(_)) => Peek::Expired,
-            _ => Peek::Absent,
+            _ => Peek::Expired,
+        }
+    }
+
+    /// Client tuple `t` with its hash, for `create_owned`.
+    pub fn key(&self, t: Tuple<A>) -> Key<A> {
+        Key {
+            tuple: t,
+            hash: self.hash(&t),
         }
     }
 
@@ -425,7 +445,7 @@ impl<A: Addr> Conntrack<A> {
 
     /// The flow a client packet belongs to.
     pub fn by_client(&mut self, t: &Tuple<A>, now: u64) -> Option<&mut Flow<A>> {
-        let idx = self.live(self.find_client(t), now)?;
+        let idx = self.live(self.find_client(t, self.hash(t)), now)?;
         self.slots.get_mut(idx as usize)?.as_mut()
     }
 
@@ -453,13 +473,14 @@ impl<A: Addr> Conntrack<A> {
         remote_port: u16,
         now: u64,
     ) -> Result<Flow<A>, CreateError> {
-        self.create_owned(client, remote, remote_port, now, 0)
+        self.create_owned(self.key(client), remote, remote_port, now, 0)
     }
 
-    /// As `create`, recording `owner` in the flow.
+    /// As `create`, for a client tuple with its hash, recording `owner` in
+    /// the flow.
     pub fn create_owned(
         &mut self,
-        client: Tuple<A>,
+        key: Key<A>,
         remote: A,
         remote_port: u16,
         now: u64,
@@ -470,8 +491,8 @@ impl<A: Addr> Conntrack<A> {
             self.make_room(now);
         }
         let idx = *self.free.last().ok_or(CreateError::TableFull)?;
+        let (client, hc) = (key.tuple, key.hash);
         let (nat_port, hr) = self.allocate_port(client, remote, remote_port, now)?;
-        let hc = self.hash(&client);
         self.free.pop();
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -570,22 +591,16 @@ impl<A: Addr> Conntrack<A> {
         remote_port: u16,
         now: u64,
     ) -> Result<(u16, u32), CreateError> {
-        let uplink = self.uplink;
-        // The reply tuple's hash when `port` is free.
-        let free = |s: &mut Self, port: u16| {
-            let t = Tuple {
-                proto: client.proto,
-                src: remote,
-                sport: remote_port,
-                dst: uplink,
-                dport: port,
-            };
-            let hash = s.hash(&t);
-            let idx = s.find_reply(&t, hash);
-            s.live(idx, now).is_none().then_some(hash)
+        let mut reply = Tuple {
+            proto: client.proto,
+            src: remote,
+            sport: remote_port,
+            dst: self.uplink,
+            dport: client.sport,
         };
         if client.sport >= NAT_PORT_FIRST {
-            if let Some(hash) = free(self, client.sport) {
+            let hash = self.hash(&reply);
+            if self.reply_free(&reply, hash, now) {
                 return Ok((client.sport, hash));
             }
         }
@@ -596,11 +611,21 @@ impl<A: Addr> Conntrack<A> {
             } else {
                 port + 1
             };
-            if let Some(hash) = free(self, port) {
+            reply.dport = port;
+            let hash = self.hash(&reply);
+            if self.reply_free(&reply, hash, now) {
                 return Ok((port, hash));
             }
         }
         Err(CreateError::NoFreePort)
+    }
+
+    /// Whether no live flow has reply tuple `t` (of hash `hash`); an
+    /// expired one is removed.
+    #[inline(always)]
+    fn reply_free(&mut self, t: &Tuple<A>, hash: u32, now: u64) -> bool {
+        let idx = self.find_reply(t, hash);
+        self.live(idx, now).is_none()
     }
 
     /// Removes every flow of `owner`; how many there were.
@@ -676,7 +701,7 @@ impl SlotIndex {
     }
 
     /// The slot whose key `is` says matches, among those filed under `hash`.
-    #[inline]
+    #[inline(always)]
     fn find(&self, hash: u32, is: impl Fn(u32) -> bool) -> Option<u32> {
         let mask = self.mask();
         let mut b = hash as usize & mask;

@@ -28,7 +28,7 @@ use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use hashbrown::HashMap;
 
 use crate::config::{ClientConfig, Ipv6Config, NetConfig};
-use crate::conntrack::{Addr, Conntrack, CreateError, Outbound, Tuple};
+use crate::conntrack::{Addr, Conntrack, CreateError, Key, Outbound, Tuple};
 use crate::dns::{Resolved, Resolver, DNS_PORT, RESOLVER_PORT};
 use crate::ipv6::{is_ipv6_multicast_mac, PROTO_ICMPV6};
 use crate::rules::{Action, Probe, RuleError, Ruleset};
@@ -1406,7 +1406,8 @@ impl Firewall {
                 None => {}
             }
         }
-        self.client_packet_slow(now, port, buf, info, tuple, src_mac)
+        let key = tuple.map(|t| self.ct.key(t));
+        self.client_packet_slow(now, port, buf, info, key, src_mac)
     }
 
     /// A client's packet that is not of a tracked flow (or is a later
@@ -1418,7 +1419,7 @@ impl Firewall {
         port: usize,
         buf: &mut [u8],
         info: &Ipv4Info,
-        tuple: Option<Tuple>,
+        key: Option<Key>,
         src_mac: Mac,
     ) -> Verdict {
         let Some(ci) = self.client_index.get(&info.src).copied() else {
@@ -1452,8 +1453,8 @@ impl Firewall {
             };
             return self.icmp_error(now, buf, port, info, err);
         }
-        let tuple = match tuple {
-            Some(t) => t,
+        let key = match key {
+            Some(k) => k,
             None if info.proto == PROTO_ICMP => return self.drop(DropReason::IcmpUnsupported),
             None => return self.drop(DropReason::ProtoUnsupported),
         };
@@ -1462,7 +1463,7 @@ impl Firewall {
         if !l4_checksum_ok(buf, info) {
             return self.drop(DropReason::BadL4Checksum);
         }
-        let out = match self.new_flow(now, ci, &tuple, info) {
+        let out = match self.new_flow(now, ci, key, info) {
             Ok(o) => o,
             Err(DropReason::RuleReject) => {
                 let err = IcmpError {
@@ -1484,7 +1485,7 @@ impl Firewall {
         &mut self,
         now: u64,
         ci: usize,
-        tuple: &Tuple,
+        key: Key,
         info: &Ipv4Info,
     ) -> Result<Outbound, DropReason> {
         let to_dns = self.is_dns_address(info.dst);
@@ -1506,7 +1507,7 @@ impl Firewall {
         let have_dns = self.have_dns();
         self.check_rules(ci, &probe, have_dns, info.tcp_flags)?;
         // DNS to a virtual DNS address goes to the matching upstream server.
-        let (mut remote, remote_port) = (info.dst, tuple.dport);
+        let (mut remote, remote_port) = (info.dst, key.tuple.dport);
         if info.proto != PROTO_ICMP && info.dport == 53 {
             if let Some(i) = self
                 .cfg
@@ -1522,7 +1523,7 @@ impl Firewall {
         }
         let flow = self
             .ct
-            .create_owned(*tuple, remote, remote_port, now, ci as u32)?;
+            .create_owned(key, remote, remote_port, now, ci as u32)?;
         self.stats.flows_created += 1;
         Ok(flow.outbound())
     }

@@ -94,7 +94,7 @@ enum Fast {
     Parsed(Ipv4Info),
     /// Parsed a client's datagram with TTL above 1 and found no flow for
     /// its tuple, live or expired: it may start one.
-    NoFlow(Ipv4Info, Tuple, Mac),
+    NoFlow(Ipv4Info, Key),
 }
 
 impl Firewall {
@@ -111,8 +111,9 @@ impl Firewall {
         match fast {
             Fast::Parsed(info) if port == UPLINK => self.upstream_packet(now, buf, &info),
             Fast::Parsed(info) => self.client_packet(now, port, buf, &info),
-            Fast::NoFlow(info, t, src_mac) => {
-                self.client_packet_slow(now, port, buf, &info, Some(t), src_mac)
+            Fast::NoFlow(info, key) => {
+                let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
+                self.client_packet_slow(now, port, buf, &info, Some(key), src_mac)
             }
         }
     }
@@ -165,7 +166,7 @@ impl Firewall {
             let src_mac = [s0, s1, s2, s3, s4, s5];
             match self.fast_client(now, port, src_mac, buf, &info) {
                 Ok(v) => v,
-                Err(t) => return self.after_fast(now, port, buf, Fast::NoFlow(info, t, src_mac)),
+                Err(key) => return self.after_fast(now, port, buf, Fast::NoFlow(info, key)),
             }
         };
         match done {
@@ -175,8 +176,8 @@ impl Firewall {
     }
 
     /// A client's packet of a flow (`client_packet`'s fast case): the
-    /// verdict, `None` for the general path, or the tuple when no flow has
-    /// it.
+    /// verdict, `None` for the general path, or the tuple (with its hash)
+    /// when no flow has it.
     #[inline(always)]
     fn fast_client(
         &mut self,
@@ -185,7 +186,7 @@ impl Firewall {
         src_mac: Mac,
         buf: &mut [u8],
         info: &Ipv4Info,
-    ) -> Result<Option<Verdict>, Tuple> {
+    ) -> Result<Option<Verdict>, Key> {
         let t = Tuple {
             proto: info.proto,
             src: info.src,
@@ -196,7 +197,7 @@ impl Firewall {
         let flow = match self.ct.peek_client(&t, now) {
             Peek::Live(f) => f,
             Peek::Expired => return Ok(None),
-            Peek::Absent => return Err(t),
+            Peek::Absent(key) => return Err(key),
         };
         if !bound(&self.clients, flow.owner as usize, port, src_mac) {
             return Ok(None);

@@ -369,7 +369,7 @@ impl Firewall {
             .check_rules(ci, &probe, false, info.tcp_flags)
             .and_then(|()| {
                 self.ct6
-                    .create_owned(tuple, info.dst, tuple.dport, now, ci as u32)
+                    .create_owned(self.ct6.key(tuple), info.dst, tuple.dport, now, ci as u32)
                     .map_err(DropReason::from)
             });
         let flow = match created {

@@ -149,8 +149,12 @@ pub(super) struct Classifier {
     dst: Destinations,
     port: Partition<u16>,
     icmp_type: Partition<u8>,
-    /// Rules that match only traffic to the DNS addresses.
-    dns: Vec<u64>,
+    /// Every rule but those that match only traffic to the DNS addresses.
+    not_dns: Vec<u64>,
+    /// Every rule.
+    all: Vec<u64>,
+    /// The `dsthost` rules, whose addresses `first`'s `check` tests.
+    hosted: Vec<u64>,
     /// The family's ICMP protocol number.
     icmp: u8,
 }
@@ -162,11 +166,17 @@ impl Classifier {
         }
         let words = matchers.len().div_ceil(64).max(1);
         let mut proto: [Vec<u64>; 4] = core::array::from_fn(|_| alloc::vec![0u64; words]);
-        let mut dns = alloc::vec![0u64; words];
+        let mut all = alloc::vec![0u64; words];
+        let mut not_dns = alloc::vec![0u64; words];
+        let mut hosted = alloc::vec![0u64; words];
         for (r, m) in matchers.iter().enumerate() {
             let bit = 1u64 << (r % 64);
-            if m.dns {
-                dns[r / 64] |= bit;
+            all[r / 64] |= bit;
+            if !m.dns {
+                not_dns[r / 64] |= bit;
+            }
+            if m.host.is_some() {
+                hosted[r / 64] |= bit;
             }
             for (class, set) in proto.iter_mut().enumerate() {
                 let number = match class {
@@ -247,7 +257,9 @@ impl Classifier {
             dst,
             port: Partition::build(&ports, port_starts, words),
             icmp_type: Partition::build(&types, type_starts, words),
-            dns,
+            not_dns,
+            all,
+            hosted,
             icmp,
         })
     }
@@ -264,38 +276,37 @@ impl Classifier {
         dns_ok: bool,
         check: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let class = match proto {
-            PROTO_TCP => TCP,
-            PROTO_UDP => UDP,
-            p if p == self.icmp => ICMP,
-            _ => OTHER,
-        };
         let w = self.words;
-        let by_proto = self.proto.get(class)?;
+        // Rules with ports are in the TCP and UDP classes' sets only, rules
+        // with an ICMP type in the ICMP class's only: one transport
+        // dimension per class.
+        let (by_proto, by_l4) = match proto {
+            PROTO_TCP => (&self.proto[TCP], self.port.lookup(dport, w)),
+            PROTO_UDP => (&self.proto[UDP], self.port.lookup(dport, w)),
+            p if p == self.icmp => (&self.proto[ICMP], self.icmp_type.lookup(icmp_type, w)),
+            _ => (&self.proto[OTHER], &self.all[..]),
+        };
         let by_dst = match &self.dst {
             // (An IPv4 packet's address is the low 32 bits.)
             Destinations::V4(p) => p.lookup(dst as u32, w),
             Destinations::V6(p) => p.lookup(dst, w),
         };
-        let by_port = (class == TCP || class == UDP).then(|| self.port.lookup(dport, w));
-        let by_type = (class == ICMP).then(|| self.icmp_type.lookup(icmp_type, w));
-        for i in 0..w {
-            let mut set = by_proto.get(i)? & by_dst.get(i)?;
-            if let Some(p) = by_port {
-                set &= p.get(i)?;
-            }
-            if let Some(t) = by_type {
-                set &= t.get(i)?;
-            }
-            if !dns_ok {
-                set &= !self.dns.get(i)?;
-            }
+        let mask = if dns_ok { &self.all } else { &self.not_dns };
+        // (Every slice is `w` words long.)
+        let words = by_proto
+            .iter()
+            .zip(by_dst)
+            .zip(by_l4)
+            .zip(mask.iter().zip(&self.hosted));
+        for (i, (((p, d), l), (m, hosted))) in words.enumerate() {
+            let mut set = p & d & l & m;
             while set != 0 {
-                let r = i * 64 + set.trailing_zeros() as usize;
-                if check(r) {
+                let bit = set & set.wrapping_neg();
+                let r = i * 64 + bit.trailing_zeros() as usize;
+                if hosted & bit == 0 || check(r) {
                     return Some(r);
                 }
-                set &= set - 1;
+                set ^= bit;
             }
         }
         None
