@@ -293,6 +293,15 @@ pub struct Key<A = Ipv4Addr> {
     hash: u32,
 }
 
+impl<A: Copy> Key<A> {
+    /// Made out of line: the fast path's hit case keeps its registers.
+    #[cold]
+    #[inline(never)]
+    fn cold(t: &Tuple<A>, hash: u32) -> Self {
+        Self { tuple: *t, hash }
+    }
+}
+
 /// Why a flow could not be created.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CreateError {
@@ -416,7 +425,7 @@ impl<A: Addr> Conntrack<A> {
     pub fn peek_client(&mut self, t: &Tuple<A>, now: u64) -> Peek<'_, A> {
         let hash = self.hash(t);
         let Some(idx) = self.find_client(t, hash) else {
-            return Peek::Absent(Key { tuple: *t, hash });
+            return Peek::Absent(Key::cold(t, hash));
         };
         match self.slots.get_mut(idx as usize) {
             Some(Some(f)) if f.expires > now => Peek::Live(f),
