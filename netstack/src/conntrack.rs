@@ -285,16 +285,21 @@ pub enum Peek<'a, A> {
 
 /// A client tuple and its index hash, from `Conntrack::key` or
 /// `Conntrack::peek_client`: a flow created for it is filed without
-/// hashing the tuple again. Only the table that made it can: the hash is
-/// of that table's hasher.
+/// hashing the tuple again. Only a table makes one, with its own hasher,
+/// and neither part can be changed apart from the other.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key<A = Ipv4Addr> {
-    pub tuple: Tuple<A>,
+    tuple: Tuple<A>,
     hash: u32,
 }
 
 impl<A: Copy> Key<A> {
-    /// Made out of line: the fast path's hit case keeps its registers.
+    pub fn tuple(&self) -> &Tuple<A> {
+        &self.tuple
+    }
+
+    /// Made out of line: built inline, it made the fast path's hit case
+    /// (a batch's loop) spill registers.
     #[cold]
     #[inline(never)]
     fn cold(t: &Tuple<A>, hash: u32) -> Self {
@@ -429,7 +434,8 @@ impl<A: Addr> Conntrack<A> {
         };
         match self.slots.get_mut(idx as usize) {
             Some(Some(f)) if f.expires > now => Peek::Live(f),
-            _ => Peek::Expired,
+            Some(Some(_)) => Peek::Expired,
+            _ => Peek::Absent(Key::cold(t, hash)),
         }
     }
 

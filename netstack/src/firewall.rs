@@ -1507,7 +1507,7 @@ impl Firewall {
         let have_dns = self.have_dns();
         self.check_rules(ci, &probe, have_dns, info.tcp_flags)?;
         // DNS to a virtual DNS address goes to the matching upstream server.
-        let (mut remote, remote_port) = (info.dst, key.tuple.dport);
+        let (mut remote, remote_port) = (info.dst, key.tuple().dport);
         if info.proto != PROTO_ICMP && info.dport == 53 {
             if let Some(i) = self
                 .cfg

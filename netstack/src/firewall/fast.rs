@@ -23,11 +23,11 @@
 //! general-case branches, and in a batch no per-frame call at all.
 //! Instructions per established-flow packet on the development machine
 //! (callgrind, `examples/established.rs`, each with the 60-byte copy of
-//! the example's loop): 541 with the fast path off, 436 through `handle`,
-//! 318 through a batch of 32 (478 before the fast path, whose own lookup
+//! the example's loop): 516 with the fast path off, 426 through `handle`,
+//! 328 through a batch of 32 (478 before the fast path, whose own lookup
 //! hashes a tuple in a way that costs the general path more instructions
 //! but no store-forwarding stall: `Addr::hash_tuple`); for IPv6
-//! (`examples/established6.rs`) 698 with it off, 632 through `handle`.
+//! (`examples/established6.rs`) 692 with it off, 612 through `handle`.
 //! The tests `fast_path_agrees_with_the_general_one` (IPv4) and
 //! `fast_path_agrees_with_the_general_one_for_ipv6`, and the pipeline
 //! fuzz target, feed the same frames, valid and corrupted, to a firewall
