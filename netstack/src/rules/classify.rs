@@ -223,12 +223,8 @@ impl Classifier {
             .iter()
             .map(|m| m.icmp_type.map(|t| (t, t)))
             .collect();
-        let next16 = |x: u16| x.checked_add(1);
-        let next8 = |x: u8| x.checked_add(1);
-        let (port_starts, type_starts) = (
-            Partition::starts(&ports, 0, next16),
-            Partition::starts(&types, 0, next8),
-        );
+        let port_starts = Partition::starts(&ports, 0, |x: u16| x.checked_add(1));
+        let type_starts = Partition::starts(&types, 0, |x: u8| x.checked_add(1));
         // The sets' size is known from the interval counts before any is
         // allocated: over the budget, the rules are scanned instead.
         let within = |dst_intervals: usize| {
