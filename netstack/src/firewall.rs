@@ -25,7 +25,7 @@
 use alloc::vec::Vec;
 use core::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use hashbrown::HashMap;
+use clients::ClientIndex;
 
 use crate::config::{ClientConfig, Ipv6Config, NetConfig};
 use crate::conntrack::{Addr, Conntrack, CreateError, Key, Outbound, Tuple};
@@ -509,8 +509,8 @@ pub struct Firewall {
     cfg: NetConfig,
     macs: Vec<Mac>,
     clients: Vec<Client>,
-    client_index: HashMap<Ipv4Addr, usize>,
-    client_index6: HashMap<Ipv6Addr, usize>,
+    client_index: ClientIndex<Ipv4Addr>,
+    client_index6: ClientIndex<Ipv6Addr>,
     arp: Vec<ArpEntry>,
     wanted: Vec<ArpWanted>,
     ct: Conntrack,
@@ -1081,7 +1081,7 @@ impl Firewall {
             };
         }
         // Downlink: only connected clients, on their own port, may speak.
-        let Some(ci) = self.client_index.get(&arp.sender_ip).copied() else {
+        let Some(ci) = self.client_index.get(&arp.sender_ip) else {
             return self.drop(DropReason::Spoofed);
         };
         if !self.bind_client(ci, port, arp.sender_mac) {
@@ -1422,7 +1422,7 @@ impl Firewall {
         key: Option<Key>,
         src_mac: Mac,
     ) -> Verdict {
-        let Some(ci) = self.client_index.get(&info.src).copied() else {
+        let Some(ci) = self.client_index.get(&info.src) else {
             return self.drop(DropReason::Spoofed);
         };
         if !self.bind_client(ci, port, src_mac) {
@@ -1709,7 +1709,7 @@ impl Firewall {
             return self.send_to_client(buf, info.dst, info.end);
         }
         let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
-        let bound = match self.client_index.get(&info.src).copied() {
+        let bound = match self.client_index.get(&info.src) {
             Some(ci) => self.bind_client(ci, port, src_mac),
             None => false,
         };
@@ -1724,7 +1724,7 @@ impl Firewall {
 
     /// Sends a rewritten frame to client `ip` on its port.
     fn send_to_client(&mut self, buf: &mut [u8], ip: Ipv4Addr, len: usize) -> Verdict {
-        let ci = self.client_index.get(&ip).copied();
+        let ci = self.client_index.get(&ip);
         self.deliver(buf, ci, len, ETHERTYPE_IPV4)
     }
 
@@ -1945,6 +1945,7 @@ fn rewrite_l4(
     }
 }
 
+mod clients;
 mod fast;
 pub use fast::Batch;
 #[cfg(test)]

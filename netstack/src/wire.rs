@@ -92,8 +92,21 @@ pub fn put_bytes(b: &mut [u8], off: usize, v: &[u8]) -> bool {
 /// to `initial`, not yet folded or inverted.
 pub fn sum16(data: &[u8], initial: u32) -> u32 {
     // The one's-complement sum does not depend on byte order (RFC 1071
-    // §2(B)): add native-endian words eight bytes at a time, fold, and
-    // swap the bytes of the result once.
+    // §2(B)): add native-endian words, fold, and swap the bytes of the
+    // result once.
+    let sum = sum_ne(data);
+    let mut total = u64::from(native_to_be_sum(sum)) + u64::from(initial);
+    while total > 0xffff_ffff {
+        total = (total & 0xffff_ffff) + (total >> 32);
+    }
+    total as u32
+}
+
+/// The one's-complement sum of `data` read as native-endian 16-bit words
+/// (a last odd byte padded with a zero), not folded: eight bytes at a
+/// time, each as two 32-bit halves so that the total cannot overflow.
+#[inline(always)]
+fn sum_ne(data: &[u8]) -> u64 {
     let mut sum = 0u64;
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
@@ -114,11 +127,7 @@ pub fn sum16(data: &[u8], initial: u32) -> u32 {
     if let [last] = rest {
         sum += u64::from(u16::from_ne_bytes([*last, 0]));
     }
-    let mut total = u64::from(native_to_be_sum(sum)) + u64::from(initial);
-    while total > 0xffff_ffff {
-        total = (total & 0xffff_ffff) + (total >> 32);
-    }
-    total as u32
+    sum
 }
 
 /// A one's-complement sum of native-endian words, as the sum of the same
@@ -569,32 +578,33 @@ pub fn l4_checksum_ok(frame: &[u8], info: &Ipv4Info) -> bool {
     if info.fragment {
         return true;
     }
-    let Some(seg) = frame.get(info.l4..info.end) else {
+    let (Some(seg), Some(addresses)) = (
+        frame.get(info.l4..info.end),
+        frame.get(info.l3 + 12..info.l3 + 20),
+    ) else {
         return false;
     };
-    match info.proto {
-        PROTO_TCP => {
-            fold(sum16(
-                seg,
-                pseudo_header_sum(info.src, info.dst, PROTO_TCP, seg.len()),
-            )) == 0
-        }
+    let covered = match info.proto {
+        PROTO_TCP => seg,
         PROTO_UDP => {
             let len = usize::from(get_u16(seg, 4).unwrap_or(0));
             match (get_u16(seg, 6), seg.get(..len)) {
-                (Some(0), _) => true,
-                (Some(_), Some(udp)) => {
-                    fold(sum16(
-                        udp,
-                        pseudo_header_sum(info.src, info.dst, PROTO_UDP, len),
-                    )) == 0
-                }
-                _ => false,
+                (Some(0), _) => return true,
+                (Some(_), Some(udp)) => udp,
+                _ => return false,
             }
         }
-        PROTO_ICMP => checksum(seg) == 0,
-        _ => true,
-    }
+        PROTO_ICMP => return checksum(seg) == 0,
+        _ => return true,
+    };
+    // One native-endian sum over the pseudo-header (the addresses as they
+    // lie in the header; the protocol and the length as big-endian words)
+    // and the segment; a right checksum makes it all ones, which byte
+    // order does not change.
+    let pseudo = u16::from_ne_bytes(u16::from(info.proto).to_be_bytes());
+    let len = u16::from_ne_bytes((covered.len() as u16).to_be_bytes());
+    let sum = sum_ne(addresses) + sum_ne(covered) + u64::from(pseudo) + u64::from(len);
+    fold64(sum) == 0xffff
 }
 
 /// An ARP packet for IPv4 over Ethernet.
@@ -844,6 +854,63 @@ mod tests {
         ));
         put_u16(&mut f, 40, c);
         f
+    }
+
+    /// The transport checksum check against a plain big-endian word sum
+    /// over the pseudo-header and the segment: TCP and UDP datagrams of
+    /// every payload length from 0 to 79 bytes, right, and with one byte
+    /// of the addresses or the segment changed.
+    #[test]
+    fn transport_checksums_agree_with_a_reference_sum() {
+        fn reference(f: &[u8], proto: u8) -> u16 {
+            let seg = &f[34..];
+            let mut bytes = f[26..34].to_vec();
+            bytes.extend([0, proto]);
+            bytes.extend((seg.len() as u16).to_be_bytes());
+            bytes.extend(seg);
+            if bytes.len() % 2 == 1 {
+                bytes.push(0);
+            }
+            let mut sum: u32 = bytes
+                .chunks(2)
+                .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+                .sum();
+            while sum > 0xffff {
+                sum = (sum & 0xffff) + (sum >> 16);
+            }
+            !(sum as u16)
+        }
+        let (src, dst) = (Ipv4Addr::new(10, 137, 0, 10), Ipv4Addr::new(203, 0, 113, 7));
+        for (proto, header, field) in [(PROTO_TCP, 20, 50), (PROTO_UDP, 8, 40)] {
+            for payload in 0..80usize {
+                let seg_len = header + payload;
+                let mut f = alloc::vec![0u8; 34 + seg_len];
+                put_eth(&mut f, [2; 6], [4; 6], ETHERTYPE_IPV4);
+                put_ipv4_header(&mut f, 14, 20 + seg_len, 64, proto, src, dst);
+                for (i, b) in f[34..].iter_mut().enumerate() {
+                    *b = (i * 7 + payload * 13) as u8 ^ 0x5a;
+                }
+                if proto == PROTO_TCP {
+                    put_u8(&mut f, 46, 5 << 4);
+                } else {
+                    put_u16(&mut f, 38, seg_len as u16);
+                }
+                put_u16(&mut f, field, 0);
+                let c = reference(&f, proto);
+                put_u16(&mut f, field, c);
+                let i = parse_ipv4(&f).unwrap();
+                assert!(l4_checksum_ok(&f, &i), "{proto} {payload}");
+                for pos in 26..f.len() {
+                    let mut g = f.clone();
+                    g[pos] ^= 0x10;
+                    let udp_off = proto == PROTO_UDP && get_u16(&g, 40) == Some(0);
+                    let udp_len = proto == PROTO_UDP && (38..40).contains(&pos);
+                    if !udp_off && !udp_len {
+                        assert!(!l4_checksum_ok(&g, &i), "{proto} {payload} {pos}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl Firewall {
             // are none of the firewall's business.
             return self.drop(DropReason::NdIgnored);
         }
-        match self.client_index6.get(&info.src).copied() {
+        match self.client_index6.get(&info.src) {
             Some(ci) => {
                 if !self.bind_client(ci, port, frame_src) {
                     return self.drop(DropReason::Spoofed);
@@ -320,7 +320,7 @@ impl Firewall {
                 return self.send_upstream6(now, buf, info, v6, &out);
             }
         }
-        let Some(ci) = self.client_index6.get(&info.src).copied() else {
+        let Some(ci) = self.client_index6.get(&info.src) else {
             return self.drop(DropReason::Spoofed);
         };
         if !self.bind_client(ci, port, src_mac) {
@@ -516,7 +516,7 @@ impl Firewall {
         put_ip6(buf, info.l3 + 24, dst);
         match to_client {
             Some(client) => {
-                let ci = self.client_index6.get(&client).copied();
+                let ci = self.client_index6.get(&client);
                 self.deliver(buf, ci, info.end, ETHERTYPE_IPV6)
             }
             None => match self.gateway6_mac(now) {
