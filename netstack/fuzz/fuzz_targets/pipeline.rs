@@ -7,7 +7,10 @@
 //! - nothing from the uplink reaches a downlink unless addressed to a
 //!   connected client.
 //!
-//! The same holds for IPv6, which the configuration turns on. And a twin
+//! The same holds for IPv6, which the configuration turns on, and while
+//! dom0 connects and disconnects clients between frames (a record whose
+//! first byte is 0xf0 or more: its low four bits say which of the four
+//! are connected; "connected" above means at that time). And a twin
 //! firewall with the fast path off gives the same verdict, output bytes
 //! and counters for every frame (the fast path only saves time).
 #![no_main]
@@ -77,8 +80,31 @@ fuzz_target!(|data: &[u8]| {
     twin.set_fast_path(false);
     let mut now = 0u64;
     let mut rest = data;
-    // Each record: port (1 byte), time step (1 byte), length (2 bytes), frame.
-    while rest.len() >= 4 {
+    let mut connected = [true; 4];
+    // Each record: port (1 byte), time step (1 byte), length (2 bytes),
+    // frame; or one byte of 0xf0 or more, a change of the clients.
+    while let Some(&first) = rest.first() {
+        if first >= 0xf0 {
+            connected = core::array::from_fn(|i| first & (1 << i) != 0);
+            let wanted: Vec<_> = config()
+                .clients
+                .iter()
+                .filter(|c| {
+                    CLIENTS
+                        .iter()
+                        .zip(connected)
+                        .any(|(a, on)| on && *a == c.ip)
+                })
+                .cloned()
+                .collect();
+            assert_eq!(fw.set_clients(wanted.clone()), twin.set_clients(wanted));
+            rest = &rest[1..];
+            continue;
+        }
+        if rest.len() < 4 {
+            break;
+        }
+        let is_connected = |a: &IpAddr| CLIENTS.iter().zip(connected).any(|(c, on)| on && c == a);
         let port = usize::from(rest[0] % 4); // 3 is not a port: must be refused
         now += u64::from(rest[1]) * 100;
         let len = usize::from(u16::from_le_bytes([rest[2], rest[3]]) % 1600);
@@ -104,7 +130,7 @@ fuzz_target!(|data: &[u8]| {
             if out == UPLINK {
                 if let Some(src) = src_in {
                     assert!(
-                        CLIENTS.contains(&src),
+                        is_connected(&src),
                         "unconnected source {src} forwarded upstream"
                     );
                 }
@@ -120,12 +146,15 @@ fuzz_target!(|data: &[u8]| {
         } else if out != UPLINK {
             let dst = ip_field(frame, false).expect("only IP goes from the uplink to a client");
             assert!(
-                CLIENTS.contains(&dst),
+                is_connected(&dst),
                 "upstream frame to {dst} reached a client port"
             );
         }
         let (mut ask, mut twin_ask) = ([0u8; 128], [0u8; 128]);
-        assert_eq!(fw.poll_emit(now, &mut ask), twin.poll_emit(now, &mut twin_ask));
+        assert_eq!(
+            fw.poll_emit(now, &mut ask),
+            twin.poll_emit(now, &mut twin_ask)
+        );
         assert!(ask == twin_ask, "the twins asked differently");
     }
 });
