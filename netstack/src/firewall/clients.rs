@@ -31,6 +31,14 @@ impl IndexKey for Ipv6Addr {
     }
 }
 
+/// Files `a` as client `ci` in an entry list, in place of what it was.
+fn file<A: IndexKey>(entries: &mut Vec<(A, usize)>, a: A, ci: usize) {
+    match entries.iter_mut().find(|(k, _)| *k == a) {
+        Some(e) => e.1 = ci,
+        None => entries.push((a, ci)),
+    }
+}
+
 /// Client numbers by address.
 #[derive(Debug, Clone)]
 pub(super) struct ClientIndex<A> {
@@ -50,12 +58,9 @@ impl<A: IndexKey> Default for ClientIndex<A> {
 
 impl<A: IndexKey> FromIterator<(A, usize)> for ClientIndex<A> {
     fn from_iter<I: IntoIterator<Item = (A, usize)>>(iter: I) -> Self {
-        let mut entries: Vec<(A, usize)> = Vec::new();
+        let mut entries = Vec::new();
         for (a, ci) in iter {
-            match entries.iter_mut().find(|(k, _)| *k == a) {
-                Some(e) => e.1 = ci,
-                None => entries.push((a, ci)),
-            }
+            file(&mut entries, a, ci);
         }
         Self::build(entries)
     }
@@ -110,10 +115,7 @@ impl<A: IndexKey> ClientIndex<A> {
     /// Files `a` as client `ci` (in place of what it was).
     pub(super) fn insert(&mut self, a: A, ci: usize) {
         let mut entries = core::mem::take(&mut self.entries);
-        match entries.iter_mut().find(|(k, _)| *k == a) {
-            Some(e) => e.1 = ci,
-            None => entries.push((a, ci)),
-        }
+        file(&mut entries, a, ci);
         *self = Self::build(entries);
     }
 
