@@ -197,10 +197,15 @@ impl ChecksumDelta {
         self
     }
 
+    /// A changed 32-bit field: its two words' changes in one addition.
+    /// The 32-bit `~old + new` is `2^16 × (~old_hi + new_hi) + (~old_lo +
+    /// new_lo)`, the same sum modulo 0xffff since 2^16 is 1 there, and zero
+    /// exactly when the two words' changes are: so it folds to the same
+    /// 16 bits.
     #[inline]
-    pub fn dword(self, old: u32, new: u32) -> Self {
-        self.word((old >> 16) as u16, (new >> 16) as u16)
-            .word(old as u16, new as u16)
+    pub fn dword(mut self, old: u32, new: u32) -> Self {
+        self.0 += u64::from(!old) + u64::from(new);
+        self
     }
 
     /// A changed IPv6 address (eight 16-bit words).
@@ -999,6 +1004,45 @@ mod tests {
         );
         assert_eq!(d.apply(hc), step);
         assert_eq!(ChecksumDelta::default().apply(hc), hc);
+    }
+
+    /// A 32-bit field's change added at once folds to what its two
+    /// words' changes added one by one fold to, the all-ones and zero
+    /// edges included.
+    #[test]
+    fn dword_change_folds_as_two_word_changes() {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        let mut values = vec![
+            0u32,
+            1,
+            0xffff,
+            0x1_0000,
+            0xffff_0000,
+            0xffff_ffff,
+            0x8000_8000,
+        ];
+        for _ in 0..2000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            values.push(x as u32);
+        }
+        for (i, &old) in values.iter().enumerate() {
+            for &new in values.iter().skip(i % 7).step_by(97).chain(&values[..7]) {
+                let words = ChecksumDelta::folded(0x1234)
+                    .word((old >> 16) as u16, (new >> 16) as u16)
+                    .word(old as u16, new as u16);
+                let dword = ChecksumDelta::folded(0x1234).dword(old, new);
+                assert_eq!(dword.fold(), words.fold(), "{old:#x} → {new:#x}");
+                assert_eq!(dword.apply(0xbeef), words.apply(0xbeef));
+                let (w, d) = (
+                    ChecksumDelta::default().word((old >> 16) as u16, (new >> 16) as u16),
+                    ChecksumDelta::default().dword(old, new),
+                );
+                let w = w.word(old as u16, new as u16);
+                assert_eq!(d.fold(), w.fold(), "{old:#x} → {new:#x} alone");
+            }
+        }
     }
 
     #[test]

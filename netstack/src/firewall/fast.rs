@@ -107,13 +107,13 @@ impl Firewall {
     /// above 1 and no live flow has the tuple (an expired one it removes
     /// first).
     #[inline(never)]
-    fn after_fast(&mut self, now: u64, port: usize, buf: &mut [u8], fast: Fast) -> Verdict {
+    fn after_fast(&mut self, now: u64, port: usize, buf: &mut [u8], fast: &Fast) -> Verdict {
         match fast {
-            Fast::Parsed(info) if port == UPLINK => self.upstream_packet(now, buf, &info),
-            Fast::Parsed(info) => self.client_packet(now, port, buf, &info),
+            Fast::Parsed(info) if port == UPLINK => self.upstream_packet(now, buf, info),
+            Fast::Parsed(info) => self.client_packet(now, port, buf, info),
             Fast::NoFlow(info, key) => {
                 let src_mac = get_mac(buf, 6).unwrap_or([0; 6]);
-                self.client_packet_slow(now, port, buf, &info, Some(key), src_mac)
+                self.client_packet_slow(now, port, buf, info, Some(*key), src_mac)
             }
         }
     }
@@ -166,12 +166,12 @@ impl Firewall {
             let src_mac = [s0, s1, s2, s3, s4, s5];
             match self.fast_client(now, port, src_mac, buf, &info) {
                 Ok(v) => v,
-                Err(key) => return self.after_fast(now, port, buf, Fast::NoFlow(info, key)),
+                Err(key) => return self.after_fast(now, port, buf, &Fast::NoFlow(info, key)),
             }
         };
         match done {
             Some(v) => v,
-            None => self.after_fast(now, port, buf, Fast::Parsed(info)),
+            None => self.after_fast(now, port, buf, &Fast::Parsed(info)),
         }
     }
 

@@ -44,52 +44,59 @@ pub(super) const MAX_BYTES: usize = 256 << 10;
 /// Shortest rule set classified.
 pub(super) const MIN_RULES: usize = 16;
 
+/// A set of rules, one bit a rule (rule `r` is bit `r % 64` of word
+/// `r / 64`), in a fixed number of words: a lookup's sets are arrays, ANDed
+/// without a bounds check or a loop over a length read from memory.
+type Bits<const N: usize> = [u64; N];
+
+/// The starts of the elementary intervals that `ranges` cut (rule `r`'s
+/// inclusive range, `None` for any value), from `min`; `next` gives the
+/// value after one (`None` past the maximum).
+fn starts<T: Ord + Copy>(
+    ranges: &[Option<(T, T)>],
+    min: T,
+    next: impl Fn(T) -> Option<T>,
+) -> Vec<T> {
+    let mut starts = alloc::vec![min];
+    for (lo, hi) in ranges.iter().flatten() {
+        starts.push(*lo);
+        starts.extend(next(*hi));
+    }
+    starts.sort_unstable();
+    starts.dedup();
+    starts
+}
+
 /// Elementary intervals of one dimension and the rules covering each.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Partition<T> {
+struct Partition<T, const N: usize> {
     /// Interval `i` runs from `starts[i]` to `starts[i + 1] - 1`; the first
     /// start is the dimension's minimum.
     starts: Vec<T>,
-    /// `starts.len() × words` words.
-    sets: Vec<u64>,
+    /// One set an interval.
+    sets: Vec<Bits<N>>,
 }
 
-impl<T: Ord + Copy> Partition<T> {
-    /// The starts of the elementary intervals that `ranges` cut (rule
-    /// `r`'s inclusive range, `None` for any value), from `min`; `next`
-    /// gives the value after one (`None` past the maximum).
-    fn starts(ranges: &[Option<(T, T)>], min: T, next: impl Fn(T) -> Option<T>) -> Vec<T> {
-        let mut starts = alloc::vec![min];
-        for (lo, hi) in ranges.iter().flatten() {
-            starts.push(*lo);
-            starts.extend(next(*hi));
-        }
-        starts.sort_unstable();
-        starts.dedup();
-        starts
-    }
-
+impl<T: Ord + Copy, const N: usize> Partition<T, N> {
     /// The set of rules covering each interval of `starts`.
-    fn build(ranges: &[Option<(T, T)>], starts: Vec<T>, words: usize) -> Self {
-        let mut sets = alloc::vec![0u64; starts.len() * words];
-        for (i, s) in starts.iter().enumerate() {
+    fn build(ranges: &[Option<(T, T)>], starts: Vec<T>) -> Self {
+        let mut sets = alloc::vec![[0u64; N]; starts.len()];
+        for (s, set) in starts.iter().zip(&mut sets) {
             for (r, range) in ranges.iter().enumerate() {
                 if range.is_none_or(|(lo, hi)| lo <= *s && *s <= hi) {
-                    sets[i * words + r / 64] |= 1 << (r % 64);
+                    set[r / 64] |= 1 << (r % 64);
                 }
             }
         }
         Self { starts, sets }
     }
 
-    fn lookup(&self, x: T, words: usize) -> &[u64] {
-        let i = self.starts.partition_point(|s| *s <= x).saturating_sub(1);
-        self.set(i, words)
-    }
-
-    /// Interval `i`'s set.
-    fn set(&self, i: usize, words: usize) -> &[u64] {
-        self.sets.get(i * words..(i + 1) * words).unwrap_or(&[])
+    /// The set of the interval holding `x` (`None` only for a value below
+    /// the first start, which is the dimension's minimum).
+    #[inline(always)]
+    fn lookup(&self, x: T) -> Option<&Bits<N>> {
+        let i = self.starts.partition_point(|s| *s <= x);
+        self.sets.get(i.checked_sub(1)?)
     }
 }
 
@@ -98,14 +105,14 @@ impl<T: Ord + Copy> Partition<T> {
 /// for an address runs only over the starts that share its top byte
 /// (for the usual rule sets, none to a few instead of all of them).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct V4Destinations {
-    part: Partition<u32>,
+struct V4Destinations<const N: usize> {
+    part: Partition<u32, N>,
     /// Indexed by a top byte and the one after it: always in bounds.
     top: Box<[u32; 257]>,
 }
 
-impl V4Destinations {
-    fn new(part: Partition<u32>) -> Self {
+impl<const N: usize> V4Destinations<N> {
+    fn new(part: Partition<u32, N>) -> Self {
         let top = Box::new(core::array::from_fn(|b| {
             part.starts
                 .partition_point(|s| u64::from(*s) < (b as u64) << 24) as u32
@@ -113,27 +120,27 @@ impl V4Destinations {
         Self { part, top }
     }
 
-    fn lookup(&self, x: u32, words: usize) -> &[u64] {
+    #[inline(always)]
+    fn lookup(&self, x: u32) -> Option<&Bits<N>> {
         let b = (x >> 24) as usize;
         let (lo, hi) = (self.top[b] as usize, self.top[b + 1] as usize);
         // Every start below `lo` is at most `x`, every one from `hi` on
         // above it: the count of starts at most `x` is `lo` plus those in
         // between.
-        let within = self
-            .part
-            .starts
-            .get(lo..hi)
-            .map_or(0, |s| s.partition_point(|s| *s <= x));
-        self.part.set((lo + within).saturating_sub(1), words)
+        let within = match self.part.starts.get(lo..hi) {
+            Some(s) => s.partition_point(|s| *s <= x),
+            None => 0,
+        };
+        self.part.sets.get((lo + within).checked_sub(1)?)
     }
 }
 
 /// The destination dimension, in the family's own width: an IPv4 rule
 /// set's bounds are 32-bit, and a search over them compares one word.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Destinations {
-    V4(V4Destinations),
-    V6(Partition<u128>),
+enum Destinations<const N: usize> {
+    V4(V4Destinations<N>),
+    V6(Partition<u128, N>),
 }
 
 /// Protocol classes.
@@ -142,21 +149,39 @@ const UDP: usize = 1;
 const ICMP: usize = 2;
 const OTHER: usize = 3;
 
+/// The rule sets of a classifier whose sets are `N` words.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Classifier {
-    words: usize,
-    proto: [Vec<u64>; 4],
-    dst: Destinations,
-    port: Partition<u16>,
-    icmp_type: Partition<u8>,
+struct Sets<const N: usize> {
+    proto: [Bits<N>; 4],
+    dst: Destinations<N>,
+    port: Partition<u16, N>,
+    icmp_type: Partition<u8, N>,
     /// Every rule but those that match only traffic to the DNS addresses.
-    not_dns: Vec<u64>,
+    not_dns: Bits<N>,
     /// Every rule.
-    all: Vec<u64>,
+    all: Bits<N>,
     /// The `dsthost` rules, whose addresses `first`'s `check` tests.
-    hosted: Vec<u64>,
+    hosted: Bits<N>,
     /// The family's ICMP protocol number.
     icmp: u8,
+}
+
+/// The classifier of one rule set, its sets in as many words as the rules
+/// need rounded up to a power of two (1 for up to 64 rules, 2 for up to
+/// 128, ..., 64 for `MAX_RULES`): each width is compiled on its own, so a
+/// lookup's loop over the words is unrolled and unchecked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Classifier(Width);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Width {
+    W1(Box<Sets<1>>),
+    W2(Box<Sets<2>>),
+    W4(Box<Sets<4>>),
+    W8(Box<Sets<8>>),
+    W16(Box<Sets<16>>),
+    W32(Box<Sets<32>>),
+    W64(Box<Sets<64>>),
 }
 
 impl Classifier {
@@ -164,19 +189,59 @@ impl Classifier {
         if matchers.len() <= MIN_RULES || matchers.len() > MAX_RULES {
             return None;
         }
-        let words = matchers.len().div_ceil(64).max(1);
-        let mut proto: [Vec<u64>; 4] = core::array::from_fn(|_| alloc::vec![0u64; words]);
-        let mut all = alloc::vec![0u64; words];
-        let mut not_dns = alloc::vec![0u64; words];
-        let mut hosted = alloc::vec![0u64; words];
+        let words = matchers.len().div_ceil(64).next_power_of_two();
+        Some(Self(match words {
+            1 => Width::W1(Box::new(Sets::build(matchers, icmp)?)),
+            2 => Width::W2(Box::new(Sets::build(matchers, icmp)?)),
+            4 => Width::W4(Box::new(Sets::build(matchers, icmp)?)),
+            8 => Width::W8(Box::new(Sets::build(matchers, icmp)?)),
+            16 => Width::W16(Box::new(Sets::build(matchers, icmp)?)),
+            32 => Width::W32(Box::new(Sets::build(matchers, icmp)?)),
+            64 => Width::W64(Box::new(Sets::build(matchers, icmp)?)),
+            _ => return None,
+        }))
+    }
+
+    /// The first rule that may match (`proto`, `dst`, `dport`, `icmp_type`)
+    /// and for which `check` (the conditions outside the box) holds.
+    /// `dns_ok`: the packet goes to a DNS address and DNS is configured.
+    #[inline(always)]
+    pub(super) fn first(
+        &self,
+        proto: u8,
+        dst: u128,
+        dport: u16,
+        icmp_type: u8,
+        dns_ok: bool,
+        check: impl Fn(usize) -> bool,
+    ) -> Option<usize> {
+        let q = (proto, dst, dport, icmp_type, dns_ok);
+        match &self.0 {
+            Width::W1(s) => s.first(q, check),
+            Width::W2(s) => s.first(q, check),
+            Width::W4(s) => s.first(q, check),
+            Width::W8(s) => s.first(q, check),
+            Width::W16(s) => s.first(q, check),
+            Width::W32(s) => s.first(q, check),
+            Width::W64(s) => s.first(q, check),
+        }
+    }
+}
+
+impl<const N: usize> Sets<N> {
+    fn build(matchers: &[Matcher], icmp: u8) -> Option<Self> {
+        let mut proto = [[0u64; N]; 4];
+        let mut all = [0u64; N];
+        let mut not_dns = [0u64; N];
+        let mut hosted = [0u64; N];
         for (r, m) in matchers.iter().enumerate() {
-            let bit = 1u64 << (r % 64);
-            all[r / 64] |= bit;
+            let (word, bit) = (r / 64, 1u64 << (r % 64));
+            all[word] |= bit;
             if !m.dns {
-                not_dns[r / 64] |= bit;
+                not_dns[word] |= bit;
             }
             if m.host.is_some() {
-                hosted[r / 64] |= bit;
+                hosted[word] |= bit;
             }
             for (class, set) in proto.iter_mut().enumerate() {
                 let number = match class {
@@ -196,7 +261,7 @@ impl Classifier {
                     && (m.ports.is_none() || tcp_udp)
                     && (m.icmp_type.is_none() || class == ICMP);
                 if ok {
-                    set[r / 64] |= bit;
+                    set[word] |= bit;
                 }
             }
         }
@@ -223,36 +288,35 @@ impl Classifier {
             .iter()
             .map(|m| m.icmp_type.map(|t| (t, t)))
             .collect();
-        let port_starts = Partition::starts(&ports, 0, |x: u16| x.checked_add(1));
-        let type_starts = Partition::starts(&types, 0, |x: u8| x.checked_add(1));
+        let port_starts = starts(&ports, 0, |x: u16| x.checked_add(1));
+        let type_starts = starts(&types, 0, |x: u8| x.checked_add(1));
         // The sets' size is known from the interval counts before any is
         // allocated: over the budget, the rules are scanned instead.
         let within = |dst_intervals: usize| {
             let intervals = dst_intervals + port_starts.len() + type_starts.len();
-            intervals.saturating_mul(words * 8) <= MAX_BYTES
+            intervals.saturating_mul(core::mem::size_of::<Bits<N>>()) <= MAX_BYTES
         };
         let dst = match v4 {
             Some(v4) => {
-                let starts = Partition::starts(&v4, 0, |x: u32| x.checked_add(1));
+                let starts = starts(&v4, 0, |x: u32| x.checked_add(1));
                 if !within(starts.len()) {
                     return None;
                 }
-                Destinations::V4(V4Destinations::new(Partition::build(&v4, starts, words)))
+                Destinations::V4(V4Destinations::new(Partition::build(&v4, starts)))
             }
             None => {
-                let starts = Partition::starts(&dst, 0, |x: u128| x.checked_add(1));
+                let starts = starts(&dst, 0, |x: u128| x.checked_add(1));
                 if !within(starts.len()) {
                     return None;
                 }
-                Destinations::V6(Partition::build(&dst, starts, words))
+                Destinations::V6(Partition::build(&dst, starts))
             }
         };
         Some(Self {
-            words,
             proto,
             dst,
-            port: Partition::build(&ports, port_starts, words),
-            icmp_type: Partition::build(&types, type_starts, words),
+            port: Partition::build(&ports, port_starts),
+            icmp_type: Partition::build(&types, type_starts),
             not_dns,
             all,
             hosted,
@@ -260,46 +324,34 @@ impl Classifier {
         })
     }
 
-    /// The first rule that may match (`proto`, `dst`, `dport`, `icmp_type`)
-    /// and for which `check` (the conditions outside the box) holds.
-    /// `dns_ok`: the packet goes to a DNS address and DNS is configured.
-    pub(super) fn first(
+    /// `Classifier::first` for sets of `N` words.
+    #[inline(always)]
+    fn first(
         &self,
-        proto: u8,
-        dst: u128,
-        dport: u16,
-        icmp_type: u8,
-        dns_ok: bool,
+        (proto, dst, dport, icmp_type, dns_ok): (u8, u128, u16, u8, bool),
         check: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let w = self.words;
         // Rules with ports are in the TCP and UDP classes' sets only, rules
         // with an ICMP type in the ICMP class's only: one transport
         // dimension per class.
         let (by_proto, by_l4) = match proto {
-            PROTO_TCP => (&self.proto[TCP], self.port.lookup(dport, w)),
-            PROTO_UDP => (&self.proto[UDP], self.port.lookup(dport, w)),
-            p if p == self.icmp => (&self.proto[ICMP], self.icmp_type.lookup(icmp_type, w)),
-            _ => (&self.proto[OTHER], &self.all[..]),
+            PROTO_TCP => (&self.proto[TCP], self.port.lookup(dport)?),
+            PROTO_UDP => (&self.proto[UDP], self.port.lookup(dport)?),
+            p if p == self.icmp => (&self.proto[ICMP], self.icmp_type.lookup(icmp_type)?),
+            _ => (&self.proto[OTHER], &self.all),
         };
         let by_dst = match &self.dst {
             // (An IPv4 packet's address is the low 32 bits.)
-            Destinations::V4(p) => p.lookup(dst as u32, w),
-            Destinations::V6(p) => p.lookup(dst, w),
+            Destinations::V4(p) => p.lookup(dst as u32)?,
+            Destinations::V6(p) => p.lookup(dst)?,
         };
         let mask = if dns_ok { &self.all } else { &self.not_dns };
-        // (Every slice is `w` words long.)
-        let words = by_proto
-            .iter()
-            .zip(by_dst)
-            .zip(by_l4)
-            .zip(mask.iter().zip(&self.hosted));
-        for (i, (((p, d), l), (m, hosted))) in words.enumerate() {
-            let mut set = p & d & l & m;
+        for i in 0..N {
+            let mut set = by_proto[i] & by_dst[i] & by_l4[i] & mask[i];
             while set != 0 {
                 let bit = set & set.wrapping_neg();
                 let r = i * 64 + bit.trailing_zeros() as usize;
-                if hosted & bit == 0 || check(r) {
+                if self.hosted[i] & bit == 0 || check(r) {
                     return Some(r);
                 }
                 set ^= bit;
