@@ -366,7 +366,7 @@ impl Firewall {
             to_dns: false,
         };
         let created = self
-            .check_rules(ci, &probe, false, info.tcp_flags)
+            .check_rules6(ci, &probe, info.tcp_flags)
             .and_then(|()| {
                 self.ct6
                     .create_owned(self.ct6.key(tuple), info.dst, tuple.dport, now, ci as u32)
@@ -389,6 +389,13 @@ impl Firewall {
             Err(reason) => return self.drop(reason),
         };
         self.send_upstream6(now, buf, info, v6, &flow)
+    }
+
+    /// Runs client `ci`'s rules on the first packet of an IPv6 flow (DNS
+    /// rules never match IPv6: Qubes's DNS addresses are IPv4).
+    #[inline(never)]
+    fn check_rules6(&mut self, ci: usize, probe: &Probe, tcp_flags: u8) -> Result<(), DropReason> {
+        self.check_probe(ci, probe, false, tcp_flags)
     }
 
     /// Sends a client's packet of a flow to the IPv6 gateway, translated.
