@@ -665,9 +665,19 @@ impl Arp {
     }
 }
 
+/// Writes an Ethernet header at the start of `buf`; `false`, with
+/// nothing written, when `buf` is shorter than a header. (One bounds
+/// check for the whole header: three, one a field, cost a new flow 7
+/// more instructions.)
 #[inline]
 pub fn put_eth(buf: &mut [u8], dst: Mac, src: Mac, ethertype: u16) -> bool {
-    put_bytes(buf, 0, &dst) && put_bytes(buf, 6, &src) && put_u16(buf, 12, ethertype)
+    let Some(h) = buf.first_chunk_mut::<ETH_HEADER>() else {
+        return false;
+    };
+    h[..6].copy_from_slice(&dst);
+    h[6..12].copy_from_slice(&src);
+    h[12..].copy_from_slice(&ethertype.to_be_bytes());
+    true
 }
 
 /// Writes a 20-byte IPv4 header (no options) with its checksum.

@@ -997,6 +997,68 @@ fn udp_from(src: Ipv4Addr, sport: u16) -> Vec<u8> {
     )
 }
 
+/// UDP's checksum rules through the translation, both ways, on a flow's
+/// first packet and on later ones (the fast path): a datagram sent
+/// without a checksum (zero) keeps none, and one whose translated
+/// checksum comes to zero carries it as all ones.
+#[test]
+fn udp_checksum_zero_means_none_and_a_computed_zero_is_sent_as_ones() {
+    let mut fw = ready();
+    let udp = |payload: &[u8], checksum: Option<u16>| {
+        let mut f = from_client(SERVER, PROTO_UDP, &udp_seg(40001, 5201, payload));
+        if let Some(c) = checksum {
+            put_u16(&mut f, 40, c);
+        }
+        f
+    };
+    let reply = |checksum: u16| {
+        let mut f = ipv4(
+            UP_MAC,
+            GW_MAC,
+            SERVER,
+            UPLINK_IP,
+            50,
+            PROTO_UDP,
+            &udp_seg(5201, 40001, b"pong"),
+        );
+        put_u16(&mut f, 40, checksum);
+        f
+    };
+    for now in [10, 11] {
+        let (v, out) = run(&mut fw, now, 1, &udp(b"ping", Some(0)));
+        assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }));
+        let i = parsed(&out);
+        assert_eq!((i.src, i.sport), (UPLINK_IP, 40001));
+        assert_eq!(get_u16(&out, 40), Some(0), "no checksum stays none");
+        let (v, back) = run(&mut fw, now, UPLINK, &reply(0));
+        assert!(matches!(v, Verdict::Forward { port: 1, .. }));
+        assert_eq!(parsed(&back).dst, CLIENT);
+        assert_eq!(get_u16(&back, 40), Some(0), "none on the way back");
+    }
+    // The translated checksum of a two-byte payload of zeros is `c0`; a
+    // payload word of `c0` adds its complement to the sum, which the
+    // translation then makes all ones: the checksum computes to zero.
+    let (_, out) = run(&mut fw, 12, 1, &udp(&[0, 0], None));
+    let c0 = get_u16(&out, 40).unwrap();
+    assert_ne!(c0, 0xffff);
+    let zero = udp(&c0.to_be_bytes(), None);
+    assert_ne!(get_u16(&zero, 40), Some(0), "the client sent a checksum");
+    for now in [13, 14] {
+        let (v, out) = run(&mut fw, now, 1, &zero);
+        assert!(matches!(v, Verdict::Forward { port: UPLINK, .. }));
+        parsed(&out);
+        assert_eq!(
+            get_u16(&out, 40),
+            Some(0xffff),
+            "a computed zero is sent as ones"
+        );
+    }
+    assert!(
+        fw.stats().fast_path >= 3,
+        "later packets took the fast path"
+    );
+}
+
 #[test]
 fn replaced_rules_apply_at_once_to_that_client_only() {
     let mut fw = ready();
