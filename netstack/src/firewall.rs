@@ -1482,32 +1482,26 @@ impl Firewall {
         if !l4_checksum_ok(buf, info) {
             return self.drop(DropReason::BadL4Checksum);
         }
-        let out = match self.new_flow(now, ci, key, info) {
-            Ok(o) => o,
-            Err(DropReason::RuleReject) => {
-                let err = IcmpError {
-                    icmp_type: 3,
-                    code: 13,
-                    from: gw,
-                    drop: DropReason::RuleReject,
-                };
-                return self.icmp_error(now, buf, port, info, err);
-            }
-            Err(reason) => return self.drop(reason),
-        };
-        self.send_upstream(now, buf, info, &out)
+        self.new_flow(now, port, ci, key, buf, info)
     }
 
-    /// Runs the client's rules on a packet that starts a flow, and creates
-    /// the flow when they accept it: its translation on the way out.
+    /// Runs the client's rules on a packet that starts a flow, creates the
+    /// flow when they accept it and sends the packet on, translated. (It
+    /// sends the packet itself: handing the translation back through
+    /// memory for the caller to send cost a new flow 18 more instructions
+    /// and 16 more loads and stores.)
     fn new_flow(
         &mut self,
         now: u64,
+        port: usize,
         ci: usize,
         key: Key,
+        buf: &mut [u8],
         info: &Ipv4Info,
-    ) -> Result<Outbound, DropReason> {
-        self.check_rules(ci, info)?;
+    ) -> Verdict {
+        if let Err(reason) = self.check_rules(ci, info) {
+            return self.refuse(now, port, buf, info, reason);
+        }
         // DNS to a virtual DNS address goes to the matching upstream server.
         let (mut remote, remote_port) = (info.dst, key.tuple().dport);
         if info.proto != PROTO_ICMP && info.dport == 53 {
@@ -1523,11 +1517,39 @@ impl Firewall {
                 }
             }
         }
-        let flow = self
+        let flow = match self
             .ct
-            .create_owned(key, remote, remote_port, now, ci as u32)?;
+            .create_owned(key, remote, remote_port, now, ci as u32)
+        {
+            Ok(f) => f.outbound(),
+            Err(e) => return self.drop(e.into()),
+        };
         self.stats.flows_created += 1;
-        Ok(flow.outbound())
+        self.send_upstream(now, buf, info, &flow)
+    }
+
+    /// A packet the rules did not let start a flow: a rule's drop is
+    /// answered with ICMP admin-prohibited, anything else only counted.
+    #[cold]
+    #[inline(never)]
+    fn refuse(
+        &mut self,
+        now: u64,
+        port: usize,
+        buf: &mut [u8],
+        info: &Ipv4Info,
+        reason: DropReason,
+    ) -> Verdict {
+        if reason != DropReason::RuleReject {
+            return self.drop(reason);
+        }
+        let err = IcmpError {
+            icmp_type: 3,
+            code: 13,
+            from: self.cfg.client_gateway,
+            drop: DropReason::RuleReject,
+        };
+        self.icmp_error(now, buf, port, info, err)
     }
 
     /// Runs client `ci`'s rules on the first packet of an IPv4 flow (see
