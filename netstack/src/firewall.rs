@@ -1959,7 +1959,8 @@ fn rewrite_l4(
     match proto {
         // (A fixed-size header each, so the writes need no bounds checks
         // beyond the one: with the checksum's offset a run-time value, a
-        // new flow took 8 more instructions.)
+        // new flow took 13 more instructions, an established packet 4 to
+        // 22 more.)
         PROTO_TCP => {
             if let Some(seg) = buf.get_mut(l4..).and_then(|s| s.first_chunk_mut::<18>()) {
                 rewrite_ports(seg, addresses.and(ports), sport, dport, false);

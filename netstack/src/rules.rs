@@ -847,7 +847,8 @@ mod tests {
         // 1,000 rules: 2,001 + 3 + 1 intervals of 16 words (250 KiB).
         let classified = rules(1000);
         assert!(classified.classifier.is_some());
-        // 1,100: 2,205 intervals of 18 words (310 KiB), over the budget.
+        // 1,100: 2,205 intervals of 24 words (18 rounded up to the next
+        // compiled width: 413 KiB), over the budget.
         let scanned = rules(1100);
         assert!(scanned.classifier.is_none());
         for rs in [&classified, &scanned] {

@@ -19,7 +19,7 @@
 //! address's top byte (a 257-entry table, about 1 KiB).
 //!
 //! A set is a fixed-size array of `ceil(rules / 64)` words rounded up to
-//! a power of two (`Width`), and each width has its own compiled lookup:
+//! the next of a few widths (`Width`), each with its own compiled lookup:
 //! the words are ANDed in an unrolled loop with no bounds checks and no
 //! length read from memory (as slices of a run-time length, a new flow
 //! with 100 rules took 43 more instructions in the lookup).
@@ -44,7 +44,7 @@ pub(super) const MAX_RULES: usize = 4096;
 /// dimensions); a rule set whose bounds cut more intervals is scanned.
 /// 512 rules fit however they are written (at most 2,307 intervals of 64
 /// bytes), 1,000 rules (sets of 16 words) when they name at most about
-/// 2,000 distinct bounds, 1,025 to 2,048 rules (32 words) about 1,000.
+/// 2,000 distinct bounds, 1,025 to 1,536 rules (24 words) about 1,350.
 pub(super) const MAX_BYTES: usize = 256 << 10;
 /// Rule sets of at most this many rules are scanned. Ten rules that all
 /// miss took 18 ns scanned and 14 ns classified (criterion
@@ -174,9 +174,10 @@ struct Sets<const N: usize> {
 }
 
 /// The classifier of one rule set, its sets in as many words as the rules
-/// need rounded up to a power of two (1 for up to 64 rules, 2 for up to
-/// 128, ..., 64 for `MAX_RULES`): each width is compiled on its own, so a
-/// lookup's loop over the words is unrolled and unchecked.
+/// need rounded up to the next compiled width (1, 2, 3, 4, 6, 8, 12, ...,
+/// 64 for `MAX_RULES`: at most a third more than needed): each width is
+/// compiled on its own, so a lookup's loop over the words is unrolled and
+/// unchecked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Classifier(Width);
 
@@ -184,26 +185,40 @@ pub(super) struct Classifier(Width);
 enum Width {
     W1(Box<Sets<1>>),
     W2(Box<Sets<2>>),
+    W3(Box<Sets<3>>),
     W4(Box<Sets<4>>),
+    W6(Box<Sets<6>>),
     W8(Box<Sets<8>>),
+    W12(Box<Sets<12>>),
     W16(Box<Sets<16>>),
+    W24(Box<Sets<24>>),
     W32(Box<Sets<32>>),
+    W48(Box<Sets<48>>),
     W64(Box<Sets<64>>),
 }
+
+/// The widths compiled, in words.
+const WIDTHS: [usize; 12] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64];
 
 impl Classifier {
     pub(super) fn build(matchers: &[Matcher], icmp: u8) -> Option<Self> {
         if matchers.len() <= MIN_RULES || matchers.len() > MAX_RULES {
             return None;
         }
-        let words = matchers.len().div_ceil(64).next_power_of_two();
+        let need = matchers.len().div_ceil(64);
+        let words = WIDTHS.into_iter().find(|w| *w >= need)?;
         Some(Self(match words {
             1 => Width::W1(Box::new(Sets::build(matchers, icmp)?)),
             2 => Width::W2(Box::new(Sets::build(matchers, icmp)?)),
+            3 => Width::W3(Box::new(Sets::build(matchers, icmp)?)),
             4 => Width::W4(Box::new(Sets::build(matchers, icmp)?)),
+            6 => Width::W6(Box::new(Sets::build(matchers, icmp)?)),
             8 => Width::W8(Box::new(Sets::build(matchers, icmp)?)),
+            12 => Width::W12(Box::new(Sets::build(matchers, icmp)?)),
             16 => Width::W16(Box::new(Sets::build(matchers, icmp)?)),
+            24 => Width::W24(Box::new(Sets::build(matchers, icmp)?)),
             32 => Width::W32(Box::new(Sets::build(matchers, icmp)?)),
+            48 => Width::W48(Box::new(Sets::build(matchers, icmp)?)),
             64 => Width::W64(Box::new(Sets::build(matchers, icmp)?)),
             _ => return None,
         }))
@@ -226,10 +241,15 @@ impl Classifier {
         match &self.0 {
             Width::W1(s) => s.first(q, check),
             Width::W2(s) => s.first(q, check),
+            Width::W3(s) => s.first(q, check),
             Width::W4(s) => s.first(q, check),
+            Width::W6(s) => s.first(q, check),
             Width::W8(s) => s.first(q, check),
+            Width::W12(s) => s.first(q, check),
             Width::W16(s) => s.first(q, check),
+            Width::W24(s) => s.first(q, check),
             Width::W32(s) => s.first(q, check),
+            Width::W48(s) => s.first(q, check),
             Width::W64(s) => s.first(q, check),
         }
     }
