@@ -357,21 +357,11 @@ impl Firewall {
         if !l4_checksum_ok6(buf, info) {
             return self.drop(DropReason::BadL4Checksum);
         }
-        let tcp_udp = matches!(info.proto, PROTO_TCP | PROTO_UDP);
-        let probe = Probe {
-            proto: info.proto,
-            dst: IpAddr::V6(info.dst),
-            dport: if tcp_udp { info.dport } else { 0 },
-            icmp_type: if tcp_udp { 0 } else { info.sport as u8 },
-            to_dns: false,
-        };
-        let created = self
-            .check_rules6(ci, &probe, info.tcp_flags)
-            .and_then(|()| {
-                self.ct6
-                    .create_owned(self.ct6.key(tuple), info.dst, tuple.dport, now, ci as u32)
-                    .map_err(DropReason::from)
-            });
+        let created = self.check_rules6(ci, info).and_then(|()| {
+            self.ct6
+                .create_owned(self.ct6.key(tuple), info.dst, tuple.dport, now, ci as u32)
+                .map_err(DropReason::from)
+        });
         let flow = match created {
             Ok(f) => {
                 self.stats.flows_created += 1;
@@ -391,11 +381,20 @@ impl Firewall {
         self.send_upstream6(now, buf, info, v6, &flow)
     }
 
-    /// Runs client `ci`'s rules on the first packet of an IPv6 flow (DNS
-    /// rules never match IPv6: Qubes's DNS addresses are IPv4).
+    /// Runs client `ci`'s rules on the first packet of an IPv6 flow, as
+    /// `check_rules` does for IPv4, building the probe from the parsed
+    /// header (DNS rules never match IPv6: Qubes's DNS addresses are IPv4).
     #[inline(never)]
-    fn check_rules6(&mut self, ci: usize, probe: &Probe, tcp_flags: u8) -> Result<(), DropReason> {
-        self.check_probe(ci, probe, false, tcp_flags)
+    fn check_rules6(&mut self, ci: usize, info: &Ipv6Info) -> Result<(), DropReason> {
+        let tcp_udp = matches!(info.proto, PROTO_TCP | PROTO_UDP);
+        let probe = Probe {
+            proto: info.proto,
+            dst: IpAddr::V6(info.dst),
+            dport: if tcp_udp { info.dport } else { 0 },
+            icmp_type: if tcp_udp { 0 } else { info.sport as u8 },
+            to_dns: false,
+        };
+        self.check_probe(ci, &probe, false, info.tcp_flags)
     }
 
     /// Sends a client's packet of a flow to the IPv6 gateway, translated.

@@ -181,47 +181,61 @@ struct Sets<const N: usize> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Classifier(Width);
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Width {
-    W1(Box<Sets<1>>),
-    W2(Box<Sets<2>>),
-    W3(Box<Sets<3>>),
-    W4(Box<Sets<4>>),
-    W6(Box<Sets<6>>),
-    W8(Box<Sets<8>>),
-    W12(Box<Sets<12>>),
-    W16(Box<Sets<16>>),
-    W24(Box<Sets<24>>),
-    W32(Box<Sets<32>>),
-    W48(Box<Sets<48>>),
-    W64(Box<Sets<64>>),
+/// Declares `Width`, one variant a compiled width, and the two
+/// dispatches over it from one list, so that no width can be declared and
+/// then missed by `build` or by `first`.
+macro_rules! widths {
+    ($($variant:ident = $words:literal),* $(,)?) => {
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        enum Width {
+            $($variant(Box<Sets<$words>>),)*
+        }
+
+        impl Width {
+            /// The sets of `matchers` in the narrowest width of at least
+            /// `need` words (`None`: too wide, or over `MAX_BYTES`).
+            fn build(need: usize, matchers: &[Matcher], icmp: u8) -> Option<Self> {
+                $(if need <= $words {
+                    return Some(Self::$variant(Box::new(Sets::build(matchers, icmp)?)));
+                })*
+                None
+            }
+
+            #[inline(always)]
+            fn first(&self, q: Query, check: impl Fn(usize) -> bool) -> Option<usize> {
+                match self {
+                    $(Self::$variant(s) => s.first(q, check),)*
+                }
+            }
+        }
+    };
 }
 
-/// The widths compiled, in words.
-const WIDTHS: [usize; 12] = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64];
+widths!(
+    W1 = 1,
+    W2 = 2,
+    W3 = 3,
+    W4 = 4,
+    W6 = 6,
+    W8 = 8,
+    W12 = 12,
+    W16 = 16,
+    W24 = 24,
+    W32 = 32,
+    W48 = 48,
+    W64 = 64,
+);
+
+/// A lookup's question: protocol, destination, destination port, ICMP
+/// type, and whether DNS rules may match (see `Classifier::first`).
+type Query = (u8, u128, u16, u8, bool);
 
 impl Classifier {
     pub(super) fn build(matchers: &[Matcher], icmp: u8) -> Option<Self> {
         if matchers.len() <= MIN_RULES || matchers.len() > MAX_RULES {
             return None;
         }
-        let need = matchers.len().div_ceil(64);
-        let words = WIDTHS.into_iter().find(|w| *w >= need)?;
-        Some(Self(match words {
-            1 => Width::W1(Box::new(Sets::build(matchers, icmp)?)),
-            2 => Width::W2(Box::new(Sets::build(matchers, icmp)?)),
-            3 => Width::W3(Box::new(Sets::build(matchers, icmp)?)),
-            4 => Width::W4(Box::new(Sets::build(matchers, icmp)?)),
-            6 => Width::W6(Box::new(Sets::build(matchers, icmp)?)),
-            8 => Width::W8(Box::new(Sets::build(matchers, icmp)?)),
-            12 => Width::W12(Box::new(Sets::build(matchers, icmp)?)),
-            16 => Width::W16(Box::new(Sets::build(matchers, icmp)?)),
-            24 => Width::W24(Box::new(Sets::build(matchers, icmp)?)),
-            32 => Width::W32(Box::new(Sets::build(matchers, icmp)?)),
-            48 => Width::W48(Box::new(Sets::build(matchers, icmp)?)),
-            64 => Width::W64(Box::new(Sets::build(matchers, icmp)?)),
-            _ => return None,
-        }))
+        Width::build(matchers.len().div_ceil(64), matchers, icmp).map(Self)
     }
 
     /// The first rule that may match (`proto`, `dst`, `dport`, `icmp_type`)
@@ -237,21 +251,7 @@ impl Classifier {
         dns_ok: bool,
         check: impl Fn(usize) -> bool,
     ) -> Option<usize> {
-        let q = (proto, dst, dport, icmp_type, dns_ok);
-        match &self.0 {
-            Width::W1(s) => s.first(q, check),
-            Width::W2(s) => s.first(q, check),
-            Width::W3(s) => s.first(q, check),
-            Width::W4(s) => s.first(q, check),
-            Width::W6(s) => s.first(q, check),
-            Width::W8(s) => s.first(q, check),
-            Width::W12(s) => s.first(q, check),
-            Width::W16(s) => s.first(q, check),
-            Width::W24(s) => s.first(q, check),
-            Width::W32(s) => s.first(q, check),
-            Width::W48(s) => s.first(q, check),
-            Width::W64(s) => s.first(q, check),
-        }
+        self.0.first((proto, dst, dport, icmp_type, dns_ok), check)
     }
 }
 
@@ -355,7 +355,7 @@ impl<const N: usize> Sets<N> {
     #[inline(always)]
     fn first(
         &self,
-        (proto, dst, dport, icmp_type, dns_ok): (u8, u128, u16, u8, bool),
+        (proto, dst, dport, icmp_type, dns_ok): Query,
         check: impl Fn(usize) -> bool,
     ) -> Option<usize> {
         // Rules with ports are in the TCP and UDP classes' sets only, rules
